@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""ha_watchdog: the companion process of hoster_ha.py (SPEC §3.5).
+
+hoster_ha.py starts it (same --config, same mode) in its own session.  The agent
+sends a heartbeat every ping_interval from its control loop: SIGUSR1 when the node
+is armed, SIGHUP when it is not.  The watchdog acknowledges the armed state by
+writing run_dir/ha_watchdog.ack ("armed PID" or "unarmed PID"); the agent counts
+itself armed only after that.
+
+For an armed node, no heartbeat for watchdog_timeout, or the agent's PID gone,
+means the agent can no longer be trusted: the watchdog SIGKILLs it (a paused
+manager must never resume), logs the reason at EMERG, writes the fence record,
+locks and destroys the running VMs and reboots -- or, with --ha-debug, logs each
+step as "(DEBUG) would ..." and exits 1.  SIGTERM is an orderly stand-down.
+
+It reads the same config file and shares the fencing code of hoster_ha.py, which
+lies beside it.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+import hoster_ha as ha  # noqa: E402  (the agent module beside this file)
+
+SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+class Watchdog:
+    def __init__(self, cfg, log):
+        self.cfg, self.log = cfg, log
+        self.paths = ha.Paths(cfg)
+        self.agent_pid = None
+        self.armed = False
+        self.last_beat = time.monotonic()
+        self.acked = None
+
+    def heartbeat(self, pid, armed, now):
+        if pid != self.agent_pid:
+            if ha.read_pid(self.paths.pid) != pid:
+                self.log.warning(f"ignoring a heartbeat from PID {pid}: not the agent in "
+                                 f"{self.paths.pid}")
+                return
+            self.log.log(ha.NOTICE, f"watching hoster_ha (PID {pid})")
+            self.agent_pid = pid
+        if armed != self.armed:
+            self.log.log(ha.NOTICE, f"node {'armed' if armed else 'disarmed'} by hoster_ha "
+                                    f"(PID {pid})")
+        self.armed, self.last_beat = armed, now
+        if self.acked != (pid, armed):
+            ha.write_atomic(self.paths.wd_ack,
+                            f"{'armed' if armed else 'unarmed'} {pid}\n".encode(), mode=0o644)
+            self.acked = (pid, armed)
+
+    def check(self, now):
+        """The reason to fence, or None."""
+        if self.agent_pid is None:
+            return None
+        alive = ha.pid_alive(self.agent_pid)
+        if not self.armed:
+            if not alive:
+                self.log.log(ha.EMERG, f"hoster_ha (PID {self.agent_pid}) is gone; the node "
+                                       "was not armed, so nothing else is done")
+                self.agent_pid = None
+            return None
+        if not alive:
+            return f"hoster_ha (PID {self.agent_pid}) is gone"
+        if now - self.last_beat >= self.cfg.watchdog_timeout:
+            return (f"no heartbeat from hoster_ha (PID {self.agent_pid}) for "
+                    f"{now - self.last_beat:.1f} s (watchdog_timeout {self.cfg.watchdog_timeout:g})")
+        return None
+
+    def fence(self, reason):
+        debug = self.cfg.debug
+        say = "(DEBUG) would " if debug else ""
+        self.log.log(ha.NOTICE if debug else ha.EMERG,
+                     f"{say}SIGKILL hoster_ha (PID {self.agent_pid})")
+        if not debug:
+            try:
+                os.kill(self.agent_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.log(ha.EMERG, f"{reason}, initiating fencing")
+        ha.EventLog(self.paths.events, self.cfg.hostname).append("watchdog_fence", reason=reason)
+        ha.fence_host(self.cfg, ha.Host(self.cfg, self.log), self.log, reason, debug)
+        if debug:
+            self.log.log(ha.NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
+        self.stand_down()
+        return 1
+
+    def stand_down(self):
+        ha.remove_file(self.paths.wd_pid, only_if_pid=os.getpid())
+        ha.remove_file(self.paths.wd_ack)
+
+    def run(self):
+        step = min(0.5, self.cfg.ping_interval / 4)
+        while True:
+            info = signal.sigtimedwait(SIGNALS, step)
+            now = time.monotonic()
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    self.log.log(ha.NOTICE, "ha_watchdog standing down (orderly stop)")
+                    self.stand_down()
+                    return 0
+                self.heartbeat(info.si_pid, info.si_signo == signal.SIGUSR1, now)
+            reason = self.check(now)
+            if reason:
+                return self.fence(reason)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="ha_watchdog.py",
+                                description="Companion watchdog of hoster_ha.py (started by it).")
+    p.add_argument("--config", metavar="PATH")
+    p.add_argument("--ha-debug", action="store_true")
+    args = p.parse_args(argv)
+    # Signals wait, blocked, for sigtimedwait(): that is our handler, installed before the
+    # pid file announces us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    path = ha.find_config_path(args.config)
+    try:
+        cfg = ha.load_config(path, debug=args.ha_debug)
+    except ha.ConfigError as e:
+        print(f"ha_watchdog: {e}", file=sys.stderr)
+        return 2
+    log = ha.setup_logging(cfg, "ha_watchdog")
+    paths = ha.Paths(cfg)
+    other = ha.read_pid(paths.wd_pid)
+    if other is not None and other != os.getpid():
+        print(f"ha_watchdog: already running as PID {other} ({paths.wd_pid})", file=sys.stderr)
+        return 1
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    ha.remove_file(paths.wd_ack)
+    ha.write_pid_file(paths.wd_pid)
+    log.log(ha.NOTICE, f"ha_watchdog started ({'DEBUG' if cfg.debug else 'PRODUCTION'} mode, "
+                       f"watchdog_timeout {cfg.watchdog_timeout:g} s)")
+    return Watchdog(cfg, log).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

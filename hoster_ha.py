@@ -1,0 +1,1861 @@
+#!/usr/bin/env python3
+"""hoster_ha: high availability for FreeBSD bhyve hosts managed by Hoster.
+
+One stdlib-only file.  Every host of the cluster runs it; three static hosts
+(the *candidates*, listed in ha_config.json) keep the membership table and
+elect a *manager* by majority-vote leases.  A host that can reach fewer than 2
+candidates fences itself (destroys its VMs and reboots), so that the manager
+may safely restart its production VMs elsewhere.
+
+    hoster_ha.py start [--config PATH] [--ha-debug] [--foreground]
+    hoster_ha.py stop | status [--json] | members [--json] | events [--json]
+    hoster_ha.py check-config [--config PATH] | gen-secret
+
+The contract (behaviour, timings, CLI, config, HTTP API, files) is SPEC.md.
+The file reads top to bottom:
+
+    1. config       load and validate ha_config.json
+    2. core         pure cluster logic: votes, leases, terms, survival rule
+    3. host         VM inventory, vm_config.json edits, fencing commands
+    4. transport    request signing, HTTP server and client
+    5. agent        threads and the control loop wiring core, host, transport
+    6. CLI
+"""
+
+import argparse
+import concurrent.futures
+import errno
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import logging.handlers
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+__version__ = "0.1.0"
+
+API = "/api/v1/ha/"
+MAX_BODY = 64 * 1024
+SIGNATURE_WINDOW = 60
+DEFAULT_CONFIG_PATHS = (
+    "/usr/local/etc/hoster_ha/ha_config.json",
+    "/opt/hoster-core/config_files/ha_config.json",
+)
+EMERG_BELOW_2 = "candidatesRegistered has gone below 2, initiating self fencing"
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def valid_hostname(name):
+    return isinstance(name, str) and bool(HOSTNAME_RE.match(name))
+
+
+def valid_vm_name(name):
+    return isinstance(name, str) and bool(VM_NAME_RE.match(name))
+
+
+# =============================================================================
+# 1. Config
+# =============================================================================
+
+TIMINGS = {
+    "ping_interval": 2,
+    "ping_timeout": 1.5,
+    "survival_window": 10,
+    "vote_lease": 6,
+    "watchdog_timeout": 10,
+    "fence_timeout": 10,
+    "failover_time": 60,
+}
+
+DEFAULT_COMMANDS = {
+    "vm_start": ["hoster", "vm", "start", "{vm}"],
+    "vm_cireset": ["hoster", "vm", "cireset", "{vm}"],
+    "vm_destroy": ["bhyvectl", "--destroy", "--vm={vm}"],
+    "reboot": ["shutdown", "-r", "now"],
+    "reboot_now": ["reboot", "-nq"],
+    "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
+    "zfs": ["zfs"],
+}
+
+STRATEGIES = {
+    "change-parent": "change-parent", "changeparent": "change-parent",
+    "change_parent": "change-parent", "cireset": "cireset", "ci-reset": "cireset",
+}
+
+CANDIDATE_KEYS = {"hostname", "protocol", "address", "port", "user", "password"}
+TOP_KEYS = set(TIMINGS) | {
+    "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
+    "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
+    "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is the one line printed before exit 2."""
+
+
+class Config:
+    """The validated ha_config.json plus command-line mode; attributes, not a dict."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @property
+    def is_candidate(self):
+        return self.hostname in self.candidate_names
+
+    @property
+    def candidate_names(self):
+        return [c["hostname"] for c in self.candidates]
+
+    def candidate(self, name):
+        for c in self.candidates:
+            if c["hostname"] == name:
+                return c
+        return None
+
+    def command(self, key, vm=None):
+        return [a.replace("{vm}", vm) if vm is not None else a for a in self.commands[key]]
+
+
+def kernel_watchdog_seconds(watchdog_timeout):
+    """The watchdog(4) timeout used: the smallest 2**N ns >= watchdog_timeout + 5 s."""
+    n = 0
+    while 2 ** n < (watchdog_timeout + 5) * 1e9:
+        n += 1
+    return n, 2 ** n / 1e9
+
+
+def find_config_path(explicit=None):
+    if explicit:
+        return explicit
+    env = os.environ.get("HOSTER_HA_CONFIG")
+    if env:
+        return env
+    for p in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(p):
+            return p
+    return DEFAULT_CONFIG_PATHS[0]
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _port(v, path, key):
+    if isinstance(v, str) and v.isdigit():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:
+        raise ConfigError(f"{path}: key '{key}': expected a port number 1-65535, got {v!r}")
+    return v
+
+
+def read_secret_file(path, cfg_path):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{cfg_path}: key 'secret_file': cannot read {path}: {e.strerror}")
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{cfg_path}: key 'secret_file': {path} is readable by group or "
+                          f"others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{cfg_path}: key 'secret_file': cannot read {path}: {e.strerror}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{cfg_path}: key 'secret_file': {path} is not UTF-8")
+    if text.endswith("\n"):
+        text = text[:-1]
+    if text.endswith("\r"):
+        text = text[:-1]
+    return text
+
+
+def load_config(path, debug=False):
+    """Read and validate ha_config.json.  Raises ConfigError naming file and key."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}")
+    return parse_config(data, path, debug)
+
+
+def parse_config(data, path="<config>", debug=False):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: key '{unknown[0]}': unknown key")
+
+    def get(key, kind, default):
+        v = data.get(key, default)
+        ok = {"number": _is_number(v),
+              "bool": isinstance(v, bool),
+              "str": isinstance(v, str) and v != "",
+              "int": isinstance(v, int) and not isinstance(v, bool)}[kind]
+        if not ok:
+            raise ConfigError(f"{path}: key '{key}': expected {kind}, got {v!r}")
+        return v
+
+    timings = {k: get(k, "number", d) for k, d in TIMINGS.items()}
+    for k, v in timings.items():
+        if v <= 0:
+            raise ConfigError(f"{path}: key '{k}': must be greater than 0, got {v}")
+    if timings["ping_timeout"] >= timings["ping_interval"]:
+        raise ConfigError(f"{path}: key 'ping_timeout': must be less than ping_interval "
+                          f"({timings['ping_timeout']} >= {timings['ping_interval']})")
+    kernel_wd = get("kernel_watchdog", "bool", False)
+    guard = timings["watchdog_timeout"] + timings["fence_timeout"]
+    guard_text = (f"watchdog_timeout ({timings['watchdog_timeout']}) + "
+                  f"fence_timeout ({timings['fence_timeout']})")
+    if kernel_wd:
+        _, ksec = kernel_watchdog_seconds(timings["watchdog_timeout"])
+        if ksec > guard:
+            guard, guard_text = ksec, f"kernel watchdog timeout ({ksec:g})"
+    need = timings["survival_window"] + guard + 2 * timings["ping_interval"] + 5
+    if timings["failover_time"] < need:
+        raise ConfigError(
+            f"{path}: key 'failover_time': {timings['failover_time']} is too small: it must be >= "
+            f"survival_window ({timings['survival_window']}) + {guard_text} + "
+            f"2*ping_interval ({2 * timings['ping_interval']}) + 5 = {need:g}")
+
+    cands = data.get("candidates")
+    if not isinstance(cands, list):
+        raise ConfigError(f"{path}: key 'candidates': expected a list of exactly 3 candidates")
+    if len(cands) != 3:
+        raise ConfigError(f"{path}: key 'candidates': expected exactly 3 candidates, got {len(cands)}")
+    candidates = []
+    for i, c in enumerate(cands):
+        where = f"candidates[{i}]"
+        if not isinstance(c, dict):
+            raise ConfigError(f"{path}: key '{where}': expected an object")
+        bad = sorted(set(c) - CANDIDATE_KEYS)
+        if bad:
+            raise ConfigError(f"{path}: key '{where}.{bad[0]}': unknown key")
+        for k in ("hostname", "address", "port"):
+            if k not in c:
+                raise ConfigError(f"{path}: key '{where}.{k}': missing")
+        if not valid_hostname(c["hostname"]):
+            raise ConfigError(f"{path}: key '{where}.hostname': not a valid hostname: {c['hostname']!r}")
+        if not isinstance(c["address"], str) or not c["address"]:
+            raise ConfigError(f"{path}: key '{where}.address': expected a non-empty string")
+        proto = c.get("protocol", "http")
+        if proto not in ("http", "https"):
+            raise ConfigError(f"{path}: key '{where}.protocol': expected http or https, got {proto!r}")
+        candidates.append({"hostname": c["hostname"], "address": c["address"],
+                           "port": _port(c["port"], path, f"{where}.port"), "protocol": proto})
+    names = [c["hostname"] for c in candidates]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"{path}: key 'candidates': duplicate hostname {n!r}")
+    eps = [(c["address"], c["port"]) for c in candidates]
+    for e in eps:
+        if eps.count(e) > 1:
+            raise ConfigError(f"{path}: key 'candidates': duplicate address:port {e[0]}:{e[1]}")
+
+    hostname = data.get("hostname", socket.gethostname())
+    if not valid_hostname(hostname):
+        raise ConfigError(f"{path}: key 'hostname': not a valid hostname: {hostname!r}")
+    own = next((c for c in candidates if c["hostname"] == hostname), None)
+    if own:
+        address = data.get("address", own["address"])
+        port = _port(data.get("port", own["port"]), path, "port")
+        protocol = own["protocol"]
+    else:
+        for k in ("address", "port"):
+            if k not in data:
+                raise ConfigError(f"{path}: key '{k}': required on a worker "
+                                  f"({hostname!r} is not one of the candidates)")
+        address = get("address", "str", None)
+        port = _port(data["port"], path, "port")
+        protocol = "https" if data.get("tls") else "http"
+
+    if "secret" in data and "secret_file" in data:
+        raise ConfigError(f"{path}: key 'secret_file': set either secret or secret_file, not both")
+    if "secret" in data:
+        secret = get("secret", "str", None)
+    elif "secret_file" in data:
+        secret = read_secret_file(get("secret_file", "str", None), path)
+    else:
+        raise ConfigError(f"{path}: key 'secret': missing; set secret or secret_file "
+                          f"(hoster_ha.py gen-secret makes one)")
+    if len(secret) < 16:
+        raise ConfigError(f"{path}: key 'secret': too short ({len(secret)} characters, need 16 or more)")
+
+    strategy = get("failover_strategy", "str", "change-parent")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{path}: key 'failover_strategy': expected one of "
+                          f"{', '.join(sorted(STRATEGIES))}, got {strategy!r}")
+
+    tls = data.get("tls")
+    if tls is not None:
+        if not isinstance(tls, dict) or set(tls) - {"cert", "key", "ca"} or not all(
+                isinstance(tls.get(k), str) and tls.get(k) for k in ("cert", "key", "ca")):
+            raise ConfigError(f"{path}: key 'tls': expected {{\"cert\": PATH, \"key\": PATH, \"ca\": PATH}}")
+    if any(c["protocol"] == "https" for c in candidates) and tls is None:
+        raise ConfigError(f"{path}: key 'tls': required when a candidate uses protocol https")
+
+    datasets = data.get("vm_datasets", ["zroot/vm-encrypted", "zroot/vm-unencrypted"])
+    if not isinstance(datasets, list) or not all(isinstance(d, str) and d for d in datasets):
+        raise ConfigError(f"{path}: key 'vm_datasets': expected a list of dataset names")
+
+    commands = dict(DEFAULT_COMMANDS)
+    cmds = data.get("commands", {})
+    if not isinstance(cmds, dict):
+        raise ConfigError(f"{path}: key 'commands': expected an object")
+    for k, v in cmds.items():
+        if k not in DEFAULT_COMMANDS:
+            raise ConfigError(f"{path}: key 'commands.{k}': unknown command")
+        if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
+            raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
+        commands[k] = list(v)
+
+    mps = get("max_parallel_starts", "int", 8)
+    if mps < 1:
+        raise ConfigError(f"{path}: key 'max_parallel_starts': must be at least 1")
+    log_file = data.get("log_file")
+    if log_file is not None and (not isinstance(log_file, str) or not log_file):
+        raise ConfigError(f"{path}: key 'log_file': expected a path")
+
+    return Config(
+        path=os.path.abspath(path) if path != "<config>" else path,
+        debug=debug,
+        candidates=candidates,
+        hostname=hostname,
+        address=address,
+        port=port,
+        protocol=protocol,
+        listen_address=get("listen_address", "str", "0.0.0.0"),
+        secret=secret,
+        tls=tls,
+        failover_strategy=STRATEGIES[strategy],
+        backup_node=get("backup_node", "bool", False),
+        vm_datasets=datasets,
+        vmm_dir=get("vmm_dir", "str", "/dev/vmm"),
+        commands=commands,
+        run_dir=get("run_dir", "str", "/var/run"),
+        state_dir=get("state_dir", "str", "/var/db/hoster_ha"),
+        log_file=log_file,
+        max_parallel_starts=mps,
+        kernel_watchdog=kernel_wd,
+        **timings,
+    )
+
+
+# =============================================================================
+# 2. Core: pure cluster logic
+#
+# Nothing here reads a clock, opens a socket, runs a command or touches a file.
+# Every method takes `now` (seconds on this node's monotonic clock) and inputs;
+# decisions come back as actions (take_actions()) that the agent, or the test
+# simulator, carries out.  Actions are dicts with a "kind":
+#   event        {"event", "level", "msg", "details"}   log line + events.jsonl
+#   persist_term {"term"}   write state_dir/term (fsync) before the vote is seen
+#   fence        {"reason"} §3.3: lock, destroy, reboot (or log in debug mode)
+# =============================================================================
+
+class Vote:
+    """A candidate's single vote: for one incarnation of one candidate."""
+
+    __slots__ = ("holder", "holder_startup", "term", "renewed_at")
+
+    def __init__(self, holder, holder_startup, term, renewed_at):
+        self.holder, self.holder_startup = holder, holder_startup
+        self.term, self.renewed_at = term, renewed_at
+
+
+class Member:
+    """A candidate's record of one member (SPEC §3.1)."""
+
+    FIELDS = ("hostname", "address", "port", "protocol", "startup_time", "backup_node",
+              "failover_strategy", "failover_time", "fenced_vms")
+
+    def __init__(self, body, now):
+        for k in self.FIELDS:
+            setattr(self, k, body.get(k))
+        self.armed = False
+        self.maintenance = False
+        self.left = False
+        self.last_ping = now
+
+
+class PingAnswer:
+    """What a candidate answered to one of our pings, and when we sent that ping."""
+
+    __slots__ = ("vote", "vote_startup_time", "vote_term", "vote_lease", "manager", "term",
+                 "sent_at")
+
+    def __init__(self, body, sent_at):
+        self.vote = body["vote"]
+        self.vote_startup_time = body["vote_startup_time"]
+        self.vote_term = body["vote_term"]
+        self.vote_lease = body["vote_lease_ms"] / 1000.0
+        self.manager = body["manager"]
+        self.term = body["term"]
+        self.sent_at = sent_at
+
+
+# Field schemas of request and answer bodies: name -> accepted types.  The
+# transport checks bodies against these before the core sees them.
+_INT = (int,)
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+REGISTER_FIELDS = {"hostname": (str,), "address": (str,), "port": _INT, "protocol": (str,),
+                   "startup_time": _INT, "backup_node": (bool,), "failover_strategy": (str,),
+                   "failover_time": (int, float), "fenced_vms": (list,)}
+PING_FIELDS = {"hostname": (str,), "startup_time": _INT, "armed": (bool,),
+               "maintenance": (bool,), "manager": (bool,), "term": _INT}
+PING_ANSWER_FIELDS = {"vote": _OPT_STR, "vote_startup_time": _OPT_INT, "vote_term": _INT,
+                      "vote_lease_ms": _INT, "manager": _OPT_STR, "term": _INT}
+
+
+def check_fields(body, schema):
+    """Return an error text if body lacks a field of schema or has a wrong type, else None."""
+    if not isinstance(body, dict):
+        return "expected a JSON object"
+    for k, types in schema.items():
+        if k not in body:
+            return f"missing field '{k}'"
+        v = body[k]
+        if isinstance(v, bool) and bool not in types:
+            return f"field '{k}' has the wrong type"
+        if not isinstance(v, types):
+            return f"field '{k}' has the wrong type"
+    return None
+
+
+class Core:
+    """The cluster state of one node and every decision it makes (SPEC §3.1-§3.3).
+
+    Built from a Config (hostname, candidates, timings, identity).  `startup_time`
+    (wall-clock ms at process start) names this incarnation; `persisted_term`
+    is the last vote term read back from state_dir/term.
+    """
+
+    def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False):
+        self.cfg = cfg
+        self.hostname = cfg.hostname
+        self.candidates = cfg.candidate_names
+        self.is_candidate = cfg.is_candidate
+        self.startup_time = startup_time
+        self.start = now
+        self.maintenance = maintenance
+        self.out = []
+        # as a member: our view of the 3 candidates
+        self.registered = {c: False for c in self.candidates}
+        self.reach = {c: None for c in self.candidates}   # send time of last good ping
+        self.answers = {}                                  # candidate -> PingAnswer
+        self.arming = False        # we want to be armed (quorum + manager seen)
+        self.armed = False         # ... and the watchdog has acknowledged it
+        self.fenced = False
+        self.had_quorum = False
+        self.was_manager = False
+        self.manager_since = None
+        self.max_manager_term = 0
+        # as a candidate: the membership table and our vote
+        self.members = {}
+        self.vote = None
+        self.persisted_term = persisted_term
+        self.max_term_seen = persisted_term
+        self.announced = {}        # candidate -> (term, received_at) of "I am manager"
+
+    # -- actions -------------------------------------------------------------
+
+    def take_actions(self):
+        out, self.out = self.out, []
+        return out
+
+    def _event(self, event, level, msg, **details):
+        self.out.append({"kind": "event", "event": event, "level": level, "msg": msg,
+                         "details": details})
+
+    # -- candidate side: requests from members --------------------------------
+
+    def handle_register(self, body, now):
+        """POST register: (status, answer).  A new startup_time is a new incarnation."""
+        if not self.is_candidate:
+            return 404, {"error": "this node is not a candidate"}
+        h = body["hostname"]
+        old = self.members.get(h)
+        self.members[h] = Member(body, now)
+        if old is None or old.startup_time != body["startup_time"]:
+            self._event("registered", "NOTICE",
+                        f"member {h} registered (startup_time {body['startup_time']}"
+                        f"{', new incarnation' if old else ''})",
+                        member=h, startup_time=body["startup_time"])
+        return 200, {"ok": True, "hostname": self.hostname, "moved_vms": []}
+
+    def handle_ping(self, body, now):
+        """POST ping: (status, answer).  Renews our vote if it is for the sender."""
+        if not self.is_candidate:
+            return 404, {"error": "this node is not a candidate"}
+        h = body["hostname"]
+        m = self.members.get(h)
+        if m is None or m.startup_time != body["startup_time"]:
+            return 409, {"error": f"{h} is not registered here; register first"}
+        m.last_ping = now
+        m.armed, m.maintenance = body["armed"], body["maintenance"]
+        self.max_term_seen = max(self.max_term_seen, body["term"])
+        if body["manager"] and h in self.candidates:
+            self.announced[h] = (body["term"], now)
+            self.max_manager_term = max(self.max_manager_term, body["term"])
+        v = self.vote
+        if v is not None and v.holder == h and v.holder_startup == body["startup_time"]:
+            v.renewed_at = now
+        return 200, self.ping_answer(now)
+
+    def ping_answer(self, now):
+        v = self.vote
+        manager, term = self.manager_view(now)
+        return {"hostname": self.hostname,
+                "vote": v.holder if v else None,
+                "vote_startup_time": v.holder_startup if v else None,
+                "vote_term": v.term if v else 0,
+                "vote_lease_ms": int(round(self.cfg.vote_lease * 1000)),
+                "manager": manager, "term": term}
+
+    def members_view(self, now):
+        return [{"hostname": m.hostname, "startup_time": m.startup_time,
+                 "silence": round(now - max(m.last_ping, self.start), 3),
+                 "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
+                 "backup_node": m.backup_node, "failover_time": m.failover_time,
+                 "address": m.address, "port": m.port, "protocol": m.protocol}
+                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
+
+    # -- member side: our pings to the candidates --------------------------------
+
+    def register_body(self):
+        c = self.cfg
+        return {"hostname": self.hostname, "address": c.address, "port": c.port,
+                "protocol": c.protocol, "startup_time": self.startup_time,
+                "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
+                "failover_time": c.failover_time, "fenced_vms": []}
+
+    def ping_body(self, now):
+        manager = self.is_manager(now)
+        return {"hostname": self.hostname, "startup_time": self.startup_time,
+                "armed": self.armed, "maintenance": self.maintenance,
+                "manager": manager, "term": self.manager_term(now) if manager else
+                self.max_manager_term}
+
+    def outgoing(self, now):
+        """This round's requests: [(candidate, "register" | "ping", body)]."""
+        return [(c, "ping", self.ping_body(now)) if self.registered[c]
+                else (c, "register", self.register_body()) for c in self.candidates]
+
+    def on_register_result(self, cand, status, answer, now):
+        if status == 200 and isinstance(answer, dict) and answer.get("ok") is True:
+            self.registered[cand] = True
+
+    def on_ping_result(self, cand, sent_at, status, answer, now):
+        """Record one ping outcome.  Late (> ping_timeout) or malformed answers are failures."""
+        if status == 409:
+            self.registered[cand] = False
+            return
+        if not (200 <= (status or 0) < 300) or now - sent_at > self.cfg.ping_timeout:
+            return
+        if check_fields(answer, PING_ANSWER_FIELDS) is not None:
+            return
+        prev = self.answers.get(cand)
+        if prev is not None and prev.sent_at > sent_at:
+            return
+        a = PingAnswer(answer, sent_at)
+        self.answers[cand] = a
+        self.reach[cand] = sent_at
+        self.max_term_seen = max(self.max_term_seen, a.term, a.vote_term)
+        if a.manager is not None:
+            self.max_manager_term = max(self.max_manager_term, a.term)
+
+    # -- votes, leases, terms (§3.2) --------------------------------------------
+
+    def valid_votes(self, now):
+        """{voter: term} of the votes for this incarnation that are still valid here."""
+        votes = {}
+        if not self.is_candidate:
+            return votes
+        v = self.vote
+        if v is not None and v.holder == self.hostname and v.holder_startup == self.startup_time:
+            votes[self.hostname] = v.term
+        for c, a in self.answers.items():
+            if c == self.hostname:
+                continue  # our own vote counts from our own state, above
+            lease = min(a.vote_lease, self.cfg.vote_lease)
+            if (a.vote == self.hostname and a.vote_startup_time == self.startup_time
+                    and now < a.sent_at + 0.9 * lease):
+                votes[c] = a.vote_term
+        return votes
+
+    def is_manager(self, now):
+        return len(self.valid_votes(now)) >= 2
+
+    def manager_term(self, now):
+        return max(self.valid_votes(now).values(), default=0)
+
+    def manager_view(self, now):
+        """(manager hostname or None, term) as this node sees it."""
+        votes = self.valid_votes(now)
+        if len(votes) >= 2:
+            return self.hostname, max(votes.values())
+        best = (None, 0)
+        if self.is_candidate:
+            for c, (term, at) in self.announced.items():
+                if now - at <= self.cfg.vote_lease and term >= best[1] and c != self.hostname:
+                    best = (c, term)
+        else:
+            for a in self.answers.values():
+                if a.manager is not None and now - a.sent_at <= self.cfg.vote_lease \
+                        and a.term >= best[1]:
+                    best = (a.manager, a.term)
+        return best
+
+    def _update_vote(self, now):
+        if now - self.start < self.cfg.vote_lease:
+            return  # we may have voted before we restarted: let that lease run out
+        alive = {self.hostname: self.startup_time}
+        for c in self.candidates:
+            m = self.members.get(c)
+            if c != self.hostname and m is not None and \
+                    now - m.last_ping <= self.cfg.survival_window:
+                alive[c] = m.startup_time
+        pref = min(alive, key=lambda h: (alive[h], h))
+        v = self.vote
+        if v is not None and v.holder == self.hostname:
+            v.renewed_at = now
+        if v is not None and v.holder == pref and v.holder_startup == alive[pref]:
+            return
+        if v is None or v.holder == self.hostname or now - v.renewed_at >= self.cfg.vote_lease:
+            term = max(self.persisted_term, self.max_term_seen) + 1
+            self.persisted_term = self.max_term_seen = term
+            self.out.append({"kind": "persist_term", "term": term})
+            self.vote = Vote(pref, alive[pref], term, now)
+            self._event("vote", "NOTICE", f"vote granted to {pref} (term {term})",
+                        holder=pref, holder_startup=alive[pref], term=term)
+
+    # -- the tick: election, arming, survival rule (§3.3) --------------------------
+
+    def reachable(self, now):
+        return [c for c in self.candidates
+                if self.reach[c] is not None and now - self.reach[c] <= self.cfg.survival_window]
+
+    def tick(self, now, watchdog_armed=False):
+        """Advance to `now`.  watchdog_armed: the watchdog has acknowledged our armed state."""
+        if self.fenced:
+            return
+        if self.is_candidate:
+            self._update_vote(now)
+        manager = self.is_manager(now)
+        if manager and not self.was_manager:
+            self.manager_since = now
+            term = self.manager_term(now)
+            self.max_manager_term = max(self.max_manager_term, term)
+            self._event("manager_elected", "NOTICE",
+                        f"this node is now the manager (term {term}, votes from "
+                        f"{', '.join(sorted(self.valid_votes(now)))})", term=term)
+        elif self.was_manager and not manager:
+            self.manager_since = None
+            self._event("manager_lost", "NOTICE",
+                        "this node is no longer the manager (lost its majority of votes)")
+        self.was_manager = manager
+
+        reach = self.reachable(now)
+        quorum = len(reach) >= 2
+        if quorum != self.had_quorum:
+            if quorum:
+                self._event("quorum", "NOTICE", f"quorum: reaching candidates {', '.join(reach)}",
+                            reachable=reach)
+            else:
+                self._event("quorum_lost", "WARNING",
+                            f"reaching {len(reach)} of 3 candidates"
+                            f"{' (' + ', '.join(reach) + ')' if reach else ''}"
+                            f"{'' if self.armed else '; not armed, so nothing to do'}",
+                            reachable=reach)
+            self.had_quorum = quorum
+
+        if self.maintenance:
+            self.arming = self.armed = False
+        elif quorum and self.manager_view(now)[0] is not None:
+            self.arming = True
+        if self.arming and watchdog_armed and not self.armed:
+            self.armed = True
+            self._event("armed", "NOTICE", "armed: quorum reached, manager "
+                        f"{self.manager_view(now)[0]}, watchdog acknowledged")
+
+        if self.armed and not quorum:
+            self.fenced = True
+            self._event("self_fence", "EMERG", EMERG_BELOW_2, reachable=reach)
+            self.out.append({"kind": "fence", "reason": EMERG_BELOW_2})
+
+    def status(self, now):
+        manager, term = self.manager_view(now)
+        role = ("manager" if manager == self.hostname else
+                "candidate" if self.is_candidate else "worker")
+        return {"hostname": self.hostname, "role": role, "manager": manager, "term": term,
+                "reachable_candidates": self.reachable(now), "armed": self.armed,
+                "maintenance": self.maintenance, "startup_time": self.startup_time,
+                "fenced": self.fenced,
+                "vote": self.vote.holder if self.vote else None}
+
+
+# =============================================================================
+# 3. Host: commands, VM inventory, vm_config.json, fencing
+# =============================================================================
+
+NOTICE = 25
+EMERG = 60
+logging.addLevelName(NOTICE, "NOTICE")
+logging.addLevelName(EMERG, "EMERG")
+EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
+               "self_fence", "watchdog_fence", "member_failed", "failover_planned",
+               "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated"}
+
+
+def run_cmd(argv, timeout):
+    """Run argv (never a shell).  Returns (exit status or None on timeout, stdout, stderr)."""
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=timeout, close_fds=True)
+    except subprocess.TimeoutExpired:
+        return None, "", f"timed out after {timeout:g} s"
+    except OSError as e:
+        return 127, "", f"{argv[0]}: {e.strerror}"
+    return (p.returncode, p.stdout.decode("utf-8", "replace"),
+            p.stderr.decode("utf-8", "replace"))
+
+
+def last_line(text):
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def write_atomic(path, data, mode=None):
+    """Write bytes to path via a temp file in the same folder, fsync, rename, fsync folder.
+
+    Keeps the mode and owner of an existing file (or uses `mode` for a new one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if st is not None:
+            os.chmod(tmp, st.st_mode & 0o7777)
+            try:
+                os.chown(tmp, st.st_uid, st.st_gid)
+            except PermissionError:
+                pass
+        elif mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def is_production(vm_cfg):
+    return vm_cfg.get("production") is True or vm_cfg.get("live_status") in ("production", "prod")
+
+
+def lock_name(wall):
+    return "__HA_LOCKED_" + time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(wall)) + "__"
+
+
+class Host:
+    """This host's VMs and the commands that act on them (SPEC §4.4)."""
+
+    CMD_TIMEOUT = 30
+
+    def __init__(self, cfg, log):
+        self.cfg = cfg
+        self.log = log
+
+    def running_vms(self):
+        """Names of bhyve VMs that exist in the kernel (entries of vmm_dir)."""
+        try:
+            return sorted(n for n in os.listdir(self.cfg.vmm_dir) if valid_vm_name(n))
+        except FileNotFoundError:
+            return []
+
+    def inventory(self, timeout=CMD_TIMEOUT):
+        """[{vm_name, dataset, config_path, production, parent_host, memory, live,
+        latest_snapshot}] plus [{vm_name or dataset, error}]; never raises."""
+        zfs = self.cfg.commands["zfs"]
+        vms, errors = [], []
+        live = set(self.running_vms())
+        for ds in self.cfg.vm_datasets:
+            rc, out, err = run_cmd(zfs + ["list", "-H", "-p", "-o", "name,mountpoint",
+                                          "-t", "filesystem", "-d", "1", ds], timeout)
+            if rc != 0:
+                errors.append({"dataset": ds, "error": f"zfs list failed ({rc}): {last_line(err)}"})
+                continue
+            rc, snap_out, err = run_cmd(zfs + ["list", "-H", "-p", "-t", "snapshot", "-o",
+                                               "name,creation,guid", "-s", "creation", "-r", ds],
+                                        timeout)
+            snaps = {}
+            if rc != 0:
+                errors.append({"dataset": ds, "error": f"zfs snapshot list failed ({rc}): "
+                                                       f"{last_line(err)}"})
+            else:
+                for line in snap_out.splitlines():
+                    parts = line.split("\t")
+                    if len(parts) != 3 or "@" not in parts[0] or not parts[1].isdigit():
+                        continue
+                    fs, snap = parts[0].split("@", 1)
+                    snaps[fs] = {"name": snap, "creation": int(parts[1]), "guid": parts[2]}
+            for line in out.splitlines():
+                parts = line.split("\t")
+                if len(parts) != 2 or parts[0] == ds or not parts[0].startswith(ds + "/"):
+                    continue
+                name, mnt = parts[0].rsplit("/", 1)[1], parts[1]
+                path = os.path.join(mnt, "vm_config.json")
+                if not mnt.startswith("/") or not os.path.exists(path):
+                    continue
+                if not valid_vm_name(name):
+                    errors.append({"vm_name": name[:80], "error": "invalid VM name"})
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        vm_cfg = json.loads(f.read().decode("utf-8"))
+                    if not isinstance(vm_cfg, dict):
+                        raise ValueError("not a JSON object")
+                except (OSError, ValueError, RecursionError) as e:
+                    errors.append({"vm_name": name, "error": f"{path}: {e}"})
+                    continue
+                vms.append({"vm_name": name, "dataset": parts[0], "config_path": path,
+                            "production": is_production(vm_cfg),
+                            "parent_host": vm_cfg.get("parent_host"),
+                            "memory": vm_cfg.get("memory"), "live": name in live,
+                            "latest_snapshot": snaps.get(parts[0])})
+        return vms, errors
+
+    def set_parent(self, path, parent):
+        """Atomically rewrite parent_host in a vm_config.json, keeping every other key."""
+        with open(path, "rb") as f:
+            vm_cfg = json.loads(f.read().decode("utf-8"))
+        if not isinstance(vm_cfg, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        vm_cfg["parent_host"] = parent
+        write_atomic(path, (json.dumps(vm_cfg, indent=2) + "\n").encode("utf-8"))
+
+    def destroy_all(self, names, timeout):
+        """Destroy VMs in parallel; True when every vmm entry is gone within timeout."""
+        deadline = time.monotonic() + timeout
+        if names:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(names))) as ex:
+                futs = {ex.submit(run_cmd, self.cfg.command("vm_destroy", n), timeout): n
+                        for n in names}
+                for fut in concurrent.futures.as_completed(futs):
+                    rc, _, err = fut.result()
+                    if rc != 0:
+                        self.log.log(EMERG, f"destroy of VM {futs[fut]} failed ({rc}): "
+                                            f"{last_line(err)}")
+        while True:
+            left = [n for n in names if os.path.exists(os.path.join(self.cfg.vmm_dir, n))]
+            if not left or time.monotonic() >= deadline:
+                return not left
+            time.sleep(0.1)
+
+
+def fence_host(cfg, host, log, reason, debug, inventory=None):
+    """SPEC §3.3 steps 2-4: fence record + locks, destroy every VM, reboot.
+
+    `inventory` is the last known VM list (the caller's cache); only its production
+    VMs owned here that run now are recorded and locked.  In debug mode every step is
+    logged as "(DEBUG) would ..." and nothing is changed.  Returns after the reboot
+    command (a real reboot never returns)."""
+    running = host.running_vms()
+    if inventory is None:
+        inventory, _ = host.inventory(timeout=max(1.0, cfg.fence_timeout / 4))
+    prod = [v for v in inventory if v["production"] and v["vm_name"] in running
+            and v["parent_host"] == cfg.hostname]
+    names = [v["vm_name"] for v in prod]
+    stamp = lock_name(time.time())
+    record = {"ts": time.time(), "reason": reason, "vms": names}
+    fence_path = os.path.join(cfg.state_dir, "fence.json")
+    say = "(DEBUG) would " if debug else ""
+    log.log(NOTICE, f"{say}write fence record {fence_path}: production VMs {names or 'none'}")
+    if not debug:
+        try:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+            write_atomic(fence_path, (json.dumps(record) + "\n").encode(), mode=0o600)
+        except OSError as e:
+            log.log(EMERG, f"cannot write fence record {fence_path}: {e}")
+    for v in prod:
+        log.log(NOTICE, f"{say}lock VM {v['vm_name']}: parent_host = {stamp}")
+        if not debug:
+            try:
+                host.set_parent(v["config_path"], stamp)
+            except (OSError, ValueError) as e:
+                log.log(EMERG, f"cannot lock VM {v['vm_name']}: {e}")
+    for n in running:
+        log.log(NOTICE, f"{say}destroy VM {n}: {' '.join(cfg.command('vm_destroy', n))}")
+    gone = True if debug else host.destroy_all(running, cfg.fence_timeout)
+    key = "reboot" if gone else "reboot_now"
+    argv = cfg.command(key)
+    log.log(EMERG if not debug else NOTICE,
+            f"{say}reboot: {' '.join(argv)}"
+            + ("" if gone else " (VMs not confirmed gone within fence_timeout)"))
+    if not debug:
+        run_cmd(argv, 30)
+
+
+# =============================================================================
+# 4. Transport: signed JSON over HTTP(S)
+# =============================================================================
+
+def sign(secret, method, target, timestamp, nonce, body):
+    """SPEC §4.3: hex HMAC-SHA256 over METHOD, TARGET, TIMESTAMP, NONCE, sha256(BODY)."""
+    msg = "\n".join([method, target, str(timestamp), nonce, hashlib.sha256(body).hexdigest()])
+    return hmac.new(secret.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def signed_headers(secret, method, target, body, now=None):
+    ts = int(time.time() if now is None else now)
+    nonce = secrets.token_hex(16)
+    return {"X-HA-Timestamp": str(ts), "X-HA-Nonce": nonce,
+            "X-HA-Signature": sign(secret, method, target, ts, nonce, body)}
+
+
+class NonceCache:
+    """Nonces seen within the signature window; bounded in size and in time."""
+
+    def __init__(self, window=SIGNATURE_WINDOW, max_size=200_000):
+        self.window, self.max_size = window, max_size
+        self.seen = {}
+        self.lock = threading.Lock()
+
+    def add(self, nonce, wall):
+        """True if nonce is new (and now remembered); False on replay or when full."""
+        with self.lock:
+            if nonce in self.seen:
+                return False
+            if len(self.seen) >= self.max_size:
+                cutoff = wall - 2 * self.window
+                self.seen = {n: t for n, t in self.seen.items() if t > cutoff}
+                if len(self.seen) >= self.max_size:
+                    return False
+            self.seen[nonce] = wall
+            return True
+
+
+_TS_RE = re.compile(r"^[0-9]{1,12}$")
+_NONCE_RE = re.compile(r"^[0-9a-fA-F]{16,64}$")
+_SIG_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def verify_request(secret, nonces, method, target, headers, body, wall):
+    """None if the request is authentic, else the reason it is not."""
+    ts, nonce, sig = (headers.get("X-HA-Timestamp"), headers.get("X-HA-Nonce"),
+                      headers.get("X-HA-Signature"))
+    if ts is None or nonce is None or sig is None:
+        return "missing X-HA-Timestamp, X-HA-Nonce or X-HA-Signature"
+    if not _TS_RE.match(ts) or not _NONCE_RE.match(nonce) or not _SIG_RE.match(sig):
+        return "malformed authentication header"
+    if abs(int(ts) - wall) > SIGNATURE_WINDOW:
+        return "timestamp outside the 60 s window"
+    if not hmac.compare_digest(sign(secret, method, target, int(ts), nonce, body), sig):
+        return "bad signature"
+    if not nonces.add(nonce, wall):
+        return "nonce replayed"
+    return None
+
+
+def server_ssl_context(tls):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls["cert"], tls["key"])
+    ctx.load_verify_locations(tls["ca"])
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_ssl_context(tls):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(tls["ca"])
+    ctx.load_cert_chain(tls["cert"], tls["key"])
+    ctx.check_hostname = True
+    return ctx
+
+
+class Client:
+    """Signed JSON requests to other nodes, each with a hard overall timeout."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.ssl = client_ssl_context(cfg.tls) if cfg.tls else None
+
+    def request(self, peer, method, name, body=None, timeout=5.0):
+        """peer: {address, port, protocol}.  Returns (status, JSON answer) or (None, error)."""
+        target = API + name
+        data = b"" if body is None else json.dumps(body).encode("utf-8")
+        headers = signed_headers(self.cfg.secret, method, target, data)
+        headers["Content-Type"] = "application/json"
+        start = time.monotonic()
+        if peer.get("protocol") == "https":
+            conn = http.client.HTTPSConnection(peer["address"], int(peer["port"]),
+                                               timeout=timeout, context=self.ssl)
+        else:
+            conn = http.client.HTTPConnection(peer["address"], int(peer["port"]), timeout=timeout)
+        try:
+            conn.request(method, target, body=data if method == "POST" else None, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read(MAX_BODY + 1)
+            if time.monotonic() - start > timeout:
+                return None, f"timed out after {timeout:g} s"
+            try:
+                answer = json.loads(raw.decode("utf-8")) if raw else None
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                answer = None
+            return resp.status, answer
+        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+            return None, f"{type(e).__name__}: {e}"
+        finally:
+            conn.close()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Threaded HTTP(S) server with a cap on concurrent requests (503 beyond it)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    MAX_CONCURRENT = 64
+
+    def __init__(self, addr, handler, agent, ssl_ctx=None):
+        self.agent = agent
+        self.slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
+        super().__init__(addr, handler)
+        if ssl_ctx is not None:
+            self.socket = ssl_ctx.wrap_socket(self.socket, server_side=True,
+                                              do_handshake_on_connect=False)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nContent-Length: 22\r\nConnection: close"
+                                b"\r\n\r\n{\"error\": \"overload\"}\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        pass  # a broken client connection is not our error; handlers catch their own
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Parses, authenticates and size-checks a request, then hands it to agent.api().
+
+    Guarantees: every answer is JSON; no input produces a 5xx other than 503."""
+
+    server_version = "hoster_ha"
+    sys_version = ""
+    timeout = 10  # seconds per socket operation: a slow client cannot hold a thread long
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def _reply(self, status, obj, text=None):
+        data = (text if text is not None else json.dumps(obj) + "\n").encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4" if text is not None
+                             else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def do_GET(self):
+        self._serve("GET")
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def _not_allowed(self):
+        self._reply(405, {"error": "method not allowed"})
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def _serve(self, method):
+        agent = self.server.agent
+        target = self.path
+        path = urllib.parse.urlsplit(target).path
+        if path in ("/metrics", "/api/v1/ha/metrics"):
+            if method != "GET":
+                return self._not_allowed()
+            return self._reply(200, None, text=agent.metrics())
+        if not path.startswith(API) or path[len(API):] not in agent.ROUTES:
+            return self._reply(404, {"error": "unknown path"})
+        name = path[len(API):]
+        if method not in agent.ROUTES[name]:
+            return self._not_allowed()
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if method == "POST":
+                return self._reply(411, {"error": "Content-Length required"})
+            length = "0"
+        if not length.isdigit():
+            return self._reply(400, {"error": "bad Content-Length"})
+        if int(length) > MAX_BODY:
+            return self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
+        try:
+            body = self.rfile.read(int(length))
+        except OSError:
+            self.close_connection = True
+            return
+        if len(body) != int(length):
+            return self._reply(400, {"error": "body shorter than Content-Length"})
+        why = verify_request(agent.cfg.secret, agent.nonces, method, target, self.headers,
+                             body, time.time())
+        if why is not None:
+            agent.count("auth_failures")
+            return self._reply(401, {"error": why})
+        obj = None
+        if method == "POST":
+            try:
+                obj = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                return self._reply(400, {"error": "body is not valid JSON"})
+            if not isinstance(obj, dict):
+                return self._reply(400, {"error": "body must be a JSON object"})
+        try:
+            status, answer = agent.api(method, name, obj)
+        except Exception:  # noqa: BLE001 -- a bug must not take the server down
+            agent.log.exception(f"internal error serving {method} {name}")
+            status, answer = 503, {"error": "internal error"}
+        self._reply(status, answer)
+
+
+# =============================================================================
+# 5. Agent: threads and the control loop
+# =============================================================================
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """SysLogHandler that knows NOTICE and EMERG and keeps a message in one datagram."""
+
+    priority_map = dict(logging.handlers.SysLogHandler.priority_map,
+                        NOTICE="notice", EMERG="emerg")
+
+    def format(self, record):
+        return super().format(record).encode("utf-8")[:1900].decode("utf-8", "ignore")
+
+
+def setup_logging(cfg, tag, stderr=False):
+    """Logger `tag` writing to syslog (FreeBSD /var/run/log, Linux /dev/log) and log_file."""
+    log = logging.getLogger(tag)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    for sock in ("/var/run/log", "/dev/log"):
+        if os.path.exists(sock):
+            try:
+                h = SyslogHandler(address=sock, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            except OSError:
+                continue
+            h.ident = f"{tag}[{os.getpid()}]: "
+            h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+            log.addHandler(h)
+            break
+    fmt = logging.Formatter(f"%(asctime)s {cfg.hostname} {tag}[%(process)d]: "
+                            "%(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    if cfg.log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.log_file)), exist_ok=True)
+        h = logging.handlers.WatchedFileHandler(cfg.log_file)
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    if stderr:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    return log
+
+
+def read_pid(path):
+    """The PID in a pid file if that process exists (and is not a zombie), else None."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and pid_alive(pid) else None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited: count it as gone (Linux /proc; FreeBSD has no /proc)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def write_pid_file(path):
+    write_atomic(path, f"{os.getpid()}\n".encode(), mode=0o644)
+
+
+def remove_file(path, only_if_pid=None):
+    try:
+        if only_if_pid is not None:
+            with open(path) as f:
+                if f.read().strip() != str(only_if_pid):
+                    return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+class Paths:
+    def __init__(self, cfg):
+        self.pid = os.path.join(cfg.run_dir, "hoster_ha.pid")
+        self.wd_pid = os.path.join(cfg.run_dir, "ha_watchdog.pid")
+        self.wd_ack = os.path.join(cfg.run_dir, "ha_watchdog.ack")
+        self.mode = os.path.join(cfg.run_dir, "hoster_ha.mode")
+        self.term = os.path.join(cfg.state_dir, "term")
+        self.fence = os.path.join(cfg.state_dir, "fence.json")
+        self.maintenance = os.path.join(cfg.state_dir, "maintenance")
+        self.events = os.path.join(cfg.state_dir, "events.jsonl")
+
+
+class EventLog:
+    """state_dir/events.jsonl: one JSON object per line, appended and flushed."""
+
+    def __init__(self, path, node):
+        self.path, self.node = path, node
+        self.lock = threading.Lock()
+
+    def append(self, event, **details):
+        line = json.dumps(dict({"ts": round(time.time(), 3), "node": self.node, "event": event},
+                               **details), default=str) + "\n"
+        with self.lock:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line)
+                    f.flush()
+            except OSError:
+                pass
+
+    @staticmethod
+    def read(path):
+        """Events as dicts; a torn or corrupt line (a crash mid-write) is skipped."""
+        out = []
+        try:
+            with open(path, "rb") as f:
+                for raw in f:
+                    try:
+                        ev = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, ValueError):
+                        continue
+                    if isinstance(ev, dict):
+                        out.append(ev)
+        except OSError:
+            pass
+        return out
+
+
+def read_term(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return 0
+    if not text.isdigit():
+        raise RuntimeError(f"{path} is corrupt ({text[:40]!r}); refusing to vote with an "
+                           "unknown term: restore it or remove it after every candidate has "
+                           "restarted")
+    return int(text)
+
+
+def watchdog_script():
+    return os.path.join(os.path.dirname(os.path.realpath(__file__)), "ha_watchdog.py")
+
+
+class Agent:
+    """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3)."""
+
+    ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"}}
+    WATCHDOG_START_TIMEOUT = 10.0
+
+    def __init__(self, cfg, log):
+        self.cfg, self.log = cfg, log
+        self.paths = Paths(cfg)
+        self.debug = cfg.debug
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.nonces = NonceCache()
+        self.client = Client(cfg)
+        self.host = Host(cfg, log)
+        self.events = EventLog(self.paths.events, cfg.hostname)
+        self.counters = {"auth_failures": 0, "ping_failures": 0}
+        self.inventory_cache = None
+        self.inventory_busy = False
+        self.wd_pid = None
+        self.wd_proc = None
+        self.wd_missing = 0
+        self.wd_armed_ack = False
+        self.inflight = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                          thread_name_prefix="ha-io")
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        term = read_term(self.paths.term)
+        self.startup_time = int(time.time() * 1000)
+        self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
+                         maintenance=os.path.exists(self.paths.maintenance))
+        ctx = server_ssl_context(cfg.tls) if cfg.tls else None
+        self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx)
+
+    # -- HTTP API (called from handler threads) ---------------------------------
+
+    def api(self, method, name, body):
+        now = time.monotonic()
+        if name in ("register", "ping"):
+            why = check_fields(body, REGISTER_FIELDS if name == "register" else PING_FIELDS)
+            if why is None and not valid_hostname(body["hostname"]):
+                why = "field 'hostname' is not a valid hostname"
+            if why is None and name == "register":
+                why = self._check_register(body)
+            if why is not None:
+                return 400, {"error": why}
+            with self.lock:
+                if name == "register":
+                    return self.core.handle_register(body, now)
+                return self.core.handle_ping(body, now)
+        if name == "members":
+            if not self.cfg.is_candidate:
+                return 404, {"error": "this node is not a candidate"}
+            with self.lock:
+                return 200, {"hostname": self.cfg.hostname,
+                             "members": self.core.members_view(now)}
+        return 200, self.status()
+
+    @staticmethod
+    def _check_register(body):
+        if body["protocol"] not in ("http", "https"):
+            return "field 'protocol' must be http or https"
+        if not 1 <= body["port"] <= 65535:
+            return "field 'port' out of range"
+        if body["failover_strategy"] not in STRATEGIES:
+            return "field 'failover_strategy' is not a known strategy"
+        if not all(valid_vm_name(v) for v in body["fenced_vms"]):
+            return "field 'fenced_vms' must be a list of VM names"
+        return None
+
+    def status(self):
+        with self.lock:
+            st = self.core.status(time.monotonic())
+        st.update(mode="DEBUG" if self.debug else "PRODUCTION", api_pid=os.getpid(),
+                  watchdog_pid=self.wd_pid if self.wd_pid and pid_alive(self.wd_pid) else None)
+        return st
+
+    def count(self, key):
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+    def metrics(self):
+        st = self.status()
+        with self.lock:
+            members = len(self.core.members)
+            counters = dict(self.counters)
+        lines = [
+            ("hoster_ha_up", "gauge", "1 while the agent runs", 1),
+            ("hoster_ha_manager", "gauge", "1 if this node is the manager",
+             int(st["role"] == "manager")),
+            ("hoster_ha_term", "gauge", "term of the manager this node knows", st["term"]),
+            ("hoster_ha_armed", "gauge", "1 if this node is armed", int(st["armed"])),
+            ("hoster_ha_reachable_candidates", "gauge", "candidates reached within "
+             "survival_window", len(st["reachable_candidates"])),
+            ("hoster_ha_members", "gauge", "members in this candidate's table", members),
+            ("hoster_ha_auth_failures_total", "counter", "requests refused with 401",
+             counters["auth_failures"]),
+            ("hoster_ha_ping_failures_total", "counter", "pings to candidates that failed",
+             counters["ping_failures"]),
+        ]
+        out = []
+        for name, kind, helptext, value in lines:
+            out += [f"# HELP {name} {helptext}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(out) + "\n"
+
+    # -- the watchdog companion (§3.5) -------------------------------------------
+
+    def start_watchdog(self):
+        """Use the watchdog running for this run_dir, or start one and wait for its pid file."""
+        pid = read_pid(self.paths.wd_pid)
+        if pid is not None:
+            self.wd_pid = pid
+            self.log.log(NOTICE, f"using the running ha_watchdog (PID {pid})")
+            return
+        argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
+        if self.debug:
+            argv.append("--ha-debug")
+        self.wd_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True,
+                                        start_new_session=True)
+        deadline = time.monotonic() + self.WATCHDOG_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if read_pid(self.paths.wd_pid) == self.wd_proc.pid:
+                self.wd_pid = self.wd_proc.pid
+                self.log.log(NOTICE, f"started ha_watchdog (PID {self.wd_pid})")
+                return
+            if self.wd_proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"ha_watchdog did not start (no {self.paths.wd_pid}); "
+                           "see the log for its error")
+
+    def watchdog_alive(self):
+        if self.wd_proc is not None and self.wd_proc.pid == self.wd_pid:
+            return self.wd_proc.poll() is None  # reaps our child: no zombie
+        return self.wd_pid is not None and pid_alive(self.wd_pid)
+
+    def heartbeat(self, armed):
+        """Tell the watchdog we are alive (SIGUSR1 armed, SIGHUP unarmed); read its ack."""
+        try:
+            os.kill(self.wd_pid, signal.SIGUSR1 if armed else signal.SIGHUP)
+        except OSError:
+            pass
+        try:
+            with open(self.paths.wd_ack) as f:
+                self.wd_armed_ack = f.read().split() == ["armed", str(os.getpid())]
+        except OSError:
+            self.wd_armed_ack = False
+
+    def check_watchdog(self):
+        if self.watchdog_alive():
+            self.wd_missing = 0
+            return
+        self.wd_missing += 1
+        if self.wd_missing < 3:
+            return
+        with self.lock:
+            armed = self.core.armed
+        if armed:
+            self.log.log(EMERG, f"ha_watchdog (PID {self.wd_pid}) is gone, "
+                                "initiating self fencing")
+            self.events.append("self_fence", reason="ha_watchdog gone")
+            self.fence("ha_watchdog is gone")
+        else:
+            self.log.error(f"ha_watchdog (PID {self.wd_pid}) is gone; node not armed, "
+                           "starting a new one")
+            self.wd_missing = 0
+            self.start_watchdog()
+
+    # -- ping rounds ---------------------------------------------------------------
+
+    def ping_round(self, now):
+        with self.lock:
+            out = self.core.outgoing(now)
+        for cand, kind, body in out:
+            fut = self.inflight.get(cand)
+            if fut is not None and not fut.done():
+                continue  # the previous exchange is still out; it will count as failed
+            self.inflight[cand] = self.pool.submit(self.exchange, cand, kind, body, now)
+
+    def exchange(self, cand, kind, body, sent_at):
+        status, answer = self.client.request(self.cfg.candidate(cand), "POST", kind, body,
+                                             timeout=self.cfg.ping_timeout)
+        now = time.monotonic()
+        with self.lock:
+            if kind == "ping":
+                self.core.on_ping_result(cand, sent_at, status, answer, now)
+            else:
+                self.core.on_register_result(cand, status, answer, now)
+            if not (status and 200 <= status < 300):
+                self.counters["ping_failures"] += 1
+
+    def refresh_inventory(self):
+        """Refresh the cached VM inventory in a worker thread (used by fencing)."""
+        if self.inventory_busy:
+            return
+        self.inventory_busy = True
+
+        def job():
+            try:
+                vms, errors = self.host.inventory()
+                self.inventory_cache = vms
+                for e in errors:
+                    self.log.warning(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
+                                     f"{e['error']}")
+            finally:
+                self.inventory_busy = False
+        self.pool.submit(job)
+
+    # -- the control loop ---------------------------------------------------------
+
+    def execute(self, actions):
+        for a in actions:
+            if a["kind"] == "event":
+                self.log.log(logging.getLevelName(a["level"]), a["msg"])
+                if a["event"] in EVENT_NAMES:
+                    self.events.append(a["event"], **a["details"])
+            elif a["kind"] == "fence":
+                self.fence(a["reason"])
+
+    def tick(self):
+        with self.lock:
+            self.core.tick(time.monotonic(), watchdog_armed=self.wd_armed_ack)
+            actions = self.core.take_actions()
+            for a in actions:
+                if a["kind"] == "persist_term":  # before any ping answer shows the vote
+                    write_atomic(self.paths.term, f"{a['term']}\n".encode(), mode=0o600)
+        self.execute(actions)
+
+    def fence(self, reason):
+        """§3.3 steps 2-4; the process never continues after this."""
+        fence_host(self.cfg, self.host, self.log, reason, self.debug, self.inventory_cache)
+        if self.debug:
+            self.log.log(NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
+        remove_file(self.paths.pid, only_if_pid=os.getpid())
+        logging.shutdown()
+        os._exit(1)
+
+    def run(self):
+        cfg = self.cfg
+        write_pid_file(self.paths.pid)
+        write_atomic(self.paths.mode, b"DEBUG\n" if self.debug else b"PRODUCTION\n", mode=0o644)
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        try:
+            self.start_watchdog()
+        except (RuntimeError, OSError) as e:
+            self.log.error(str(e))
+            remove_file(self.paths.pid, only_if_pid=os.getpid())
+            return 1
+        mode = "DEBUG" if self.debug else "PRODUCTION"
+        self.log.log(NOTICE, f"hoster_ha {__version__} started on {cfg.hostname} as "
+                             f"{'candidate' if cfg.is_candidate else 'worker'}, {mode} mode, "
+                             f"listening on {cfg.listen_address}:{cfg.port}")
+        if not self.debug and not cfg.kernel_watchdog:
+            self.log.warning("kernel_watchdog is off: a whole-host stall is not covered "
+                             "(only the two processes watch each other)")
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="ha-http", daemon=True).start()
+        step = min(0.25, cfg.ping_interval / 8)
+        inventory_every = max(10.0, 5 * cfg.ping_interval)
+        next_round = next_inventory = time.monotonic()
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_round:
+                next_round = max(next_round + cfg.ping_interval, now)
+                with self.lock:
+                    arming = self.core.arming
+                self.heartbeat(arming)
+                self.check_watchdog()
+                self.ping_round(now)
+            if now >= next_inventory:
+                next_inventory = now + inventory_every
+                self.refresh_inventory()
+            self.tick()
+            self.stopping.wait(max(0.0, min(step, next_round - time.monotonic())))
+        return self.shutdown()
+
+    def shutdown(self):
+        """Orderly exit: stand the watchdog down (SIGTERM), remove pid files."""
+        self.log.log(NOTICE, "stopping: standing the watchdog down")
+        if self.wd_pid is not None and self.watchdog_alive():
+            try:
+                os.kill(self.wd_pid, signal.SIGTERM)
+            except OSError:
+                pass
+            deadline = time.monotonic() + 5
+            while self.watchdog_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.server.shutdown()
+        self.server.server_close()
+        self.pool.shutdown(wait=False)
+        remove_file(self.paths.pid, only_if_pid=os.getpid())
+        self.log.log(NOTICE, "hoster_ha stopped")
+        return 0
+
+
+# =============================================================================
+# 6. CLI
+# =============================================================================
+
+def die(msg, status):
+    print(f"hoster_ha: {msg}", file=sys.stderr)
+    return status
+
+
+def local_request(cfg, name, timeout=3.0):
+    """GET one of our own agent's endpoints.  (status, answer) or (None, error)."""
+    address = cfg.address
+    if cfg.listen_address in ("127.0.0.1", "::1"):
+        address = cfg.listen_address
+    return Client(cfg).request({"address": address, "port": cfg.port,
+                                "protocol": cfg.protocol}, "GET", name, timeout=timeout)
+
+
+def cmd_start(cfg, args):
+    paths = Paths(cfg)
+    pid = read_pid(paths.pid)
+    if pid is not None:
+        return die(f"already running as PID {pid} ({paths.pid}); "
+                   "use 'hoster_ha.py stop' first", 1)
+    if args.foreground:
+        return run_agent(cfg, stderr=sys.stderr.isatty())
+    child = os.fork()
+    if child == 0:  # first child: new session, fork again, run detached
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        fd = os.open(os.devnull, os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(fd, n)
+        os._exit(run_agent(cfg, stderr=False))
+    os.waitpid(child, 0)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if read_pid(paths.pid) and read_pid(paths.wd_pid):
+            status, _ = local_request(cfg, "status", timeout=1.0)
+            if status == 200:
+                return cmd_status(cfg, args)
+        time.sleep(0.1)
+    cmd_status(cfg, args)
+    return die(f"the agent did not come up within 15 s; see syslog"
+               f"{' and ' + cfg.log_file if cfg.log_file else ''}", 1)
+
+
+def run_agent(cfg, stderr):
+    log = setup_logging(cfg, "hoster_ha", stderr=stderr)
+    try:
+        agent = Agent(cfg, log)
+    except (OSError, RuntimeError) as e:
+        log.error(f"cannot start: {e}")
+        print(f"hoster_ha: cannot start: {e}", file=sys.stderr)
+        return 1
+    return agent.run()
+
+
+def cmd_stop(cfg, args):
+    paths = Paths(cfg)
+    pid = read_pid(paths.pid)
+    if pid is None:
+        wd = read_pid(paths.wd_pid)
+        if wd is not None:  # a watchdog left alone: stand it down
+            os.kill(wd, signal.SIGTERM)
+        print("hoster_ha is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            print(f"hoster_ha stopped (was PID {pid})")
+            return 0
+        time.sleep(0.1)
+    return die(f"PID {pid} did not exit within 20 s after SIGTERM", 1)
+
+
+def status_data(cfg):
+    paths = Paths(cfg)
+    api_pid, wd_pid = read_pid(paths.pid), read_pid(paths.wd_pid)
+    try:
+        with open(paths.mode) as f:
+            mode = f.read().strip() or None
+    except OSError:
+        mode = None
+    st = {"hostname": cfg.hostname, "role": "candidate" if cfg.is_candidate else "worker",
+          "manager": None, "term": 0, "reachable_candidates": [], "armed": False,
+          "maintenance": os.path.exists(paths.maintenance), "mode": mode,
+          "api_pid": api_pid, "watchdog_pid": wd_pid}
+    error = None
+    if api_pid is not None:
+        status, answer = local_request(cfg, "status")
+        if status == 200 and isinstance(answer, dict):
+            st.update(answer)
+            st["api_pid"], st["watchdog_pid"] = api_pid, wd_pid
+        else:
+            error = answer.get("error") if isinstance(answer, dict) else answer
+    return st, error
+
+
+def cmd_status(cfg, args):
+    st, error = status_data(cfg)
+    if getattr(args, "json", False):
+        if error:
+            st["error"] = str(error)
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0 if st["api_pid"] else 1
+    lines = [f"🟢 API Server is running as PID {st['api_pid']}" if st["api_pid"]
+             else "🔴 API Server IS NOT running",
+             f"🟢 HA Watchdog service is running as PID {st['watchdog_pid']}"
+             if st["watchdog_pid"] else "🔴 HA Watchdog service IS NOT running"]
+    if st["api_pid"]:
+        lines.append("")
+        lines.append("🤖 HA is running in DEBUG mode" if st["mode"] == "DEBUG"
+                     else "🚀 HA is running in PRODUCTION mode")
+        lines.append("🔶 BE CAREFUL! This system is running as a part of the HA. "
+                     "Changes applied here, may affect other cluster members.")
+        lines.append("")
+        if error:
+            lines.append(f"Cluster state: unavailable ({error})")
+        else:
+            reach = st["reachable_candidates"]
+            lines += [f"Hostname: {st['hostname']}",
+                      f"Role: {st['role']}",
+                      f"Manager: {st['manager'] or 'none'}"
+                      + (f" (term {st['term']})" if st["manager"] else ""),
+                      f"Reachable candidates: {len(reach)} of 3"
+                      + (f" ({', '.join(reach)})" if reach else ""),
+                      f"Armed: {'yes' if st['armed'] else 'no'}",
+                      f"Maintenance: {'on' if st['maintenance'] else 'off'}"]
+    print("\n".join(lines))
+    return 0 if st["api_pid"] else 1
+
+
+def cmd_members(cfg, args):
+    sources = [cfg.hostname] if cfg.is_candidate else cfg.candidate_names
+    client, error = Client(cfg), None
+    for name in sources:
+        status, answer = client.request(cfg.candidate(name), "GET", "members", timeout=3.0)
+        if status == 200 and isinstance(answer, dict):
+            break
+        error = f"{name}: {answer.get('error') if isinstance(answer, dict) else answer}"
+    else:
+        return die(f"no candidate answered 'members' ({error})", 1)
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return 0
+    rows = [("HOSTNAME", "ADDRESS", "PORT", "SILENCE", "ARMED", "MAINT", "LEFT", "BACKUP")]
+    for m in answer["members"]:
+        rows.append((m["hostname"], m["address"], str(m["port"]), f"{m['silence']:.1f}s",
+                     "yes" if m["armed"] else "no", "yes" if m["maintenance"] else "no",
+                     "yes" if m["left"] else "no", "yes" if m["backup_node"] else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"membership as seen by candidate {answer['hostname']}:")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_events(cfg, args):
+    events = EventLog.read(Paths(cfg).events)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    for ev in events:
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.get("ts", 0)))
+        rest = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("ts", "node", "event"))
+        print(f"{ts} {ev.get('node', '?')} {ev.get('event', '?')} {rest}".rstrip())
+    return 0
+
+
+def cmd_check_config(cfg, args):
+    role = "candidate" if cfg.is_candidate else "worker"
+    print(f"{cfg.path}: OK ({cfg.hostname} is a {role}; candidates "
+          f"{', '.join(cfg.candidate_names)}; failover_time {cfg.failover_time:g} s)")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="hoster_ha.py",
+        description="High availability for FreeBSD bhyve hosts managed by Hoster.",
+        epilog="Config: --config, else $HOSTER_HA_CONFIG, else "
+               + ", else ".join(DEFAULT_CONFIG_PATHS) + ".  Exit status: 0 success, "
+               "1 runtime failure, 2 usage or configuration error.")
+    p.add_argument("--version", action="version", version=f"hoster_ha {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name, helptext, json_flag=False):
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        sp.add_argument("--config", metavar="PATH", help="ha_config.json to use")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    sp = add("start", "start the agent (and its watchdog)")
+    sp.add_argument("--ha-debug", action="store_true",
+                    help="log every HA action as '(DEBUG) would ...' instead of doing it; "
+                         "a fence exits with status 1")
+    sp.add_argument("--foreground", action="store_true",
+                    help="do not detach (for daemon(8) and rc.d)")
+    add("stop", "stop the agent and stand its watchdog down")
+    add("status", "show whether the agent and watchdog run, and the node's cluster state",
+        json_flag=True)
+    add("members", "show the membership table of a candidate", json_flag=True)
+    add("events", "print state_dir/events.jsonl", json_flag=True)
+    add("check-config", "validate the config file and exit")
+    sub.add_parser("gen-secret", help="print a new random cluster secret",
+                   description="print a new random cluster secret")
+    return p
+
+
+COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+            "members": cmd_members, "events": cmd_events, "check-config": cmd_check_config}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "gen-secret":
+        print(secrets.token_hex(32))
+        return 0
+    path = find_config_path(args.config)
+    try:
+        cfg = load_config(path, debug=getattr(args, "ha_debug", False))
+    except ConfigError as e:
+        return die(str(e), 2)
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""A hoster_ha cluster on loopback, for the demo and the process tests.
+
+Each node is a folder with its config, run/state dirs, a log file and fake host
+commands (tools/fake_host_cmd.py) named in `commands`, so no real zfs, bhyvectl,
+hoster, shutdown or reboot is ever run.  Candidates listen on 127.0.0.1-127.0.0.3,
+workers on 127.0.0.4 and up, all on one port.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT = os.path.join(ROOT, "hoster_ha.py")
+FAKE = os.path.join(ROOT, "tools", "fake_host_cmd.py")
+FAKE_COMMANDS = ("zfs", "hoster", "bhyvectl", "shutdown", "reboot", "sysctl")
+
+# Short timings that keep the SPEC §2 rule:
+# failover_time >= survival_window + watchdog_timeout + fence_timeout + 2*ping_interval + 5
+FAST = {"ping_interval": 0.5, "ping_timeout": 0.4, "survival_window": 2.5, "vote_lease": 1.5,
+        "watchdog_timeout": 2, "fence_timeout": 2, "failover_time": 13}
+
+
+def free_port(addresses):
+    """A TCP port free on every address (checked by binding)."""
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        ok = True
+        for a in addresses:
+            t = socket.socket()
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                t.bind((a, port))
+            except OSError:
+                ok = False
+            finally:
+                t.close()
+        if ok:
+            return port
+    raise RuntimeError("no free port")
+
+
+class Node:
+    def __init__(self, cluster, name, address, candidate):
+        self.cluster, self.name, self.address, self.candidate = cluster, name, address, candidate
+        self.dir = os.path.join(cluster.base, name)
+        self.config = os.path.join(self.dir, "ha_config.json")
+        self.log_file = os.path.join(self.dir, "hoster_ha.log")
+        self.run_dir = os.path.join(self.dir, "run")
+        self.state_dir = os.path.join(self.dir, "state")
+        self.proc = None
+
+    def cli(self, *args, timeout=30):
+        """Run `hoster_ha.py ARGS --config ...`; returns CompletedProcess (text)."""
+        return subprocess.run([sys.executable, AGENT, *args, "--config", self.config],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self):
+        r = self.cli("status", "--json", timeout=10)
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return {}
+
+    def start(self, foreground=True):
+        """Start the agent.  Foreground: a child process we can wait() on."""
+        args = [sys.executable, AGENT, "start", "--config", self.config, "--foreground"]
+        if self.cluster.debug:
+            args.append("--ha-debug")
+        if foreground:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            return self.proc
+        args.remove("--foreground")
+        return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+    def pid(self, which="hoster_ha"):
+        try:
+            with open(os.path.join(self.run_dir, f"{which}.pid")) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def signal(self, sig, which="hoster_ha"):
+        pid = self.pid(which)
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def log(self):
+        try:
+            with open(self.log_file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def calls(self):
+        try:
+            with open(os.path.join(self.dir, "calls.log")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def add_vm(self, name, parent=None, production=True, snapshots=(), running=False):
+        d = os.path.join(self.dir, "vms", name)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "vm_config.json"), "w") as f:
+            json.dump({"parent_host": parent or self.name, "production": production,
+                       "memory": "1G"}, f)
+        path = os.path.join(self.dir, "snapshots.json")
+        snaps = json.load(open(path)) if os.path.exists(path) else {}
+        snaps[name] = [list(s) for s in snapshots]
+        with open(path, "w") as f:
+            json.dump(snaps, f)
+        if running:
+            open(os.path.join(self.dir, "vmm", name), "w").close()
+
+
+class LocalCluster:
+    def __init__(self, base, workers=0, timings=None, debug=True, secret="0123456789abcdef" * 2):
+        self.base, self.debug, self.secret = base, debug, secret
+        self.timings = dict(FAST if timings is None else timings)
+        names = [(f"node{i}", f"127.0.0.{i}", True) for i in (1, 2, 3)]
+        names += [(f"worker{i}", f"127.0.0.{3 + i}", False) for i in range(1, workers + 1)]
+        self.port = free_port([a for _, a, _ in names])
+        self.nodes = {n: Node(self, n, a, c) for n, a, c in names}
+        for node in self.nodes.values():
+            self._write(node)
+
+    def __getitem__(self, name):
+        return self.nodes[name]
+
+    def _write(self, node):
+        for d in ("bin", "vms", "vmm", "run", "state"):
+            os.makedirs(os.path.join(node.dir, d), exist_ok=True)
+        commands = {}
+        for c in FAKE_COMMANDS:
+            link = os.path.join(node.dir, "bin", c)
+            if not os.path.exists(link):
+                os.symlink(FAKE, link)
+        b = os.path.join(node.dir, "bin")
+        commands = {"zfs": [f"{b}/zfs"], "vm_start": [f"{b}/hoster", "vm", "start", "{vm}"],
+                    "vm_cireset": [f"{b}/hoster", "vm", "cireset", "{vm}"],
+                    "vm_destroy": [f"{b}/bhyvectl", "--destroy", "--vm={vm}"],
+                    "reboot": [f"{b}/shutdown", "-r", "now"], "reboot_now": [f"{b}/reboot", "-nq"],
+                    "free_memory": [f"{b}/sysctl", "-n", "vm.stats.vm.v_free_count",
+                                    "hw.pagesize"]}
+        cfg = {"hostname": node.name, "secret": self.secret,
+               "candidates": [{"hostname": n.name, "protocol": "http", "address": n.address,
+                               "port": self.port} for n in self.nodes.values() if n.candidate],
+               "listen_address": node.address, "vm_datasets": ["zroot/vm-encrypted"],
+               "vmm_dir": os.path.join(node.dir, "vmm"), "commands": commands,
+               "run_dir": node.run_dir, "state_dir": node.state_dir, "log_file": node.log_file}
+        if not node.candidate:
+            cfg.update(address=node.address, port=self.port)
+        cfg.update(self.timings)
+        with open(node.config, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+    def start_all(self, names=None):
+        for n in names or self.nodes:
+            self.nodes[n].start()
+
+    def wait_for(self, cond, timeout, interval=0.1):
+        """Poll cond() until it returns a true value or timeout (s) passes; returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            v = cond()
+            if v or time.monotonic() >= deadline:
+                return v
+            time.sleep(interval)
+
+    def managers(self):
+        """{node: manager reported by its status --json} for running nodes."""
+        return {n: s.get("manager") for n in self.nodes
+                if (s := self.nodes[n].status()).get("api_pid")}
+
+    def stop_all(self):
+        """Stop everything this cluster started: agents (SIGTERM, then SIGKILL) and watchdogs."""
+        for node in self.nodes.values():
+            node.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for node in self.nodes.values():
+            if node.proc is not None:
+                try:
+                    node.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+                    node.proc.wait(5)
+            for which in ("hoster_ha", "ha_watchdog"):
+                node.signal(signal.SIGKILL if which == "hoster_ha" else signal.SIGTERM, which)
