@@ -430,6 +430,17 @@ PING_FIELDS = {"hostname": (str,), "startup_time": _INT, "armed": (bool,),
                "maintenance": (bool,), "manager": (bool,), "term": _INT}
 PING_ANSWER_FIELDS = {"vote": _OPT_STR, "vote_startup_time": _OPT_INT, "vote_term": _INT,
                       "vote_lease_ms": _INT, "manager": _OPT_STR, "term": _INT}
+MEMBER_VIEW_FIELDS = {"hostname": (str,), "startup_time": _INT, "silence": (int, float),
+                      "armed": (bool,), "maintenance": (bool,), "left": (bool,),
+                      "backup_node": (bool,), "failover_time": (int, float), "address": (str,),
+                      "port": _INT, "protocol": (str,)}
+PLAN_FIELDS = {"vm": (str,), "from": (str,), "to": (str,), "term": _INT, "uid": (str,),
+               "state": (str,), "seq": _INT}
+PLAN_BODY_FIELDS = {"term": _INT, "entries": (list,)}
+FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": (str,)}
+INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
+START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
+MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 
 
 def check_fields(body, schema):
@@ -447,6 +458,86 @@ def check_fields(body, schema):
     return None
 
 
+def _snapshot(s):
+    if isinstance(s, dict) and isinstance(s.get("creation"), int) and \
+            not isinstance(s.get("creation"), bool):
+        return {"name": str(s.get("name", "")), "creation": s["creation"],
+                "guid": str(s.get("guid", ""))}
+    return None
+
+
+def clean_inventory(answer):
+    """A GET vms answer reduced to well-typed fields, or None if it is not one."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("host"), dict) or \
+            not isinstance(answer.get("vms"), list):
+        return None
+    h = answer["host"]
+    free, running = h.get("free_memory"), h.get("running_vms")
+    host = {"hostname": h.get("hostname"),
+            "free_memory": free if isinstance(free, int) and not isinstance(free, bool) else None,
+            "running_vms": running if isinstance(running, int) else 0}
+    vms = [{"vm_name": v["vm_name"], "production": v.get("production") is True,
+            "live": v.get("live") is True, "state": v.get("state"),
+            "parent_host": v.get("parent_host") if isinstance(v.get("parent_host"), str) else None,
+            "latest_snapshot": _snapshot(v.get("latest_snapshot"))}
+           for v in answer["vms"] if isinstance(v, dict) and valid_vm_name(v.get("vm_name"))]
+    return {"host": host, "vms": vms}
+
+
+# -- failover placement (§3.4 step 2-3): a pure function ---------------------------
+
+def plan_failover(sources, inventories, eligible, busy=()):
+    """Decide which VMs to restart where.
+
+    sources:     {host: set of VM names from its fence record} for every failed member
+                 (and every rejoined member that sent a fence record);
+    inventories: {host: GET vms answer} of every member that is neither failed nor left;
+    eligible:    {host: True if it may receive VMs} (armed, not backup, maintenance, left);
+    busy:        VM names already being handled (a plan in flight).
+    Returns (moves, unplaced): moves = [(vm, from_host, [targets, best first])],
+    unplaced = [(vm, from_host, reason)], both sorted by VM name.
+    """
+    live, copies, production = set(), {}, set()
+    for host, inv in inventories.items():
+        for v in inv.get("vms", []):
+            name = v["vm_name"]
+            if v.get("live") or v.get("state") == "starting":
+                live.add(name)
+            copies.setdefault(name, []).append((host, v))
+            if v.get("production"):
+                production.add(name)
+    wanted = {}
+    for src, fenced in sources.items():
+        for name, cs in copies.items():
+            if name in production and any(v.get("parent_host") == src for _, v in cs):
+                wanted.setdefault(name, src)
+        for name in fenced:
+            wanted.setdefault(name, src)
+    moves, unplaced = [], []
+    for name in sorted(wanted):
+        src = wanted[name]
+        if name in live or name in busy:
+            continue
+        targets = []
+        for host, v in copies.get(name, []):
+            snap = v.get("latest_snapshot")
+            if not eligible.get(host) or not snap:
+                continue
+            h = inventories[host].get("host", {})
+            free = h.get("free_memory")
+            targets.append((-snap["creation"], -(free if free is not None else -1),
+                            h.get("running_vms", 0), host))
+        if targets:
+            moves.append((name, src, [t[3] for t in sorted(targets)]))
+        else:
+            holders = sorted(h for h, _ in copies.get(name, []))
+            unplaced.append((name, src, "no eligible member holds a snapshot of it"
+                             + (f" (copies on {', '.join(holders)}: backup, unarmed, in "
+                                "maintenance or without snapshot)" if holders else
+                                " (no copy on any reachable member)")))
+    return moves, unplaced
+
+
 class Core:
     """The cluster state of one node and every decision it makes (SPEC §3.1-§3.3).
 
@@ -455,7 +546,8 @@ class Core:
     is the last vote term read back from state_dir/term.
     """
 
-    def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False):
+    def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
+                 fenced_vms=()):
         self.cfg = cfg
         self.hostname = cfg.hostname
         self.candidates = cfg.candidate_names
@@ -481,6 +573,26 @@ class Core:
         self.persisted_term = persisted_term
         self.max_term_seen = persisted_term
         self.announced = {}        # candidate -> (term, received_at) of "I am manager"
+        self.plans = {}            # uid -> failover plan entry (replicated by the manager)
+        # rejoin (§3.6): our fence record, and VMs the cluster moved away while we were gone
+        self.fenced_vms = list(fenced_vms)
+        self.moved = {}            # vm -> new parent (from register answers)
+        self.demoted = {}          # vm -> new parent, applied locally
+        self.demote_asked = {}
+        # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
+        self.failovers = {}
+        # as the manager
+        self.pending = {}          # request id -> purpose
+        self.next_id = 0
+        self.views = {}            # other candidate -> (received_at, {member: view})
+        self.failed = {}           # failed member -> its startup_time
+        self.settled = set()       # (member, startup_time) whose failover is done
+        self.job = None
+        self.job_seq = 0
+        self.uid_seq = 0
+        self.plan_targets = {}     # uid -> next best targets (one retry)
+        self.next_manager_round = now
+        self.said = set()
 
     # -- actions -------------------------------------------------------------
 
@@ -506,7 +618,7 @@ class Core:
                         f"member {h} registered (startup_time {body['startup_time']}"
                         f"{', new incarnation' if old else ''})",
                         member=h, startup_time=body["startup_time"])
-        return 200, {"ok": True, "hostname": self.hostname, "moved_vms": []}
+        return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.moved_vms(h)}
 
     def handle_ping(self, body, now):
         """POST ping: (status, answer).  Renews our vote if it is for the sender."""
@@ -537,6 +649,12 @@ class Core:
                 "vote_lease_ms": int(round(self.cfg.vote_lease * 1000)),
                 "manager": manager, "term": term}
 
+    def members_answer(self, now):
+        """GET members: our table, and the failover plans we hold (for a new manager)."""
+        plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0)))
+        return {"hostname": self.hostname, "members": self.members_view(now),
+                "plans": [{k: e[k] for k in PLAN_FIELDS} for e in plans[-MAX_PLANS:]]}
+
     def members_view(self, now):
         return [{"hostname": m.hostname, "startup_time": m.startup_time,
                  "silence": round(now - max(m.last_ping, self.start), 3),
@@ -552,7 +670,7 @@ class Core:
         return {"hostname": self.hostname, "address": c.address, "port": c.port,
                 "protocol": c.protocol, "startup_time": self.startup_time,
                 "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
-                "failover_time": c.failover_time, "fenced_vms": []}
+                "failover_time": c.failover_time, "fenced_vms": self.fenced_vms}
 
     def ping_body(self, now):
         manager = self.is_manager(now)
@@ -569,6 +687,15 @@ class Core:
     def on_register_result(self, cand, status, answer, now):
         if status == 200 and isinstance(answer, dict) and answer.get("ok") is True:
             self.registered[cand] = True
+            moved = answer.get("moved_vms")
+            for m in moved if isinstance(moved, list) else []:
+                if isinstance(m, dict) and valid_vm_name(m.get("vm_name")) and \
+                        valid_hostname(m.get("new_parent")) and m["new_parent"] != self.hostname:
+                    self.moved[m["vm_name"]] = m["new_parent"]
+
+    def demote_done(self, vms):
+        """The agent has demoted these local copies ({vm: new parent}) to backups."""
+        self.demoted.update(vms)
 
     def on_ping_result(self, cand, sent_at, status, answer, now):
         """Record one ping outcome.  Late (> ping_timeout) or malformed answers are failures."""
@@ -679,6 +806,11 @@ class Core:
             self._event("manager_lost", "NOTICE",
                         "this node is no longer the manager (lost its majority of votes)")
         self.was_manager = manager
+        if not manager:
+            self.job = None
+        elif now >= self.next_manager_round:
+            self.next_manager_round = now + self.cfg.ping_interval
+            self._manager_round(now)
 
         reach = self.reachable(now)
         quorum = len(reach) >= 2
@@ -694,9 +826,13 @@ class Core:
                             reachable=reach)
             self.had_quorum = quorum
 
+        todo = {vm: p for vm, p in self.moved.items() if self.demoted.get(vm) != p}
+        if todo and todo != self.demote_asked:
+            self.demote_asked = dict(todo)
+            self.out.append({"kind": "demote", "vms": todo})
         if self.maintenance:
             self.arming = self.armed = False
-        elif quorum and self.manager_view(now)[0] is not None:
+        elif quorum and self.manager_view(now)[0] is not None and not todo:
             self.arming = True
         if self.arming and watchdog_armed and not self.armed:
             self.armed = True
@@ -707,6 +843,378 @@ class Core:
             self.fenced = True
             self._event("self_fence", "EMERG", EMERG_BELOW_2, reachable=reach)
             self.out.append({"kind": "fence", "reason": EMERG_BELOW_2})
+
+    # -- failover (§3.4): the manager's requests and what it does with the answers --------
+    #
+    # The manager sends requests as {"kind": "send", "id", "to", "peer", "method",
+    # "name", "body", "timeout"} actions; the caller delivers each answer (or its failure,
+    # status None) to on_response(id, ...).  Plans are replicated to the other candidates
+    # before any start, and every command carries the manager's term.
+
+    def _send(self, to, peer, method, name, body, timeout, purpose):
+        self.next_id += 1
+        self.pending[self.next_id] = purpose
+        self.out.append({"kind": "send", "id": self.next_id, "to": to, "peer": peer,
+                         "method": method, "name": name, "body": body, "timeout": timeout})
+
+    def _once(self, key, level, msg, event=None, **details):
+        """Log (and record) something only once per key: a state, not a repeat."""
+        if key in self.said:
+            return
+        self.said.add(key)
+        self._event(event or "note", level, msg, **details)
+
+    def on_response(self, rid, status, answer, now):
+        purpose = self.pending.pop(rid, None)
+        if purpose is not None:
+            getattr(self, "_on_" + purpose[0])(purpose, status, answer, now)
+
+    def _manager_round(self, now):
+        t = self.cfg
+        for c in self.candidates:
+            if c != self.hostname and ("members", c) not in self.pending.values():
+                self._send(c, t.candidate(c), "GET", "members", None, t.ping_timeout,
+                           ("members", c))
+        self._detect_failures(now)
+        self._check_inherited_plans(now)
+        wait = t.watchdog_timeout + t.fence_timeout + 2 * t.ping_interval
+        if self.job is None and now - self.manager_since >= wait:
+            sources = self._sources()
+            if sources:
+                self._start_job(now, sources)
+
+    def _on_members(self, purpose, status, answer, now):
+        if status != 200 or not isinstance(answer, dict) or \
+                not isinstance(answer.get("members"), list):
+            return
+        view = {m["hostname"]: m for m in answer["members"]
+                if check_fields(m, MEMBER_VIEW_FIELDS) is None}
+        self.views[purpose[1]] = (now, view)
+        for e in answer.get("plans", []):
+            if check_fields(e, PLAN_FIELDS) is None:
+                self._store_plan(e)
+
+    def _fresh_views(self, now):
+        own = {m["hostname"]: m for m in self.members_view(now)}
+        limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
+        return [own] + [v for at, v in self.views.values() if now - at <= limit]
+
+    def _detect_failures(self, now):
+        views = self._fresh_views(now)
+        failed = {}
+        for h in sorted(set().union(*views)):
+            reports = [v[h] for v in views if h in v]
+            silent = [r for r in reports if r["silence"] >= r["failover_time"]]
+            if len(silent) < 2:
+                continue
+            st = max(r["startup_time"] for r in silent)
+            why = ("it left" if any(r["left"] for r in reports) else
+                   "it is in maintenance" if any(r["maintenance"] for r in reports) else
+                   "it was not armed" if any(not r["armed"] for r in reports) else None)
+            if why:
+                self._once(("not_failed", h, st), "NOTICE",
+                           f"member {h} is silent for {silent[0]['silence']:.0f} s, but {why}: "
+                           "its VMs are not failed over", member=h)
+                continue
+            failed[h] = st
+            if self.failed.get(h) != st:
+                self._event("member_failed", "NOTICE",
+                            f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
+                            f"on {len(silent)} candidates", member=h, startup_time=st)
+        self.failed = failed
+
+    def _sources(self):
+        """{host: fenced VM names} whose VMs may need a new home, not yet settled."""
+        sources = {}
+        for h, st in self.failed.items():
+            if (h, st) not in self.settled:
+                m = self.members.get(h)
+                sources[h] = set(m.fenced_vms or []) if m and m.startup_time == st else set()
+        for m in self.members.values():
+            if m.fenced_vms and m.hostname not in self.failed and \
+                    (m.hostname, m.startup_time) not in self.settled:
+                sources[m.hostname] = set(m.fenced_vms)
+        return sources
+
+    def _episode(self, h):
+        if h in self.failed:
+            return (h, self.failed[h])
+        m = self.members.get(h)
+        return (h, m.startup_time if m else None)
+
+    def _start_job(self, now, sources):
+        hosts = {}
+        for view in self._fresh_views(now):
+            for h, r in view.items():
+                if h not in self.failed:
+                    if r["left"]:
+                        hosts[h] = None
+                    hosts.setdefault(h, r)
+        hosts = {h: r for h, r in hosts.items() if r is not None}
+        self.job_seq += 1
+        self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
+                    "waiting": set(hosts), "queue": [], "inflight": set(), "acked": False}
+        for h, r in sorted(hosts.items()):
+            self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h))
+
+    def _on_vms(self, purpose, status, answer, now):
+        job = self.job
+        if job is None or job["id"] != purpose[1]:
+            return
+        h = purpose[2]
+        inv = clean_inventory(answer) if status == 200 else None
+        if inv is None:
+            err = answer.get("error") if isinstance(answer, dict) else answer
+            self._event("note", "WARNING", f"failover of {', '.join(sorted(job['sources']))} "
+                        f"waits: no VM inventory from {h} ({status or err}); retrying next round")
+            self.job = None
+            return
+        job["inv"][h] = inv
+        job["waiting"].discard(h)
+        if not job["waiting"]:
+            self._plan(now)
+
+    def _plan(self, now):
+        job = self.job
+        busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
+        eligible = {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
+                    for h, r in job["members"].items()}
+        moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy)
+        for vm, src, reason in unplaced:
+            self._once(("unplaced", vm, self._episode(src)), "ERROR",
+                       f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
+                       vm_name=vm, from_host=src, reason=reason)
+        term = self.manager_term(now)
+        for vm, src, targets in moves:
+            if self.cfg.debug:
+                self._event("failover_planned", "NOTICE",
+                            f"(DEBUG) would move VM: {vm} FROM offline parent: {src} TO: "
+                            f"{targets[0]} (newest snapshot; next best: "
+                            f"{', '.join(targets[1:]) or 'none'})",
+                            vm_name=vm, from_host=src, to_host=targets[0], term=term, debug=True)
+            else:
+                job["queue"].append(self._new_plan(vm, src, targets, term, now))
+        if self.cfg.debug or not job["queue"]:
+            return self._finish_job()
+        self._replicate([self.plans[u] for u in job["queue"]], ("plan_ack", job["id"], 1))
+
+    def _new_plan(self, vm, src, targets, term, now):
+        self.uid_seq += 1
+        uid = f"{self.hostname}-{self.startup_time}-{term}-{self.uid_seq}"
+        e = {"vm": vm, "from": src, "to": targets[0], "term": term, "uid": uid,
+             "state": "planned", "seq": self.uid_seq}
+        self.plans[uid] = e
+        self.plan_targets[uid] = targets[1:]
+        self._event("failover_planned", "NOTICE",
+                    f"plan: VM {vm} of {src} -> {targets[0]} (uid {uid}, term {term})",
+                    vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term)
+        return uid
+
+    def _replicate(self, entries, purpose):
+        body = {"term": max(e["term"] for e in entries),
+                "entries": [{k: e[k] for k in PLAN_FIELDS} for e in entries]}
+        others = [c for c in self.candidates if c != self.hostname]
+        if purpose is not None:
+            self.job["batch"] = purpose[2]
+            self.job["plan_wait"] = len(others)
+        for c in others:
+            self._send(c, self.cfg.candidate(c), "POST", "plan", body,
+                       max(1.0, 2 * self.cfg.ping_timeout), purpose or ("plan_update",))
+
+    def _on_plan_update(self, purpose, status, answer, now):
+        pass  # best effort: a candidate that missed it asks the target later
+
+    def _on_plan_ack(self, purpose, status, answer, now):
+        job = self.job
+        if job is None or job["id"] != purpose[1] or job["batch"] != purpose[2] or job["acked"]:
+            return
+        job["plan_wait"] -= 1
+        if status == 200:
+            job["acked"] = True
+            return self._pump(now)
+        if job["plan_wait"] == 0:
+            self._event("note", "WARNING", "no other candidate acknowledged the failover plan; "
+                        "nothing is started, retrying next round")
+            for uid in job["queue"]:
+                self.plans[uid]["state"] = "abandoned"
+            self.job = None
+
+    def _pump(self, now):
+        job = self.job
+        while job["queue"] and len(job["inflight"]) < self.cfg.max_parallel_starts:
+            if not self.is_manager(now):
+                self.job = None
+                return
+            uid = job["queue"].pop(0)
+            e = self.plans[uid]
+            peer = job["members"][e["to"]]
+            self._event("note", "NOTICE",
+                        f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
+            job["inflight"].add(uid)
+            self._send(e["to"], peer, "POST", "failover",
+                       {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
+                        "uid": uid}, START_TIMEOUT + 10, ("failover", job["id"], uid))
+        if not job["queue"] and not job["inflight"]:
+            self._finish_job()
+
+    def _on_failover(self, purpose, status, answer, now):
+        uid = purpose[2]
+        e = self.plans[uid]
+        ok = status == 200 and isinstance(answer, dict) and answer.get("ok") is True
+        if ok:
+            e["state"] = "done"
+            self._event("note", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+                        f"(moved from {e['from']}, uid {uid})")
+        else:
+            e["state"] = "failed"
+            err = answer.get("error") if isinstance(answer, dict) else answer
+            targets = self.plan_targets.pop(uid, [])
+            job = self.job
+            if targets and job is not None and job["id"] == purpose[1] and self.is_manager(now):
+                self._event("note", "WARNING", f"start of VM {e['vm']} on {e['to']} failed "
+                            f"({status or ''} {err}); trying the next best target {targets[0]}")
+                nu = self._new_plan(e["vm"], e["from"], targets[:1], self.manager_term(now), now)
+                job["queue"].append(nu)
+                job["acked"] = False
+                self._replicate([self.plans[nu]], ("plan_ack", job["id"], job["batch"] + 1))
+            else:
+                self._event("vm_start_failed", "ERROR",
+                            f"failover of VM {e['vm']} from {e['from']} failed on {e['to']}: "
+                            f"{status or ''} {err}", vm_name=e["vm"], from_host=e["from"],
+                            to_host=e["to"], uid=uid, reason=str(err))
+        self._replicate([e], None)
+        job = self.job
+        if job is not None and job["id"] == purpose[1]:
+            job["inflight"].discard(uid)
+            if job["acked"]:
+                self._pump(now)
+
+    def _finish_job(self):
+        job, self.job = self.job, None
+        planned = {e["from"] for e in self.plans.values() if e["state"] == "planned"}
+        for h in job["sources"]:
+            if h not in planned:
+                self.settled.add(self._episode(h))
+
+    def _check_inherited_plans(self, now):
+        """Ask the target about every plan still 'planned' that no job of ours drives."""
+        mine = set(self.job["queue"]) | set(self.job["inflight"]) if self.job else set()
+        for uid, e in sorted(self.plans.items()):
+            if e["state"] != "planned" or uid in mine or ("check", uid) in self.pending.values():
+                continue
+            if e["to"] in self.failed:
+                e["state"] = "abandoned"
+                continue
+            peer = None
+            for view in self._fresh_views(now):
+                peer = peer or view.get(e["to"])
+            if peer is None:
+                continue
+            self._send(e["to"], peer, "POST", "failover",
+                       {"vm_name": e["vm"], "from_host": e["from"], "uid": uid, "check": True,
+                        "term": max(e["term"], self.manager_term(now))},
+                       max(1.0, 2 * self.cfg.ping_timeout), ("check", uid))
+
+    def _on_check(self, purpose, status, answer, now):
+        e = self.plans.get(purpose[1])
+        if e is None or e["state"] != "planned" or status != 200 or not isinstance(answer, dict):
+            return
+        if answer.get("known") is False:
+            e["state"] = "abandoned"
+        elif answer.get("state") in ("live", "starting"):
+            e["state"] = "done"
+        elif answer.get("state") == "failed":
+            e["state"] = "failed"
+        else:
+            return
+        self._event("note", "NOTICE", f"inherited plan {e['uid']} (VM {e['vm']} -> {e['to']}): "
+                    f"{e['state']}")
+        self._replicate([e], None)
+
+    # -- plans held by candidates, and moved VMs for rejoining members (§3.6) ----------
+
+    def _store_plan(self, entry):
+        old = self.plans.get(entry["uid"])
+        rank = {"planned": 0, "abandoned": 1, "failed": 1, "done": 2}
+        if old is None or rank.get(entry["state"], 0) > rank.get(old["state"], 0):
+            self.plans[entry["uid"]] = {k: entry.get(k, 0) for k in PLAN_FIELDS}
+        if len(self.plans) > MAX_PLANS:
+            done = sorted((e["term"], e["seq"], u) for u, e in self.plans.items()
+                          if e["state"] != "planned")
+            for _, _, u in done[:len(self.plans) - MAX_PLANS]:
+                del self.plans[u]
+
+    def handle_plan(self, body, now):
+        if not self.is_candidate:
+            return 404, {"error": "this node is not a candidate"}
+        if body["term"] < self.max_manager_term:
+            return 409, {"error": f"stale term {body['term']} (highest seen "
+                                  f"{self.max_manager_term})"}
+        self.max_manager_term = body["term"]
+        for e in body["entries"]:
+            self._store_plan(e)
+        return 200, {"ok": True, "stored": len(body["entries"])}
+
+    def moved_vms(self, host):
+        """VMs moved away from host: the latest done plan of each VM that once left it."""
+        latest = {}
+        for e in self.plans.values():
+            if e["state"] == "done":
+                k = (e["term"], e.get("seq", 0))
+                if e["vm"] not in latest or k > latest[e["vm"]][0]:
+                    latest[e["vm"]] = (k, e)
+        left = {e["vm"] for e in self.plans.values() if e["state"] == "done" and e["from"] == host}
+        return [{"vm_name": vm, "new_parent": latest[vm][1]["to"]} for vm in sorted(left)
+                if latest[vm][1]["to"] != host]
+
+    # -- the target of a failover (§3.4, "The target applies ...") -----------------
+
+    def handle_failover(self, body, now, local):
+        """Decide on POST failover.  local: {"live": bool} for our copy of the VM, or None.
+
+        Returns (status, answer), or ("start", entry) when the caller must start the VM
+        and then call finish_failover()."""
+        term, uid = body["term"], body["uid"]
+        if term < self.max_manager_term:
+            return 409, {"error": f"stale term {term} (highest manager term seen "
+                                  f"{self.max_manager_term})"}
+        self.max_manager_term = term
+        known = self.failovers.get(uid)
+        if body.get("check"):
+            return 200, dict(known or {}, uid=uid, known=known is not None)
+        if known is not None:
+            if known["state"] == "failed":
+                return 409, {"error": known.get("error", "start failed"), "uid": uid}
+            return 200, {"ok": True, "uid": uid, "vm_name": known["vm_name"],
+                         "state": known["state"]}
+        name = body["vm_name"]
+        if self.cfg.debug:
+            return 409, {"error": "this node runs in debug mode and never starts a VM"}
+        if local is None:
+            return 409, {"error": f"no copy of VM {name} here"}
+        if local["live"] or name in self.starting():
+            return 409, {"error": f"VM {name} is already live here"}
+        entry = {"uid": uid, "vm_name": name, "from_host": body["from_host"], "term": term,
+                 "state": "starting"}
+        self.failovers[uid] = entry
+        return "start", entry
+
+    def finish_failover(self, uid, ok, error, now):
+        e = self.failovers[uid]
+        e["state"] = "live" if ok else "failed"
+        if ok:
+            self._event("vm_started", "NOTICE", f"started VM {e['vm_name']} here (failover from "
+                        f"{e['from_host']}, uid {uid})", vm_name=e["vm_name"],
+                        from_host=e["from_host"], uid=uid)
+            return 200, {"ok": True, "uid": uid, "vm_name": e["vm_name"], "state": "live"}
+        e["error"] = error
+        self._event("vm_start_failed", "ERROR", f"start of VM {e['vm_name']} failed here: "
+                    f"{error}", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
+                    reason=error)
+        return 409, {"error": error, "uid": uid}
+
+    def starting(self):
+        return {e["vm_name"] for e in self.failovers.values() if e["state"] == "starting"}
 
     def status(self, now):
         manager, term = self.manager_view(now)
@@ -861,8 +1369,17 @@ class Host:
                             "production": is_production(vm_cfg),
                             "parent_host": vm_cfg.get("parent_host"),
                             "memory": vm_cfg.get("memory"), "live": name in live,
+                            "failover_strategy": vm_cfg.get("failover_strategy"),
                             "latest_snapshot": snaps.get(parts[0])})
         return vms, errors
+
+    def free_memory(self):
+        """Free memory in bytes (product of the free_memory command's lines), or None."""
+        rc, out, _ = run_cmd(self.cfg.command("free_memory"), 10)
+        nums = out.split()
+        if rc != 0 or len(nums) != 2 or not all(n.isdigit() for n in nums):
+            return None
+        return int(nums[0]) * int(nums[1])
 
     def set_parent(self, path, parent):
         """Atomically rewrite parent_host in a vm_config.json, keeping every other key."""
@@ -1322,6 +1839,16 @@ def read_term(path):
     return int(text)
 
 
+def read_fence_record(path):
+    """Production VMs listed in state_dir/fence.json (our last fence), or []."""
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+        return [v for v in record.get("vms", []) if valid_vm_name(v)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def watchdog_script():
     return os.path.join(os.path.dirname(os.path.realpath(__file__)), "ha_watchdog.py")
 
@@ -1329,7 +1856,8 @@ def watchdog_script():
 class Agent:
     """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3)."""
 
-    ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"}}
+    ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"},
+              "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}}
     WATCHDOG_START_TIMEOUT = 10.0
 
     def __init__(self, cfg, log):
@@ -1351,13 +1879,16 @@ class Agent:
         self.wd_armed_ack = False
         self.inflight = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
-                                                          thread_name_prefix="ha-io")
+                                                          thread_name_prefix="ha-ping")
+        self.work = concurrent.futures.ThreadPoolExecutor(
+            max_workers=cfg.max_parallel_starts + 8, thread_name_prefix="ha-work")
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.run_dir, exist_ok=True)
         term = read_term(self.paths.term)
         self.startup_time = int(time.time() * 1000)
         self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
-                         maintenance=os.path.exists(self.paths.maintenance))
+                         maintenance=os.path.exists(self.paths.maintenance),
+                         fenced_vms=read_fence_record(self.paths.fence))
         ctx = server_ssl_context(cfg.tls) if cfg.tls else None
         self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx)
 
@@ -1381,9 +1912,113 @@ class Agent:
             if not self.cfg.is_candidate:
                 return 404, {"error": "this node is not a candidate"}
             with self.lock:
-                return 200, {"hostname": self.cfg.hostname,
-                             "members": self.core.members_view(now)}
+                return 200, self.core.members_answer(now)
+        if name == "plan":
+            why = check_fields(body, PLAN_BODY_FIELDS) or next(
+                (f"entries: {w}" for w in (check_fields(e, PLAN_FIELDS) for e in body["entries"])
+                 if w), None)
+            if why is not None:
+                return 400, {"error": why}
+            with self.lock:
+                return self.core.handle_plan(body, now)
+        if name == "failover":
+            why = check_fields(body, FAILOVER_FIELDS)
+            if why is None and not valid_vm_name(body["vm_name"]):
+                why = "field 'vm_name' is not a valid VM name"
+            if why is not None:
+                return 400, {"error": why}
+            return self.failover(body)
+        if name == "vms":
+            return 200, self.vms()
         return 200, self.status()
+
+    def vms(self):
+        """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live."""
+        vms, errors = self.host.inventory()
+        self.inventory_cache = vms
+        with self.lock:
+            starting = self.core.starting()
+        out = []
+        for v in vms:
+            state = ("starting" if v["vm_name"] in starting else
+                     "live" if v["live"] else "stopped")
+            out.append({"vm_name": v["vm_name"], "production": v["production"],
+                        "live": state != "stopped", "state": state,
+                        "parent_host": v["parent_host"],
+                        "current_host": self.cfg.hostname if state != "stopped" else None,
+                        "latest_snapshot": v["latest_snapshot"], "memory": v["memory"]})
+        return {"host": {"hostname": self.cfg.hostname, "free_memory": self.host.free_memory(),
+                         "running_vms": len(self.host.running_vms())},
+                "vms": out, "errors": errors}
+
+    def failover(self, body):
+        """POST failover: decide in the core, start the VM here, confirm it is live."""
+        vms, _ = self.host.inventory()
+        v = next((x for x in vms if x["vm_name"] == body["vm_name"]), None)
+        with self.lock:
+            decision = self.core.handle_failover(
+                body, time.monotonic(), None if v is None else {"live": v["live"]})
+        if decision[0] != "start":
+            return decision
+        error = self.start_vm(v)
+        with self.lock:
+            return self.core.finish_failover(body["uid"], error is None, error, time.monotonic())
+
+    def start_vm(self, v):
+        """Apply the failover strategy, start the VM, wait until it is live.  Error or None."""
+        name = v["vm_name"]
+        strategy = STRATEGIES.get(v.get("failover_strategy") or "", self.cfg.failover_strategy)
+        deadline = time.monotonic() + START_TIMEOUT
+        if strategy == "change-parent":
+            try:
+                self.host.set_parent(v["config_path"], self.cfg.hostname)
+            except (OSError, ValueError) as e:
+                return f"cannot set parent_host in {v['config_path']}: {e}"
+        else:
+            rc, _, err = run_cmd(self.cfg.command("vm_cireset", name), START_TIMEOUT)
+            if rc != 0:
+                return f"hoster vm cireset {name} exited {rc}: {last_line(err)}"
+        rc, _, err = run_cmd(self.cfg.command("vm_start", name),
+                             max(1.0, deadline - time.monotonic()))
+        if rc != 0:
+            return f"vm start {name} exited {rc}: {last_line(err)}"
+        live = os.path.join(self.cfg.vmm_dir, name)
+        while not os.path.exists(live):
+            if time.monotonic() >= deadline:
+                return f"{live} did not appear within {START_TIMEOUT} s"
+            time.sleep(0.1)
+        return None
+
+    def demote(self, vms):
+        """§3.6: local copies of VMs moved away while we were gone become backups."""
+        inventory, _ = self.host.inventory()
+        local = {v["vm_name"]: v for v in inventory}
+        say = "(DEBUG) would " if self.debug else ""
+        for name, parent in sorted(vms.items()):
+            v = local.get(name)
+            if v is None:
+                continue
+            if v["live"]:
+                self.log.log(NOTICE, f"{say}destroy VM {name}: it was moved to {parent}")
+                if not self.debug:
+                    self.host.destroy_all([name], self.cfg.fence_timeout)
+            self.log.log(NOTICE, f"{say}demote VM {name} to a backup (parent_host = {parent})")
+            if not self.debug:
+                try:
+                    self.host.set_parent(v["config_path"], parent)
+                except (OSError, ValueError) as e:
+                    self.log.error(f"cannot demote VM {name}: {e}; not arming")
+                    return
+            self.events.append("rejoin_demoted", vm_name=name, new_parent=parent,
+                               debug=self.debug)
+        with self.lock:
+            self.core.demote_done(vms)
+
+    def send(self, a):
+        status, answer = self.client.request(a["peer"], a["method"], a["name"], a["body"],
+                                             timeout=a["timeout"])
+        with self.lock:
+            self.core.on_response(a["id"], status, answer, time.monotonic())
 
     @staticmethod
     def _check_register(body):
@@ -1543,6 +2178,12 @@ class Agent:
                 self.log.log(logging.getLevelName(a["level"]), a["msg"])
                 if a["event"] in EVENT_NAMES:
                     self.events.append(a["event"], **a["details"])
+                if a["event"] == "armed" and not self.debug:
+                    remove_file(self.paths.fence)  # the candidates have it (register)
+            elif a["kind"] == "send":
+                self.work.submit(self.send, a)
+            elif a["kind"] == "demote":
+                self.work.submit(self.demote, a["vms"])
             elif a["kind"] == "fence":
                 self.fence(a["reason"])
 
@@ -1618,6 +2259,7 @@ class Agent:
         self.server.shutdown()
         self.server.server_close()
         self.pool.shutdown(wait=False)
+        self.work.shutdown(wait=False)
         remove_file(self.paths.pid, only_if_pid=os.getpid())
         self.log.log(NOTICE, "hoster_ha stopped")
         return 0
