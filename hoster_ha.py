@@ -32,6 +32,7 @@ import http.server
 import json
 import logging
 import logging.handlers
+import math
 import os
 import re
 import secrets
@@ -154,11 +155,16 @@ def find_config_path(explicit=None):
 
 
 def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _key(name):
+    """A key name quoted for a one-line message, whatever characters it holds."""
+    return "'" + name.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 def _port(v, path, key):
-    if isinstance(v, str) and v.isdigit():
+    if isinstance(v, str) and v.isascii() and v.isdigit():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:
         raise ConfigError(f"{path}: key '{key}': expected a port number 1-65535, got {v!r}")
@@ -208,7 +214,7 @@ def parse_config(data, path="<config>", debug=False):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: key '{unknown[0]}': unknown key")
+        raise ConfigError(f"{path}: key {_key(unknown[0])}: unknown key")
 
     def get(key, kind, default):
         v = data.get(key, default)
@@ -222,8 +228,9 @@ def parse_config(data, path="<config>", debug=False):
 
     timings = {k: get(k, "number", d) for k, d in TIMINGS.items()}
     for k, v in timings.items():
-        if v <= 0:
-            raise ConfigError(f"{path}: key '{k}': must be greater than 0, got {v}")
+        if not 0 < v <= 86400:
+            raise ConfigError(f"{path}: key '{k}': must be greater than 0 and at most 86400 "
+                              f"seconds, got {v}")
     if timings["ping_timeout"] >= timings["ping_interval"]:
         raise ConfigError(f"{path}: key 'ping_timeout': must be less than ping_interval "
                           f"({timings['ping_timeout']} >= {timings['ping_interval']})")
@@ -236,7 +243,7 @@ def parse_config(data, path="<config>", debug=False):
         if ksec > guard:
             guard, guard_text = ksec, f"kernel watchdog timeout ({ksec:g})"
     need = timings["survival_window"] + guard + 2 * timings["ping_interval"] + 5
-    if timings["failover_time"] < need:
+    if timings["failover_time"] < round(need, 9):
         raise ConfigError(
             f"{path}: key 'failover_time': {timings['failover_time']} is too small: it must be >= "
             f"survival_window ({timings['survival_window']}) + {guard_text} + "
@@ -254,7 +261,7 @@ def parse_config(data, path="<config>", debug=False):
             raise ConfigError(f"{path}: key '{where}': expected an object")
         bad = sorted(set(c) - CANDIDATE_KEYS)
         if bad:
-            raise ConfigError(f"{path}: key '{where}.{bad[0]}': unknown key")
+            raise ConfigError(f"{path}: key {_key(where + '.' + bad[0])}: unknown key")
         for k in ("hostname", "address", "port"):
             if k not in c:
                 raise ConfigError(f"{path}: key '{where}.{k}': missing")
@@ -267,7 +274,7 @@ def parse_config(data, path="<config>", debug=False):
             raise ConfigError(f"{path}: key '{where}.protocol': expected http or https, got {proto!r}")
         candidates.append({"hostname": c["hostname"], "address": c["address"],
                            "port": _port(c["port"], path, f"{where}.port"), "protocol": proto})
-    names = [c["hostname"] for c in candidates]
+    names = [c["hostname"].lower() for c in candidates]
     for n in names:
         if names.count(n) > 1:
             raise ConfigError(f"{path}: key 'candidates': duplicate hostname {n!r}")
@@ -281,7 +288,7 @@ def parse_config(data, path="<config>", debug=False):
         raise ConfigError(f"{path}: key 'hostname': not a valid hostname: {hostname!r}")
     own = next((c for c in candidates if c["hostname"] == hostname), None)
     if own:
-        address = data.get("address", own["address"])
+        address = get("address", "str", own["address"])
         port = _port(data.get("port", own["port"]), path, "port")
         protocol = own["protocol"]
     else:
@@ -328,7 +335,7 @@ def parse_config(data, path="<config>", debug=False):
         raise ConfigError(f"{path}: key 'commands': expected an object")
     for k, v in cmds.items():
         if k not in DEFAULT_COMMANDS:
-            raise ConfigError(f"{path}: key 'commands.{k}': unknown command")
+            raise ConfigError(f"{path}: key {_key('commands.' + k)}: unknown command")
         if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
             raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
         commands[k] = list(v)
@@ -406,7 +413,7 @@ class PingAnswer:
     """What a candidate answered to one of our pings, and when we sent that ping."""
 
     __slots__ = ("vote", "vote_startup_time", "vote_term", "vote_lease", "manager", "term",
-                 "sent_at")
+                 "term_seen", "sent_at")
 
     def __init__(self, body, sent_at):
         self.vote = body["vote"]
@@ -415,6 +422,8 @@ class PingAnswer:
         self.vote_lease = body["vote_lease_ms"] / 1000.0
         self.manager = body["manager"]
         self.term = body["term"]
+        seen = body.get("term_seen")
+        self.term_seen = seen if isinstance(seen, int) and not isinstance(seen, bool) else 0
         self.sent_at = sent_at
 
 
@@ -630,7 +639,7 @@ class Core:
             return 409, {"error": f"{h} is not registered here; register first"}
         m.last_ping = now
         m.armed, m.maintenance = body["armed"], body["maintenance"]
-        self.max_term_seen = max(self.max_term_seen, body["term"])
+        self._see_term(body["term"])
         if body["manager"] and h in self.candidates:
             self.announced[h] = (body["term"], now)
             self.max_manager_term = max(self.max_manager_term, body["term"])
@@ -639,10 +648,19 @@ class Core:
             v.renewed_at = now
         return 200, self.ping_answer(now)
 
+    def _see_term(self, term):
+        """Remember (and persist, before we answer anyone) the highest term we have seen.
+
+        A later grant of ours is then above every term we acknowledged, across restarts."""
+        self.max_term_seen = max(self.max_term_seen, term)
+        if self.max_term_seen > self.persisted_term:
+            self.persisted_term = self.max_term_seen
+            self.out.append({"kind": "persist_term", "term": self.persisted_term})
+
     def ping_answer(self, now):
         v = self.vote
         manager, term = self.manager_view(now)
-        return {"hostname": self.hostname,
+        return {"hostname": self.hostname, "term_seen": self.persisted_term,
                 "vote": v.holder if v else None,
                 "vote_startup_time": v.holder_startup if v else None,
                 "vote_term": v.term if v else 0,
@@ -673,10 +691,12 @@ class Core:
                 "failover_time": c.failover_time, "fenced_vms": self.fenced_vms}
 
     def ping_body(self, now):
-        manager = self.is_manager(now)
+        """Our ping.  A manager sends its term at once (voters persist it), but announces
+        itself (manager: true) only once a majority has acknowledged that term."""
         return {"hostname": self.hostname, "startup_time": self.startup_time,
                 "armed": self.armed, "maintenance": self.maintenance,
-                "manager": manager, "term": self.manager_term(now) if manager else
+                "manager": self.can_act(now),
+                "term": self.manager_term(now) if self.is_manager(now) else
                 self.max_manager_term}
 
     def outgoing(self, now):
@@ -685,7 +705,7 @@ class Core:
                 else (c, "register", self.register_body()) for c in self.candidates]
 
     def on_register_result(self, cand, status, answer, now):
-        if status == 200 and isinstance(answer, dict) and answer.get("ok") is True:
+        if 200 <= (status or 0) < 300 and isinstance(answer, dict) and answer.get("ok") is True:
             self.registered[cand] = True
             moved = answer.get("moved_vms")
             for m in moved if isinstance(moved, list) else []:
@@ -741,11 +761,23 @@ class Core:
     def manager_term(self, now):
         return max(self.valid_votes(now).values(), default=0)
 
+    def can_act(self, now):
+        """Manager, and at least 2 of the voters have persisted our term (term_seen).
+
+        Any later manager's majority shares one of those voters, whose later grant is
+        then above our term: the terms of managers that act strictly increase."""
+        votes = self.valid_votes(now)
+        if len(votes) < 2:
+            return False
+        term = max(votes.values())
+        acked = [v for v in votes if (self.persisted_term if v == self.hostname
+                                      else self.answers[v].term_seen) >= term]
+        return len(acked) >= 2
+
     def manager_view(self, now):
         """(manager hostname or None, term) as this node sees it."""
-        votes = self.valid_votes(now)
-        if len(votes) >= 2:
-            return self.hostname, max(votes.values())
+        if self.can_act(now):
+            return self.hostname, self.manager_term(now)
         best = (None, 0)
         if self.is_candidate:
             for c, (term, at) in self.announced.items():
@@ -775,8 +807,7 @@ class Core:
             return
         if v is None or v.holder == self.hostname or now - v.renewed_at >= self.cfg.vote_lease:
             term = max(self.persisted_term, self.max_term_seen) + 1
-            self.persisted_term = self.max_term_seen = term
-            self.out.append({"kind": "persist_term", "term": term})
+            self._see_term(term)
             self.vote = Vote(pref, alive[pref], term, now)
             self._event("vote", "NOTICE", f"vote granted to {pref} (term {term})",
                         holder=pref, holder_startup=alive[pref], term=term)
@@ -791,9 +822,12 @@ class Core:
         """Advance to `now`.  watchdog_armed: the watchdog has acknowledged our armed state."""
         if self.fenced:
             return
+        self._see_term(self.max_term_seen)
         if self.is_candidate:
             self._update_vote(now)
-        manager = self.is_manager(now)
+        if self.is_manager(now):
+            self._see_term(self.manager_term(now))
+        manager = self.can_act(now)
         if manager and not self.was_manager:
             self.manager_since = now
             term = self.manager_term(now)
@@ -832,8 +866,8 @@ class Core:
             self.out.append({"kind": "demote", "vms": todo})
         if self.maintenance:
             self.arming = self.armed = False
-        elif quorum and self.manager_view(now)[0] is not None and not todo:
-            self.arming = True
+        elif not self.armed:
+            self.arming = quorum and self.manager_view(now)[0] is not None and not todo
         if self.arming and watchdog_armed and not self.armed:
             self.armed = True
             self._event("armed", "NOTICE", "armed: quorum reached, manager "
@@ -1042,7 +1076,7 @@ class Core:
     def _pump(self, now):
         job = self.job
         while job["queue"] and len(job["inflight"]) < self.cfg.max_parallel_starts:
-            if not self.is_manager(now):
+            if not self.can_act(now):
                 self.job = None
                 return
             uid = job["queue"].pop(0)
@@ -1070,7 +1104,7 @@ class Core:
             err = answer.get("error") if isinstance(answer, dict) else answer
             targets = self.plan_targets.pop(uid, [])
             job = self.job
-            if targets and job is not None and job["id"] == purpose[1] and self.is_manager(now):
+            if targets and job is not None and job["id"] == purpose[1] and self.can_act(now):
                 self._event("note", "WARNING", f"start of VM {e['vm']} on {e['to']} failed "
                             f"({status or ''} {err}); trying the next best target {targets[0]}")
                 nu = self._new_plan(e["vm"], e["from"], targets[:1], self.manager_term(now), now)
@@ -1884,7 +1918,7 @@ class Agent:
             max_workers=cfg.max_parallel_starts + 8, thread_name_prefix="ha-work")
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.run_dir, exist_ok=True)
-        term = read_term(self.paths.term)
+        term = self.term_on_disk = read_term(self.paths.term)
         self.startup_time = int(time.time() * 1000)
         self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
                          maintenance=os.path.exists(self.paths.maintenance),
@@ -1907,7 +1941,9 @@ class Agent:
             with self.lock:
                 if name == "register":
                     return self.core.handle_register(body, now)
-                return self.core.handle_ping(body, now)
+                answer = self.core.handle_ping(body, now)
+                self.persist_term()  # the answer shows term_seen: it must be on disk first
+                return answer
         if name == "members":
             if not self.cfg.is_candidate:
                 return 404, {"error": "this node is not a candidate"}
@@ -2191,10 +2227,15 @@ class Agent:
         with self.lock:
             self.core.tick(time.monotonic(), watchdog_armed=self.wd_armed_ack)
             actions = self.core.take_actions()
-            for a in actions:
-                if a["kind"] == "persist_term":  # before any ping answer shows the vote
-                    write_atomic(self.paths.term, f"{a['term']}\n".encode(), mode=0o600)
+            self.persist_term()  # before any ping answer shows a new vote
         self.execute(actions)
+
+    def persist_term(self):
+        """Write state_dir/term (fsync) when the core's durable term went up; lock held."""
+        term = self.core.persisted_term
+        if term > self.term_on_disk:
+            write_atomic(self.paths.term, f"{term}\n".encode(), mode=0o600)
+            self.term_on_disk = term
 
     def fence(self, reason):
         """§3.3 steps 2-4; the process never continues after this."""
@@ -2400,16 +2441,28 @@ def cmd_status(cfg, args):
     return 0 if st["api_pid"] else 1
 
 
-def cmd_members(cfg, args):
+def fetch_members(cfg):
+    """GET members from this candidate, or from the first candidate that answers."""
     sources = [cfg.hostname] if cfg.is_candidate else cfg.candidate_names
     client, error = Client(cfg), None
     for name in sources:
         status, answer = client.request(cfg.candidate(name), "GET", "members", timeout=3.0)
-        if status == 200 and isinstance(answer, dict):
-            break
+        if status == 200 and isinstance(answer, dict) and isinstance(answer.get("members"), list):
+            return answer, None
         error = f"{name}: {answer.get('error') if isinstance(answer, dict) else answer}"
-    else:
-        return die(f"no candidate answered 'members' ({error})", 1)
+    return None, f"no candidate answered 'members' ({error})"
+
+
+def print_table(rows):
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_members(cfg, args):
+    answer, error = fetch_members(cfg)
+    if error:
+        return die(error, 1)
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
@@ -2418,11 +2471,54 @@ def cmd_members(cfg, args):
         rows.append((m["hostname"], m["address"], str(m["port"]), f"{m['silence']:.1f}s",
                      "yes" if m["armed"] else "no", "yes" if m["maintenance"] else "no",
                      "yes" if m["left"] else "no", "yes" if m["backup_node"] else "no"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"membership as seen by candidate {answer['hostname']}:")
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(rows)
     return 0
+
+
+def cmd_vms(cfg, args):
+    """Cluster-wide VM view: where each VM runs, which hosts hold replicas, newest snapshots."""
+    answer, error = fetch_members(cfg)
+    if error:
+        return die(error, 1)
+    members = [m for m in answer["members"] if not m["left"]]
+    client = Client(cfg)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(members))) as ex:
+        futs = {m["hostname"]: ex.submit(client.request, m, "GET", "vms", None, 30.0)
+                for m in members}
+    hosts, vms, errors = {}, {}, []
+    for h, fut in sorted(futs.items()):
+        status, inv = fut.result()
+        if status != 200 or not isinstance(inv, dict):
+            errors.append(f"{h}: no answer ({inv.get('error') if isinstance(inv, dict) else inv})")
+            continue
+        hosts[h] = inv
+        for e in inv.get("errors", []):
+            errors.append(f"{h}: {e.get('vm_name') or e.get('dataset')}: {e.get('error')}")
+        for v in inv.get("vms", []):
+            vms.setdefault(v["vm_name"], []).append((h, v))
+    if args.json:
+        print(json.dumps({"hosts": hosts, "errors": errors}, indent=2, sort_keys=True))
+        return 0 if not errors else 1
+    rows = [("VM", "PROD", "PARENT", "LIVE ON", "REPLICAS (host: newest snapshot)")]
+    for name in sorted(vms):
+        copies = vms[name]
+        live = [h + (" (starting)" if v["state"] == "starting" else "")
+                for h, v in copies if v["live"]]
+        parents = sorted({v["parent_host"] or "-" for _, v in copies})
+        reps = []
+        for h, v in sorted(copies, key=lambda c: -((c[1]["latest_snapshot"] or {})
+                                                    .get("creation") or 0)):
+            snap = v["latest_snapshot"]
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["creation"])) \
+                if snap else "no snapshot"
+            reps.append(f"{h}: {when}")
+        rows.append((name, "yes" if any(v["production"] for _, v in copies) else "no",
+                     ",".join(parents), ",".join(live) or "-", "; ".join(reps)))
+    print_table(rows)
+    for e in errors:
+        print(f"warning: {e}", file=sys.stderr)
+    return 0 if not errors else 1
 
 
 def cmd_events(cfg, args):
@@ -2472,6 +2568,8 @@ def build_parser():
     add("status", "show whether the agent and watchdog run, and the node's cluster state",
         json_flag=True)
     add("members", "show the membership table of a candidate", json_flag=True)
+    add("vms", "show every VM of the cluster: where it runs, replicas, newest snapshots",
+        json_flag=True)
     add("events", "print state_dir/events.jsonl", json_flag=True)
     add("check-config", "validate the config file and exit")
     sub.add_parser("gen-secret", help="print a new random cluster secret",
@@ -2480,7 +2578,7 @@ def build_parser():
 
 
 COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
-            "members": cmd_members, "events": cmd_events, "check-config": cmd_check_config}
+            "members": cmd_members, "vms": cmd_vms, "events": cmd_events, "check-config": cmd_check_config}
 
 
 def main(argv=None):
