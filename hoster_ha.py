@@ -447,6 +447,7 @@ PLAN_FIELDS = {"vm": (str,), "from": (str,), "to": (str,), "term": _INT, "uid": 
                "state": (str,), "seq": _INT}
 PLAN_BODY_FIELDS = {"term": _INT, "entries": (list,)}
 FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": (str,)}
+LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
@@ -564,6 +565,8 @@ class Core:
         self.startup_time = startup_time
         self.start = now
         self.maintenance = maintenance
+        self.maintenance_asked_at = None   # `maintenance on` waiting for 2 candidates
+        self.maintenance_acks = set()
         self.out = []
         # as a member: our view of the 3 candidates
         self.registered = {c: False for c in self.candidates}
@@ -572,6 +575,7 @@ class Core:
         self.arming = False        # we want to be armed (quorum + manager seen)
         self.armed = False         # ... and the watchdog has acknowledged it
         self.fenced = False
+        self.left = False          # our leave was acknowledged: we stop, unprotected
         self.had_quorum = False
         self.was_manager = False
         self.manager_since = None
@@ -667,6 +671,31 @@ class Core:
                 "vote_lease_ms": int(round(self.cfg.vote_lease * 1000)),
                 "manager": manager, "term": term}
 
+    def handle_leave(self, body, now):
+        """POST leave (§3.7): the member's current incarnation is never failed over."""
+        if not self.is_candidate:
+            return 404, {"error": "this node is not a candidate"}
+        m = self.members.get(body["hostname"])
+        if m is None or m.startup_time != body["startup_time"]:
+            return 200, {"ok": True, "known": False}
+        if not m.left:
+            m.left = True
+            self._event("left", "NOTICE", f"member {m.hostname} left the cluster (orderly stop); "
+                        "it is not failed over until it registers again", member=m.hostname)
+        return 200, {"ok": True, "known": True}
+
+    def set_maintenance(self, on, now):
+        """`maintenance on` takes effect once 2 candidates have had a ping saying so;
+        `off` at once (the node re-arms by the normal rule)."""
+        if on and not self.maintenance:
+            self.maintenance_asked_at, self.maintenance_acks = now, set()
+        elif not on:
+            self.maintenance_asked_at = None
+            if self.maintenance:
+                self.maintenance = False
+                self._event("maintenance", "NOTICE", "maintenance off: the node arms again "
+                            "by the normal rule", on=False)
+
     def members_answer(self, now):
         """GET members: our table, and the failover plans we hold (for a new manager)."""
         plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0)))
@@ -694,7 +723,8 @@ class Core:
         """Our ping.  A manager sends its term at once (voters persist it), but announces
         itself (manager: true) only once a majority has acknowledged that term."""
         return {"hostname": self.hostname, "startup_time": self.startup_time,
-                "armed": self.armed, "maintenance": self.maintenance,
+                "armed": self.armed,
+                "maintenance": self.maintenance or self.maintenance_asked_at is not None,
                 "manager": self.can_act(now),
                 "term": self.manager_term(now) if self.is_manager(now) else
                 self.max_manager_term}
@@ -732,6 +762,8 @@ class Core:
         a = PingAnswer(answer, sent_at)
         self.answers[cand] = a
         self.reach[cand] = sent_at
+        if self.maintenance_asked_at is not None and sent_at >= self.maintenance_asked_at:
+            self.maintenance_acks.add(cand)  # that ping told cand we are in maintenance
         self.max_term_seen = max(self.max_term_seen, a.term, a.vote_term)
         if a.manager is not None:
             self.max_manager_term = max(self.max_manager_term, a.term)
@@ -860,11 +892,16 @@ class Core:
                             reachable=reach)
             self.had_quorum = quorum
 
+        if self.maintenance_asked_at is not None and len(self.maintenance_acks) >= 2:
+            self.maintenance, self.maintenance_asked_at = True, None
+            self._event("maintenance", "NOTICE", "maintenance on (acknowledged by "
+                        f"{', '.join(sorted(self.maintenance_acks))}): the node is disarmed "
+                        "and will not be failed over", on=True)
         todo = {vm: p for vm, p in self.moved.items() if self.demoted.get(vm) != p}
         if todo and todo != self.demote_asked:
             self.demote_asked = dict(todo)
             self.out.append({"kind": "demote", "vms": todo})
-        if self.maintenance:
+        if self.maintenance or self.left:
             self.arming = self.armed = False
         elif not self.armed:
             self.arming = quorum and self.manager_view(now)[0] is not None and not todo
@@ -1740,6 +1777,9 @@ class SyslogHandler(logging.handlers.SysLogHandler):
     def format(self, record):
         return super().format(record).encode("utf-8")[:1900].decode("utf-8", "ignore")
 
+    def handleError(self, record):
+        pass  # syslogd gone or restarting: the log_file (if any) still has the line
+
 
 def setup_logging(cfg, tag, stderr=False):
     """Logger `tag` writing to syslog (FreeBSD /var/run/log, Linux /dev/log) and log_file."""
@@ -1891,7 +1931,8 @@ class Agent:
     """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3)."""
 
     ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"},
-              "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}}
+              "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}, "leave": {"POST"},
+              "terminate": {"POST"}, "maintenance": {"POST"}}
     WATCHDOG_START_TIMEOUT = 10.0
 
     def __init__(self, cfg, log):
@@ -1912,6 +1953,8 @@ class Agent:
         self.wd_missing = 0
         self.wd_armed_ack = False
         self.inflight = {}
+        self.stop_requested = threading.Event()
+        self.leaving = False
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
                                                           thread_name_prefix="ha-ping")
         self.work = concurrent.futures.ThreadPoolExecutor(
@@ -1966,7 +2009,88 @@ class Agent:
             return self.failover(body)
         if name == "vms":
             return 200, self.vms()
+        if name == "leave":
+            why = check_fields(body, LEAVE_FIELDS)
+            if why is not None:
+                return 400, {"error": why}
+            with self.lock:
+                return self.core.handle_leave(body, now)
+        if name == "terminate":
+            return self.terminate()
+        if name == "maintenance":
+            if not isinstance(body.get("on"), bool):
+                return 400, {"error": "field 'on' must be true or false"}
+            return self.maintenance(body["on"])
         return 200, self.status()
+
+    def leave(self):
+        """§3.7: POST leave to the 3 candidates.  Returns the hostnames that acknowledged."""
+        with self.lock:
+            body = {"hostname": self.cfg.hostname, "startup_time": self.startup_time}
+        timeout = max(2.0, 2 * self.cfg.ping_timeout)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as ex:
+            futs = {c: ex.submit(self.client.request, self.cfg.candidate(c), "POST", "leave",
+                                 body, timeout) for c in self.cfg.candidate_names}
+        return sorted(c for c, f in futs.items() if f.result()[0] == 200)
+
+    def try_leave(self, strict):
+        """Leave the cluster before stopping.  (ok, message).  strict (the `stop` command):
+        2 acknowledgements needed; otherwise an unarmed node may stop without them."""
+        acks = self.leave()
+        with self.lock:
+            armed = self.core.armed
+            if len(acks) >= 2:
+                self.core.left = True  # disarm: our VMs are not protected from now on
+        if len(acks) >= 2:
+            msg = f"left the cluster (acknowledged by {', '.join(acks)})"
+            self.log.log(NOTICE, msg)
+            return True, msg
+        msg = (f"leave acknowledged by {len(acks)} of 3 candidates"
+               f"{' (' + ', '.join(acks) + ')' if acks else ''}; 2 are needed")
+        if not strict and not armed:
+            self.log.warning(f"{msg}; the node is not armed, so it stops anyway")
+            return True, msg
+        self.log.error(f"refusing to stop: {msg}. A node that stopped without leaving would be "
+                       "failed over while its VMs still run")
+        return False, f"refusing to stop: {msg}"
+
+    def leave_then_stop(self):
+        ok, _ = self.try_leave(strict=False)
+        if ok:
+            self.stopping.set()
+        else:
+            self.stop_requested.clear()
+        self.leaving = False
+
+    def terminate(self):
+        """POST terminate (and `stop`): leave, then stop the agent and its watchdog."""
+        ok, msg = self.try_leave(strict=True)
+        if not ok:
+            return 409, {"error": msg}
+        self.events.append("terminated", detail=msg)
+        threading.Timer(0.2, self.stopping.set).start()  # after this answer is sent
+        return 200, {"ok": True, "message": msg}
+
+    def maintenance(self, on):
+        """POST maintenance: `on` waits until 2 candidates know (then disarms); kept in state_dir."""
+        with self.lock:
+            self.core.set_maintenance(on, time.monotonic())
+        if on:
+            deadline = time.monotonic() + 3 * self.cfg.ping_interval + self.cfg.ping_timeout + 1
+            while time.monotonic() < deadline:
+                with self.lock:
+                    if self.core.maintenance:
+                        break
+                time.sleep(0.05)
+            else:
+                with self.lock:
+                    self.core.set_maintenance(False, time.monotonic())
+                return 409, {"error": "maintenance not acknowledged by 2 candidates in time; "
+                                      "still armed"}
+            write_atomic(self.paths.maintenance, b"on\n", mode=0o644)
+        else:
+            remove_file(self.paths.maintenance)
+        return 200, {"ok": True, "maintenance": on}
 
     def vms(self):
         """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live."""
@@ -2115,7 +2239,9 @@ class Agent:
         argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
         if self.debug:
             argv.append("--ha-debug")
-        self.wd_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True,
+        # No inherited stdout/stderr: daemon(8) waits for EOF on its pipe before it exits.
+        self.wd_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, close_fds=True,
                                         start_new_session=True)
         deadline = time.monotonic() + self.WATCHDOG_START_TIMEOUT
         while time.monotonic() < deadline:
@@ -2250,8 +2376,8 @@ class Agent:
         cfg = self.cfg
         write_pid_file(self.paths.pid)
         write_atomic(self.paths.mode, b"DEBUG\n" if self.debug else b"PRODUCTION\n", mode=0o644)
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())
         try:
             self.start_watchdog()
         except (RuntimeError, OSError) as e:
@@ -2267,10 +2393,19 @@ class Agent:
                              "(only the two processes watch each other)")
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          name="ha-http", daemon=True).start()
+        self.loop()
+        return self.shutdown()
+
+    def loop(self):
+        """The control loop: ticks, ping rounds, heartbeats; returns when asked to stop."""
+        cfg = self.cfg
         step = min(0.25, cfg.ping_interval / 8)
         inventory_every = max(10.0, 5 * cfg.ping_interval)
         next_round = next_inventory = time.monotonic()
         while not self.stopping.is_set():
+            if self.stop_requested.is_set() and not self.leaving:
+                self.leaving = True  # SIGTERM: leave first, in a worker; the loop goes on
+                self.work.submit(self.leave_then_stop)
             now = time.monotonic()
             if now >= next_round:
                 next_round = max(next_round + cfg.ping_interval, now)
@@ -2284,7 +2419,6 @@ class Agent:
                 self.refresh_inventory()
             self.tick()
             self.stopping.wait(max(0.0, min(step, next_round - time.monotonic())))
-        return self.shutdown()
 
     def shutdown(self):
         """Orderly exit: stand the watchdog down (SIGTERM), remove pid files."""
@@ -2315,13 +2449,19 @@ def die(msg, status):
     return status
 
 
-def local_request(cfg, name, timeout=3.0):
-    """GET one of our own agent's endpoints.  (status, answer) or (None, error)."""
+def local_request(cfg, name, timeout=3.0, body=None):
+    """GET (or POST, with a body) one of our own agent's endpoints.
+
+    (status, answer) or (None, error)."""
     address = cfg.address
     if cfg.listen_address in ("127.0.0.1", "::1"):
         address = cfg.listen_address
-    return Client(cfg).request({"address": address, "port": cfg.port,
-                                "protocol": cfg.protocol}, "GET", name, timeout=timeout)
+    return Client(cfg).request({"address": address, "port": cfg.port, "protocol": cfg.protocol},
+                               "GET" if body is None else "POST", name, body, timeout=timeout)
+
+
+def answer_text(answer):
+    return answer.get("error") or answer.get("message") if isinstance(answer, dict) else answer
 
 
 def cmd_start(cfg, args):
@@ -2354,7 +2494,16 @@ def cmd_start(cfg, args):
                f"{' and ' + cfg.log_file if cfg.log_file else ''}", 1)
 
 
+SYSTEM_PATH = ("/sbin", "/bin", "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin",
+               "/opt/hoster-core")
+
+
 def run_agent(cfg, stderr):
+    # rc.d runs us with PATH=/sbin:/bin:/usr/sbin:/usr/bin; `hoster` lives elsewhere.  The
+    # standard folders are appended, so whatever PATH already had (test fakes) comes first.
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([p for p in path if p] +
+                                         [p for p in SYSTEM_PATH if p not in path])
     log = setup_logging(cfg, "hoster_ha", stderr=stderr)
     try:
         agent = Agent(cfg, log)
@@ -2374,14 +2523,50 @@ def cmd_stop(cfg, args):
             os.kill(wd, signal.SIGTERM)
         print("hoster_ha is not running")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    status, answer = local_request(cfg, "terminate", timeout=15.0, body={})
+    if status != 200:
+        why = answer_text(answer) if status else f"the agent does not answer ({answer})"
+        return die(f"{why}; not stopped. (kill -TERM {pid} makes it retry the leave; an "
+                   "unarmed node then stops anyway)", 1)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            print(f"hoster_ha stopped (was PID {pid})")
+            print(f"hoster_ha stopped (was PID {pid}); {answer_text(answer)}")
             return 0
         time.sleep(0.1)
-    return die(f"PID {pid} did not exit within 20 s after SIGTERM", 1)
+    return die(f"PID {pid} did not exit within 20 s after leaving the cluster", 1)
+
+
+def cmd_maintenance(cfg, args):
+    if read_pid(Paths(cfg).pid) is None:
+        return die("the agent is not running", 1)
+    on = args.state == "on"
+    status, answer = local_request(cfg, "maintenance", timeout=30.0, body={"on": on})
+    if status != 200:
+        return die(f"maintenance {args.state}: {answer_text(answer)}", 1)
+    print(f"maintenance {args.state}" + (": this node is disarmed and will not be failed over"
+                                         if on else ": the node arms again by the normal rule"))
+    return 0
+
+
+def cmd_terminate(cfg, args):
+    """Orderly stop of every member (workers first, this candidate last), each leaving."""
+    if not cfg.is_candidate:
+        return die("terminate runs on a candidate (this node is a worker)", 2)
+    answer, error = fetch_members(cfg)
+    if error:
+        return die(error, 1)
+    members = [m for m in answer["members"] if not m["left"]]
+    order = sorted(members, key=lambda m: (m["hostname"] == cfg.hostname,
+                                           m["hostname"] in cfg.candidate_names, m["hostname"]))
+    client, failed = Client(cfg), 0
+    for m in order:
+        status, ans = client.request(m, "POST", "terminate", {}, timeout=15.0)
+        ok = status == 200
+        failed += not ok
+        print(f"{m['hostname']}: {'stopped' if ok else 'NOT stopped'}: "
+              f"{answer_text(ans) if status else ans}")
+    return 0 if not failed else 1
 
 
 def status_data(cfg):
@@ -2564,13 +2749,18 @@ def build_parser():
                          "a fence exits with status 1")
     sp.add_argument("--foreground", action="store_true",
                     help="do not detach (for daemon(8) and rc.d)")
-    add("stop", "stop the agent and stand its watchdog down")
+    add("stop", "leave the cluster (2 candidates must acknowledge), stop the agent and stand "
+        "its watchdog down")
     add("status", "show whether the agent and watchdog run, and the node's cluster state",
         json_flag=True)
     add("members", "show the membership table of a candidate", json_flag=True)
     add("vms", "show every VM of the cluster: where it runs, replicas, newest snapshots",
         json_flag=True)
     add("events", "print state_dir/events.jsonl", json_flag=True)
+    sp = add("maintenance", "maintenance on: disarm this node (once 2 candidates know) so it is "
+             "never failed over; off: arm again")
+    sp.add_argument("state", choices=["on", "off"])
+    add("terminate", "orderly stop of every member of the cluster (run on a candidate)")
     add("check-config", "validate the config file and exit")
     sub.add_parser("gen-secret", help="print a new random cluster secret",
                    description="print a new random cluster secret")
@@ -2578,7 +2768,8 @@ def build_parser():
 
 
 COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
-            "members": cmd_members, "vms": cmd_vms, "events": cmd_events, "check-config": cmd_check_config}
+            "members": cmd_members, "vms": cmd_vms, "events": cmd_events,
+            "maintenance": cmd_maintenance, "terminate": cmd_terminate, "check-config": cmd_check_config}
 
 
 def main(argv=None):
