@@ -19,7 +19,9 @@ lies beside it.
 
 import argparse
 import os
+import platform
 import signal
+import struct
 import sys
 import time
 
@@ -28,10 +30,79 @@ import hoster_ha as ha  # noqa: E402  (the agent module beside this file)
 
 SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
+# watchdog(4): WDIOCPATPAT = _IOW('W', 42, u_int); the argument is WD_ACTIVE | N, where the
+# timeout is 2**N nanoseconds; 0 disarms.  Closing the device does not disarm.
+WDIOCPATPAT = 0x8004572A
+WD_ACTIVE = 0x8000000
+FIDO = "/dev/fido"
+
+
+def patpat_arg(n):
+    """The ioctl argument that arms (or pats) watchdog(4) for 2**n ns; 0 disarms."""
+    return struct.pack("I", (WD_ACTIVE | n) if n else 0)
+
+
+def freebsd_major(release=None):
+    release = platform.release() if release is None else release
+    try:
+        return int(release.split(".")[0])
+    except ValueError:
+        return 0
+
+
+class KernelWatchdog:
+    """FreeBSD watchdog(4), armed while the node is armed and patted on every heartbeat.
+
+    FreeBSD 15 replaced WDIOCPATPAT; there the watchdog(8) command does the work.  The
+    device, ioctl and command runner are parameters so the encoding can be tested."""
+
+    def __init__(self, watchdog_timeout, log, device=FIDO, ioctl=None, opener=os.open,
+                 release=None, run=ha.run_cmd):
+        self.n, self.seconds = ha.kernel_watchdog_seconds(watchdog_timeout)
+        self.log, self.device, self.run = log, device, run
+        self.use_command = freebsd_major(release) >= 15
+        if ioctl is None:
+            import fcntl
+            ioctl = fcntl.ioctl
+        self.ioctl, self.opener = ioctl, opener
+        self.fd = None
+        self.armed = False
+
+    def check(self):
+        """Raise RuntimeError (a clear message) if watchdog(4) cannot be used here."""
+        if not os.path.exists(self.device):
+            raise RuntimeError(f"kernel_watchdog is on but {self.device} does not exist (no "
+                               "watchdog(4) driver: load ichwd, amdsbwd or ipmi)")
+
+    def _set(self, n):
+        if self.use_command:
+            rc, _, err = self.run(["/usr/sbin/watchdog", "-t", f"{self.seconds:g}" if n else "0"],
+                                  5)
+            if rc != 0:
+                raise OSError(f"/usr/sbin/watchdog failed ({rc}): {ha.last_line(err)}")
+            return
+        if self.fd is None:
+            self.fd = self.opener(self.device, os.O_RDWR)
+        self.ioctl(self.fd, WDIOCPATPAT, patpat_arg(n))
+
+    def pat(self):
+        """Arm (first call) or pat the kernel watchdog."""
+        self._set(self.n)
+        if not self.armed:
+            self.armed = True
+            self.log.log(ha.NOTICE, f"kernel watchdog armed: {self.device}, "
+                                    f"{self.seconds:g} s (2**{self.n} ns)")
+
+    def disarm(self):
+        if self.armed:
+            self._set(0)
+            self.armed = False
+            self.log.log(ha.NOTICE, "kernel watchdog disarmed")
+
 
 class Watchdog:
-    def __init__(self, cfg, log):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg, log, kernel=None):
+        self.cfg, self.log, self.kernel = cfg, log, kernel
         self.paths = ha.Paths(cfg)
         self.agent_pid = None
         self.armed = False
@@ -50,10 +121,20 @@ class Watchdog:
             self.log.log(ha.NOTICE, f"node {'armed' if armed else 'disarmed'} by hoster_ha "
                                     f"(PID {pid})")
         self.armed, self.last_beat = armed, now
+        self.kernel_pat(armed)
         if self.acked != (pid, armed):
             ha.write_atomic(self.paths.wd_ack,
                             f"{'armed' if armed else 'unarmed'} {pid}\n".encode(), mode=0o644)
             self.acked = (pid, armed)
+
+    def kernel_pat(self, armed):
+        """Pat watchdog(4) while armed heartbeats arrive; disarm it when the node disarms."""
+        if self.kernel is None:
+            return
+        try:
+            self.kernel.pat() if armed else self.kernel.disarm()
+        except OSError as e:
+            self.log.log(ha.EMERG, f"kernel watchdog: {e}")
 
     def check(self, now):
         """The reason to fence, or None."""
@@ -88,10 +169,12 @@ class Watchdog:
         ha.fence_host(self.cfg, ha.Host(self.cfg, self.log), self.log, reason, debug)
         if debug:
             self.log.log(ha.NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
-        self.stand_down()
+        self.stand_down(disarm=False)  # a fence that hangs is still reset by the kernel
         return 1
 
-    def stand_down(self):
+    def stand_down(self, disarm=True):
+        if disarm:
+            self.kernel_pat(False)
         ha.remove_file(self.paths.wd_pid, only_if_pid=os.getpid())
         ha.remove_file(self.paths.wd_ack)
 
@@ -132,12 +215,24 @@ def main(argv=None):
     if other is not None and other != os.getpid():
         print(f"ha_watchdog: already running as PID {other} ({paths.wd_pid})", file=sys.stderr)
         return 1
+    kernel = None
+    if cfg.kernel_watchdog:
+        if cfg.debug:
+            log.log(ha.NOTICE, "(DEBUG) would arm the kernel watchdog (/dev/fido) while armed")
+        else:
+            kernel = KernelWatchdog(cfg.watchdog_timeout, log)
+            try:
+                kernel.check()
+            except RuntimeError as e:
+                log.error(str(e))
+                print(f"ha_watchdog: {e}", file=sys.stderr)
+                return 1
     os.makedirs(cfg.run_dir, exist_ok=True)
     ha.remove_file(paths.wd_ack)
     ha.write_pid_file(paths.wd_pid)
     log.log(ha.NOTICE, f"ha_watchdog started ({'DEBUG' if cfg.debug else 'PRODUCTION'} mode, "
                        f"watchdog_timeout {cfg.watchdog_timeout:g} s)")
-    return Watchdog(cfg, log).run()
+    return Watchdog(cfg, log, kernel).run()
 
 
 if __name__ == "__main__":
