@@ -1800,7 +1800,8 @@ def setup_logging(cfg, tag, stderr=False):
             log.addHandler(h)
             break
     fmt = logging.Formatter(f"%(asctime)s {cfg.hostname} {tag}[%(process)d]: "
-                            "%(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+                            "%(levelname)s: %(message)s")
+    fmt.default_time_format, fmt.default_msec_format = "%Y-%m-%dT%H:%M:%S", "%s.%03d"
     if cfg.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.log_file)), exist_ok=True)
         h = logging.handlers.WatchedFileHandler(cfg.log_file)
@@ -2561,6 +2562,9 @@ def cmd_terminate(cfg, args):
                                            m["hostname"] in cfg.candidate_names, m["hostname"]))
     client, failed = Client(cfg), 0
     for m in order:
+        if m["silence"] >= m["failover_time"]:
+            print(f"{m['hostname']}: skipped: silent for {m['silence']:.0f} s (failed)")
+            continue
         status, ans = client.request(m, "POST", "terminate", {}, timeout=15.0)
         ok = status == 200
         failed += not ok
