@@ -1,0 +1,63 @@
+# hoster_ha -- works with GNU make and BSD make (bmake, FreeBSD's make):
+# plain POSIX make syntax only (no $(shell), conditionals, pattern rules, :=).
+#
+#   make test       the test suite (pytest)
+#   make demo       a 3-candidate cluster on loopback, debug mode, fake host commands
+#   make lint       sh -n and shellcheck on the rc.d script
+#   make install    [DESTDIR=/stage] [PREFIX=/usr/local]
+#   make uninstall  same variables as install
+
+PYTHON?=	python3
+PREFIX?=	/usr/local
+DESTDIR?=
+# The interpreter written into the installed scripts' first line and into
+# the installed rc.d script.
+INSTALL_PYTHON?=	$(PREFIX)/bin/python3
+
+SBINDIR=	$(DESTDIR)$(PREFIX)/sbin
+RCDIR=		$(DESTDIR)$(PREFIX)/etc/rc.d
+ETCDIR=		$(DESTDIR)$(PREFIX)/etc/hoster_ha
+# The man page (hoster_ha.8, issue 4) will go to $(DESTDIR)$(PREFIX)/share/man/man8:
+# no target for it yet.
+
+.PHONY: all test demo lint install uninstall
+
+all:
+	@echo "targets: test demo lint install uninstall (see the top of Makefile)"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+demo:
+	$(PYTHON) tools/demo.py
+
+lint:
+	sh -n rc.d/hoster_ha
+	@if command -v shellcheck >/dev/null 2>&1; then \
+		echo "shellcheck -s sh rc.d/hoster_ha"; \
+		shellcheck -s sh rc.d/hoster_ha; \
+	else \
+		echo "lint: shellcheck is not installed, skipped"; \
+	fi
+
+# The rc.d script names the interpreter and the agent by absolute path
+# (/usr/local/...): rewrite them for $(PREFIX) / $(INSTALL_PYTHON).
+install:
+	install -d $(SBINDIR) $(RCDIR) $(ETCDIR)
+	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' hoster_ha.py > $(SBINDIR)/hoster_ha.py
+	chmod 755 $(SBINDIR)/hoster_ha.py
+	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' ha_watchdog.py > $(SBINDIR)/ha_watchdog.py
+	chmod 755 $(SBINDIR)/ha_watchdog.py
+	sed -e 's|/usr/local/bin/python3|$(INSTALL_PYTHON)|g' \
+	    -e 's|/usr/local/sbin/hoster_ha.py|$(PREFIX)/sbin/hoster_ha.py|g' \
+	    -e 's|/usr/local/etc/hoster_ha/|$(PREFIX)/etc/hoster_ha/|g' \
+	    rc.d/hoster_ha > $(RCDIR)/hoster_ha
+	chmod 755 $(RCDIR)/hoster_ha
+	install -m 644 ha_config.json.example $(ETCDIR)/ha_config.json.example
+
+# Leaves $(ETCDIR) in place while it holds anything else (ha_config.json, secret).
+uninstall:
+	rm -f $(SBINDIR)/hoster_ha.py $(SBINDIR)/ha_watchdog.py
+	rm -f $(RCDIR)/hoster_ha
+	rm -f $(ETCDIR)/ha_config.json.example
+	rmdir $(ETCDIR) 2>/dev/null || true
