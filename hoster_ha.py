@@ -8,14 +8,15 @@ candidates fences itself (destroys its VMs and reboots), so that the manager
 may safely restart its production VMs elsewhere.
 
     hoster_ha.py start [--config PATH] [--ha-debug] [--foreground]
-    hoster_ha.py stop | status [--json] | members [--json] | events [--json]
-    hoster_ha.py check-config [--config PATH] | gen-secret
+    hoster_ha.py stop | status [--json] | members [--json] | vms [--json] | events [--json]
+    hoster_ha.py maintenance on|off | terminate | check-config [--config PATH] | gen-secret
 
 The contract (behaviour, timings, CLI, config, HTTP API, files) is SPEC.md.
 The file reads top to bottom:
 
     1. config       load and validate ha_config.json
-    2. core         pure cluster logic: votes, leases, terms, survival rule
+    2. core         pure cluster logic: votes, leases, terms, survival rule, failure
+                    detection, failover placement and plans
     3. host         VM inventory, vm_config.json edits, fencing commands
     4. transport    request signing, HTTP server and client
     5. agent        threads and the control loop wiring core, host, transport
