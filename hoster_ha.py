@@ -49,7 +49,8 @@ import urllib.parse
 __version__ = "0.1.0"
 
 API = "/api/v1/ha/"
-MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024           # a request body; larger gets 413 unread
+MAX_ANSWER = 16 * 1024 * 1024  # an answer we read from a peer (a big host's GET vms)
 SIGNATURE_WINDOW = 60
 DEFAULT_CONFIG_PATHS = (
     "/usr/local/etc/hoster_ha/ha_config.json",
@@ -60,6 +61,9 @@ VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+ADDRESS_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 
 
 def valid_hostname(name):
@@ -467,6 +471,18 @@ def check_fields(body, schema):
         if not isinstance(v, types):
             return f"field '{k}' has the wrong type"
     return None
+
+
+def check_plan_entry(e):
+    """An error text for a malformed plan entry, else None."""
+    why = check_fields(e, PLAN_FIELDS)
+    if why is None and not valid_vm_name(e["vm"]):
+        why = "field 'vm' is not a valid VM name"
+    if why is None and not (valid_hostname(e["from"]) and valid_hostname(e["to"])):
+        why = "fields 'from' and 'to' must be hostnames"
+    if why is None and e["state"] not in ("planned", "done", "failed", "abandoned"):
+        why = "field 'state' is not a plan state"
+    return why
 
 
 def _snapshot(s):
@@ -962,8 +978,9 @@ class Core:
         view = {m["hostname"]: m for m in answer["members"]
                 if check_fields(m, MEMBER_VIEW_FIELDS) is None}
         self.views[purpose[1]] = (now, view)
-        for e in answer.get("plans", []):
-            if check_fields(e, PLAN_FIELDS) is None:
+        plans = answer.get("plans")
+        for e in plans if isinstance(plans, list) else []:
+            if check_plan_entry(e) is None:
                 self._store_plan(e)
 
     def _fresh_views(self, now):
@@ -1595,12 +1612,41 @@ def server_ssl_context(tls):
 
 
 def client_ssl_context(tls):
+    """Verify peers against the cluster CA; the name check is cert_names_match()."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(tls["ca"])
     ctx.load_cert_chain(tls["cert"], tls["key"])
-    ctx.check_hostname = True
+    ctx.check_hostname = False  # checked by name *or* address, below
+    ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def cert_names_match(cert, names):
+    """True if the peer certificate names one of `names` (the hostname or the address in
+    the config) in its subjectAltName (DNS or IP), or in its CN when it has no SAN."""
+    sans = cert.get("subjectAltName", ())
+    found = {v.lower() for k, v in sans if k in ("DNS", "IP Address")}
+    if not sans:
+        found = {v.lower() for rdn in cert.get("subject", ()) for k, v in rdn
+                 if k == "commonName"}
+    return any(n and n.lower() in found for n in names)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a peer whose certificate must name its hostname or its address."""
+
+    def __init__(self, host, port, names, **kw):
+        super().__init__(host, port, **kw)
+        self.names = names
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.names[0])
+        if not cert_names_match(self.sock.getpeercert(), self.names):
+            self.sock.close()
+            raise ssl.SSLCertVerificationError(
+                f"peer certificate does not name {' or '.join(n for n in self.names if n)}")
 
 
 class Client:
@@ -1618,14 +1664,17 @@ class Client:
         headers["Content-Type"] = "application/json"
         start = time.monotonic()
         if peer.get("protocol") == "https":
-            conn = http.client.HTTPSConnection(peer["address"], int(peer["port"]),
-                                               timeout=timeout, context=self.ssl)
+            if self.ssl is None:
+                return None, "https peer but no tls section in the config"
+            conn = _HTTPSConnection(peer["address"], int(peer["port"]),
+                                    [peer.get("hostname"), peer["address"]],
+                                    timeout=timeout, context=self.ssl)
         else:
             conn = http.client.HTTPConnection(peer["address"], int(peer["port"]), timeout=timeout)
         try:
             conn.request(method, target, body=data if method == "POST" else None, headers=headers)
             resp = conn.getresponse()
-            raw = resp.read(MAX_BODY + 1)
+            raw = resp.read(MAX_ANSWER + 1)
             if time.monotonic() - start > timeout:
                 return None, f"timed out after {timeout:g} s"
             try:
@@ -1640,23 +1689,60 @@ class Client:
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """Threaded HTTP(S) server with a cap on concurrent requests (503 beyond it)."""
+    """Threaded HTTP(S) server that a flood or a slow client cannot take over.
+
+    At most MAX_CONCURRENT requests at once and PER_CLIENT from one address (503 beyond);
+    a request must be read (TLS handshake, headers, body) within READ_DEADLINE seconds, or
+    its connection is shut down."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
     MAX_CONCURRENT = 64
+    PER_CLIENT = 16
+    READ_DEADLINE = 5.0
 
     def __init__(self, addr, handler, agent, ssl_ctx=None):
         self.agent = agent
-        self.slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
+        self.guard = threading.Lock()
+        self.active = 0
+        self.per_client = {}
+        self.deadlines = {}  # request socket -> monotonic time its reading must end
         super().__init__(addr, handler)
         if ssl_ctx is not None:
             self.socket = ssl_ctx.wrap_socket(self.socket, server_side=True,
                                               do_handshake_on_connect=False)
+        threading.Thread(target=self._reaper, name="ha-http-reaper", daemon=True).start()
+
+    def _reaper(self):
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self.guard:
+                late = [r for r, d in self.deadlines.items() if d <= now]
+                for r in late:
+                    del self.deadlines[r]
+            for r in late:
+                try:
+                    r.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def read_done(self, request):
+        """The handler has read the whole request: no deadline any more."""
+        with self.guard:
+            self.deadlines.pop(request, None)
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
+        ip = client_address[0] if isinstance(client_address, tuple) else ""
+        with self.guard:
+            ok = self.active < self.MAX_CONCURRENT and \
+                self.per_client.get(ip, 0) < self.PER_CLIENT
+            if ok:
+                self.active += 1
+                self.per_client[ip] = self.per_client.get(ip, 0) + 1
+                self.deadlines[request] = time.monotonic() + self.READ_DEADLINE
+        if not ok:
             try:
                 request.settimeout(1.0)
                 request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
@@ -1672,7 +1758,14 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            ip = client_address[0] if isinstance(client_address, tuple) else ""
+            with self.guard:
+                self.active -= 1
+                self.deadlines.pop(request, None)
+                if self.per_client.get(ip, 0) <= 1:
+                    self.per_client.pop(ip, None)
+                else:
+                    self.per_client[ip] -= 1
 
     def handle_error(self, request, client_address):
         pass  # a broken client connection is not our error; handlers catch their own
@@ -1744,6 +1837,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if len(body) != int(length):
             return self._reply(400, {"error": "body shorter than Content-Length"})
+        self.server.read_done(self.request)
         why = verify_request(agent.cfg.secret, agent.nonces, method, target, self.headers,
                              body, time.time())
         if why is not None:
@@ -1996,8 +2090,8 @@ class Agent:
                 return 200, self.core.members_answer(now)
         if name == "plan":
             why = check_fields(body, PLAN_BODY_FIELDS) or next(
-                (f"entries: {w}" for w in (check_fields(e, PLAN_FIELDS) for e in body["entries"])
-                 if w), None)
+                (f"entries: {w}" for w in (check_plan_entry(e) for e in body["entries"]) if w),
+                None)
             if why is not None:
                 return 400, {"error": why}
             with self.lock:
@@ -2006,6 +2100,8 @@ class Agent:
             why = check_fields(body, FAILOVER_FIELDS)
             if why is None and not valid_vm_name(body["vm_name"]):
                 why = "field 'vm_name' is not a valid VM name"
+            if why is None and not valid_hostname(body["from_host"]):
+                why = "field 'from_host' is not a valid hostname"
             if why is not None:
                 return 400, {"error": why}
             return self.failover(body)
@@ -2188,6 +2284,8 @@ class Agent:
             return "field 'protocol' must be http or https"
         if not 1 <= body["port"] <= 65535:
             return "field 'port' out of range"
+        if not ADDRESS_RE.match(body["address"]):
+            return "field 'address' is not a host name or IP address"
         if body["failover_strategy"] not in STRATEGIES:
             return "field 'failover_strategy' is not a known strategy"
         if not all(valid_vm_name(v) for v in body["fenced_vms"]):
