@@ -209,8 +209,8 @@ def load_config(path, debug=False):
         raise ConfigError(f"{path}: cannot read config: {e.strerror}")
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {str(e)[:200]}")
     return parse_config(data, path, debug)
 
 
@@ -1826,7 +1826,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if method == "POST":
                 return self._reply(411, {"error": "Content-Length required"})
             length = "0"
-        if not length.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", length):
             return self._reply(400, {"error": "bad Content-Length"})
         if int(length) > MAX_BODY:
             return self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
@@ -2286,6 +2286,8 @@ class Agent:
             return "field 'port' out of range"
         if not ADDRESS_RE.match(body["address"]):
             return "field 'address' is not a host name or IP address"
+        if not (_is_number(body["failover_time"]) and body["failover_time"] > 0):
+            return "field 'failover_time' must be a number of seconds above 0"
         if body["failover_strategy"] not in STRATEGIES:
             return "field 'failover_strategy' is not a known strategy"
         if not all(valid_vm_name(v) for v in body["fenced_vms"]):
