@@ -3,7 +3,7 @@
 #
 #   make test       the test suite (pytest)
 #   make demo       a 3-candidate cluster on loopback, debug mode, fake host commands
-#   make lint       sh -n and shellcheck on the rc.d script
+#   make lint       sh -n and shellcheck on the rc.d script, mandoc -T lint on the man page
 #   make install    [DESTDIR=/stage] [PREFIX=/usr/local]
 #   make uninstall  same variables as install
 
@@ -17,8 +17,7 @@ INSTALL_PYTHON?=	$(PREFIX)/bin/python3
 SBINDIR=	$(DESTDIR)$(PREFIX)/sbin
 RCDIR=		$(DESTDIR)$(PREFIX)/etc/rc.d
 ETCDIR=		$(DESTDIR)$(PREFIX)/etc/hoster_ha
-# The man page (hoster_ha.8, issue 4) will go to $(DESTDIR)$(PREFIX)/share/man/man8:
-# no target for it yet.
+MAN8DIR=	$(DESTDIR)$(PREFIX)/share/man/man8
 
 .PHONY: all test demo lint install uninstall
 
@@ -39,11 +38,17 @@ lint:
 	else \
 		echo "lint: shellcheck is not installed, skipped"; \
 	fi
+	@if command -v mandoc >/dev/null 2>&1; then \
+		echo "mandoc -T lint -W warning hoster_ha.8"; \
+		mandoc -T lint -W warning hoster_ha.8; \
+	else \
+		echo "lint: mandoc is not installed, skipped"; \
+	fi
 
 # The rc.d script names the interpreter and the agent by absolute path
 # (/usr/local/...): rewrite them for $(PREFIX) / $(INSTALL_PYTHON).
 install:
-	install -d $(SBINDIR) $(RCDIR) $(ETCDIR)
+	install -d $(SBINDIR) $(RCDIR) $(ETCDIR) $(MAN8DIR)
 	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' hoster_ha.py > $(SBINDIR)/hoster_ha.py
 	chmod 755 $(SBINDIR)/hoster_ha.py
 	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' ha_watchdog.py > $(SBINDIR)/ha_watchdog.py
@@ -54,10 +59,12 @@ install:
 	    rc.d/hoster_ha > $(RCDIR)/hoster_ha
 	chmod 755 $(RCDIR)/hoster_ha
 	install -m 644 ha_config.json.example $(ETCDIR)/ha_config.json.example
+	install -m 644 hoster_ha.8 $(MAN8DIR)/hoster_ha.8
 
 # Leaves $(ETCDIR) in place while it holds anything else (ha_config.json, secret).
 uninstall:
 	rm -f $(SBINDIR)/hoster_ha.py $(SBINDIR)/ha_watchdog.py
 	rm -f $(RCDIR)/hoster_ha
 	rm -f $(ETCDIR)/ha_config.json.example
+	rm -f $(MAN8DIR)/hoster_ha.8
 	rmdir $(ETCDIR) 2>/dev/null || true
