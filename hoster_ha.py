@@ -502,7 +502,8 @@ def clean_inventory(answer):
     free, running = h.get("free_memory"), h.get("running_vms")
     host = {"hostname": h.get("hostname"),
             "free_memory": free if isinstance(free, int) and not isinstance(free, bool) else None,
-            "running_vms": running if isinstance(running, int) else 0}
+            "running_vms": running if isinstance(running, int) and
+            not isinstance(running, bool) else 0}
     vms = [{"vm_name": v["vm_name"], "production": v.get("production") is True,
             "live": v.get("live") is True, "state": v.get("state"),
             "parent_host": v.get("parent_host") if isinstance(v.get("parent_host"), str) else None,
@@ -513,7 +514,7 @@ def clean_inventory(answer):
 
 # -- failover placement (§3.4 step 2-3): a pure function ---------------------------
 
-def plan_failover(sources, inventories, eligible, busy=()):
+def plan_failover(sources, inventories, eligible, busy=(), failed=None):
     """Decide which VMs to restart where.
 
     sources:     {host: set of VM names from its fence record} for every failed member
@@ -533,9 +534,12 @@ def plan_failover(sources, inventories, eligible, busy=()):
             copies.setdefault(name, []).append((host, v))
             if v.get("production"):
                 production.add(name)
+    failed = set(sources) if failed is None else set(failed)
     wanted = {}
     for src, fenced in sources.items():
         for name, cs in copies.items():
+            if src not in failed:
+                break  # a rejoined member that is up: only its fence record
             if name in production and any(v.get("parent_host") == src for _, v in cs):
                 wanted.setdefault(name, src)
         for name in fenced:
@@ -1022,6 +1026,11 @@ class Core:
         for m in self.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
                     (m.hostname, m.startup_time) not in self.settled:
+                if not m.armed:  # it usually holds the newest data: let it arm first
+                    self._once(("rejoin_wait", m.hostname, m.startup_time), "NOTICE",
+                               f"member {m.hostname} rejoined with fenced VMs "
+                               f"{', '.join(sorted(m.fenced_vms))}; placing them once it is armed")
+                    continue
                 sources[m.hostname] = set(m.fenced_vms)
         return sources
 
@@ -1042,6 +1051,7 @@ class Core:
         hosts = {h: r for h, r in hosts.items() if r is not None}
         self.job_seq += 1
         self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
+                    "failed": {h for h in sources if h in self.failed},
                     "waiting": set(hosts), "queue": [], "inflight": set(), "acked": False}
         for h, r in sorted(hosts.items()):
             self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h))
@@ -1054,8 +1064,9 @@ class Core:
         inv = clean_inventory(answer) if status == 200 else None
         if inv is None:
             err = answer.get("error") if isinstance(answer, dict) else answer
-            self._event("note", "WARNING", f"failover of {', '.join(sorted(job['sources']))} "
-                        f"waits: no VM inventory from {h} ({status or err}); retrying next round")
+            self._once(("inventory_wait", h, tuple(sorted(job["sources"]))), "WARNING",
+                       f"failover of {', '.join(sorted(job['sources']))} waits: no VM inventory "
+                       f"from {h} ({status or err}); retrying every round")
             self.job = None
             return
         job["inv"][h] = inv
@@ -1068,7 +1079,8 @@ class Core:
         busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
         eligible = {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
                     for h, r in job["members"].items()}
-        moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy)
+        moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
+                                        job["failed"])
         for vm, src, reason in unplaced:
             self._once(("unplaced", vm, self._episode(src)), "ERROR",
                        f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
@@ -1100,7 +1112,7 @@ class Core:
         return uid
 
     def _replicate(self, entries, purpose):
-        body = {"term": max(e["term"] for e in entries),
+        body = {"term": max([e["term"] for e in entries] + [self.max_manager_term]),
                 "entries": [{k: e[k] for k in PLAN_FIELDS} for e in entries]}
         others = [c for c in self.candidates if c != self.hostname]
         if purpose is not None:
@@ -1150,6 +1162,18 @@ class Core:
         uid = purpose[2]
         e = self.plans[uid]
         ok = status == 200 and isinstance(answer, dict) and answer.get("ok") is True
+        if not ok and (status is None or (isinstance(answer, dict) and answer.get("live") is True)):
+            # No answer (the target may have started it) or it runs there already: never
+            # start it elsewhere on that basis.  The plan stays 'planned' (the VM stays
+            # busy); _check_inherited_plans asks the target about this uid next round.
+            self._event("note", "WARNING", f"no usable answer from {e['to']} about VM {e['vm']} "
+                        f"(uid {uid}, {status or 'no answer'}); asking it before anything else")
+            job = self.job
+            if job is not None and job["id"] == purpose[1]:
+                job["inflight"].discard(uid)
+                if job["acked"]:
+                    self._pump(now)
+            return
         if ok:
             e["state"] = "done"
             self._event("note", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
@@ -1282,7 +1306,7 @@ class Core:
         if local is None:
             return 409, {"error": f"no copy of VM {name} here"}
         if local["live"] or name in self.starting():
-            return 409, {"error": f"VM {name} is already live here"}
+            return 409, {"error": f"VM {name} is already live here", "live": True}
         entry = {"uid": uid, "vm_name": name, "from_host": body["from_host"], "term": term,
                  "state": "starting"}
         self.failovers[uid] = entry
