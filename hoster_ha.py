@@ -601,6 +601,7 @@ class Core:
         self.was_manager = False
         self.manager_since = None
         self.max_manager_term = 0
+        self.term_floor = 0        # the term we last acted with (this incarnation)
         # as a candidate: the membership table and our vote
         self.members = {}
         self.vote = None
@@ -812,7 +813,10 @@ class Core:
         return len(self.valid_votes(now)) >= 2
 
     def manager_term(self, now):
-        return max(self.valid_votes(now).values(), default=0)
+        """The highest term among our valid votes, never below a term we already acted
+        with (a lapsed high-term vote must not lower it: candidates would refuse us)."""
+        votes = self.valid_votes(now)
+        return max(max(votes.values()), self.term_floor) if len(votes) >= 2 else 0
 
     def can_act(self, now):
         """Manager, and at least 2 of the voters have persisted our term (term_seen).
@@ -822,7 +826,7 @@ class Core:
         votes = self.valid_votes(now)
         if len(votes) < 2:
             return False
-        term = max(votes.values())
+        term = self.manager_term(now)
         acked = [v for v in votes if (self.persisted_term if v == self.hostname
                                       else self.answers[v].term_seen) >= term]
         return len(acked) >= 2
@@ -881,6 +885,8 @@ class Core:
         if self.is_manager(now):
             self._see_term(self.manager_term(now))
         manager = self.can_act(now)
+        if manager:
+            self.term_floor = self.manager_term(now)
         if manager and not self.was_manager:
             self.manager_since = now
             term = self.manager_term(now)
