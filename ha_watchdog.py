@@ -18,6 +18,7 @@ lies beside it.
 """
 
 import argparse
+import math
 import os
 import platform
 import signal
@@ -59,6 +60,7 @@ class KernelWatchdog:
     def __init__(self, watchdog_timeout, log, device=FIDO, ioctl=None, opener=os.open,
                  release=None, run=ha.run_cmd):
         self.n, self.seconds = ha.kernel_watchdog_seconds(watchdog_timeout)
+        self.whole = math.ceil(watchdog_timeout + 5)  # watchdog(8) -t takes whole seconds
         self.log, self.device, self.run = log, device, run
         self.use_command = freebsd_major(release) >= 15
         if ioctl is None:
@@ -76,8 +78,7 @@ class KernelWatchdog:
 
     def _set(self, n):
         if self.use_command:
-            rc, _, err = self.run(["/usr/sbin/watchdog", "-t", f"{self.seconds:g}" if n else "0"],
-                                  5)
+            rc, _, err = self.run(["/usr/sbin/watchdog", "-t", str(self.whole) if n else "0"], 5)
             if rc != 0:
                 raise OSError(f"/usr/sbin/watchdog failed ({rc}): {ha.last_line(err)}")
             return
@@ -123,9 +124,14 @@ class Watchdog:
         self.armed, self.last_beat = armed, now
         self.kernel_pat(armed)
         if self.acked != (pid, armed):
-            ha.write_atomic(self.paths.wd_ack,
-                            f"{'armed' if armed else 'unarmed'} {pid}\n".encode(), mode=0o644)
+            self.write_ack(armed, pid)
             self.acked = (pid, armed)
+
+    def write_ack(self, armed, pid):
+        """run_dir/ha_watchdog.ack: "armed|unarmed AGENT_PID DEBUG|PRODUCTION"."""
+        mode = "DEBUG" if self.cfg.debug else "PRODUCTION"
+        ha.write_atomic(self.paths.wd_ack,
+                        f"{'armed' if armed else 'unarmed'} {pid} {mode}\n".encode(), mode=0o644)
 
     def kernel_pat(self, armed):
         """Pat watchdog(4) while armed heartbeats arrive; disarm it when the node disarms."""
@@ -155,6 +161,11 @@ class Watchdog:
         return None
 
     def fence(self, reason):
+        # The commands we run (bhyvectl, shutdown) must not inherit our blocked signals;
+        # our own handlers do nothing (a fence is not interrupted) and reset at exec.
+        for sig in SIGNALS:
+            signal.signal(sig, lambda *_: None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         debug = self.cfg.debug
         say = "(DEBUG) would " if debug else ""
         self.log.log(ha.NOTICE if debug else ha.EMERG,
@@ -228,11 +239,12 @@ def main(argv=None):
                 print(f"ha_watchdog: {e}", file=sys.stderr)
                 return 1
     os.makedirs(cfg.run_dir, exist_ok=True)
-    ha.remove_file(paths.wd_ack)
+    watchdog = Watchdog(cfg, log, kernel)
+    watchdog.write_ack(False, 0)  # our mode, before the pid file announces us
     ha.write_pid_file(paths.wd_pid)
     log.log(ha.NOTICE, f"ha_watchdog started ({'DEBUG' if cfg.debug else 'PRODUCTION'} mode, "
                        f"watchdog_timeout {cfg.watchdog_timeout:g} s)")
-    return Watchdog(cfg, log, kernel).run()
+    return watchdog.run()
 
 
 if __name__ == "__main__":

@@ -140,9 +140,12 @@ class Config:
 
 
 def kernel_watchdog_seconds(watchdog_timeout):
-    """The watchdog(4) timeout used: the smallest 2**N ns >= watchdog_timeout + 5 s."""
+    """The watchdog(4) timeout: (N, 2**N ns in seconds, whole seconds S) where S is
+    watchdog_timeout + 5 rounded up and 2**N ns the smallest power of two >= S
+    (watchdog(8) -t takes whole seconds and rounds them up to 2**N ns the same way)."""
+    whole = math.ceil(watchdog_timeout + 5)
     n = 0
-    while 2 ** n < (watchdog_timeout + 5) * 1e9:
+    while 2 ** n < whole * 1e9:
         n += 1
     return n, 2 ** n / 1e9
 
@@ -411,6 +414,7 @@ class Member:
         self.armed = False
         self.maintenance = False
         self.left = False
+        self.seq = -1              # the member's last applied ping/leave sequence number
         self.last_ping = now
 
 
@@ -597,6 +601,7 @@ class Core:
         self.armed = False         # ... and the watchdog has acknowledged it
         self.fenced = False
         self.left = False          # our leave was acknowledged: we stop, unprotected
+        self.seq = 0               # orders our pings and leave requests (§3.7)
         self.had_quorum = False
         self.was_manager = False
         self.manager_since = None
@@ -664,7 +669,9 @@ class Core:
         if m is None or m.startup_time != body["startup_time"]:
             return 409, {"error": f"{h} is not registered here; register first"}
         m.last_ping = now
-        m.armed, m.maintenance = body["armed"], body["maintenance"]
+        if self._newer(m, body):
+            m.armed, m.maintenance = body["armed"], body["maintenance"]
+            m.left = body.get("left") is True or (m.left and "left" not in body)
         self._see_term(body["term"])
         if body["manager"] and h in self.candidates:
             self.announced[h] = (body["term"], now)
@@ -673,6 +680,18 @@ class Core:
         if v is not None and v.holder == h and v.holder_startup == body["startup_time"]:
             v.renewed_at = now
         return 200, self.ping_answer(now)
+
+    @staticmethod
+    def _newer(m, body):
+        """True (and remembered) if body's seq is newer than the member's last applied one.
+        Bodies without seq (older agents) are always applied."""
+        seq = body.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return True
+        if seq <= m.seq:
+            return False
+        m.seq = seq
+        return True
 
     def _see_term(self, term):
         """Remember (and persist, before we answer anyone) the highest term we have seen.
@@ -694,12 +713,17 @@ class Core:
                 "manager": manager, "term": term}
 
     def handle_leave(self, body, now):
-        """POST leave (§3.7): the member's current incarnation is never failed over."""
+        """POST leave (§3.7): the member's current incarnation is never failed over.
+
+        Ordered with its pings by `seq`: a leave that arrives after a later ping (a stop
+        that was refused, then delivered late) changes nothing."""
         if not self.is_candidate:
             return 404, {"error": "this node is not a candidate"}
         m = self.members.get(body["hostname"])
         if m is None or m.startup_time != body["startup_time"]:
             return 200, {"ok": True, "known": False}
+        if not self._newer(m, body):
+            return 200, {"ok": True, "known": True, "stale": True}
         if not m.left:
             m.left = True
             self._event("left", "NOTICE", f"member {m.hostname} left the cluster (orderly stop); "
@@ -717,6 +741,10 @@ class Core:
                 self.maintenance = False
                 self._event("maintenance", "NOTICE", "maintenance off: the node arms again "
                             "by the normal rule", on=False)
+
+    def leave_body(self):
+        self.seq += 1
+        return {"hostname": self.hostname, "startup_time": self.startup_time, "seq": self.seq}
 
     def members_answer(self, now):
         """GET members: our table, and the failover plans we hold (for a new manager)."""
@@ -744,8 +772,9 @@ class Core:
     def ping_body(self, now):
         """Our ping.  A manager sends its term at once (voters persist it), but announces
         itself (manager: true) only once a majority has acknowledged that term."""
+        self.seq += 1
         return {"hostname": self.hostname, "startup_time": self.startup_time,
-                "armed": self.armed,
+                "seq": self.seq, "left": self.left, "armed": self.armed,
                 "maintenance": self.maintenance or self.maintenance_asked_at is not None,
                 "manager": self.can_act(now),
                 "term": self.manager_term(now) if self.is_manager(now) else
@@ -2065,6 +2094,7 @@ class Agent:
         self.cfg, self.log = cfg, log
         self.paths = Paths(cfg)
         self.debug = cfg.debug
+        self.mode = "DEBUG" if cfg.debug else "PRODUCTION"
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.nonces = NonceCache()
@@ -2077,6 +2107,7 @@ class Agent:
         self.wd_pid = None
         self.wd_proc = None
         self.wd_missing = 0
+        self.wd_restarting = False
         self.wd_armed_ack = False
         self.inflight = {}
         self.stop_requested = threading.Event()
@@ -2154,7 +2185,7 @@ class Agent:
     def leave(self):
         """§3.7: POST leave to the 3 candidates.  Returns the hostnames that acknowledged."""
         with self.lock:
-            body = {"hostname": self.cfg.hostname, "startup_time": self.startup_time}
+            body = self.core.leave_body()
         timeout = max(2.0, 2 * self.cfg.ping_timeout)
         with concurrent.futures.ThreadPoolExecutor(max_workers=3) as ex:
             futs = {c: ex.submit(self.client.request, self.cfg.candidate(c), "POST", "leave",
@@ -2327,7 +2358,7 @@ class Agent:
     def status(self):
         with self.lock:
             st = self.core.status(time.monotonic())
-        st.update(mode="DEBUG" if self.debug else "PRODUCTION", api_pid=os.getpid(),
+        st.update(mode=self.mode, api_pid=os.getpid(),
                   watchdog_pid=self.wd_pid if self.wd_pid and pid_alive(self.wd_pid) else None)
         return st
 
@@ -2365,9 +2396,18 @@ class Agent:
         """Use the watchdog running for this run_dir, or start one and wait for its pid file."""
         pid = read_pid(self.paths.wd_pid)
         if pid is not None:
-            self.wd_pid = pid
-            self.log.log(NOTICE, f"using the running ha_watchdog (PID {pid})")
-            return
+            if self.watchdog_mode() == self.mode:
+                self.wd_pid = pid
+                self.log.log(NOTICE, f"using the running ha_watchdog (PID {pid})")
+                return
+            self.log.log(NOTICE, f"the running ha_watchdog (PID {pid}) is not in {self.mode} "
+                                 "mode: standing it down and starting a new one")
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                raise RuntimeError(f"ha_watchdog (PID {pid}) in another mode did not stop")
         argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
         if self.debug:
             argv.append("--ha-debug")
@@ -2387,6 +2427,17 @@ class Agent:
         raise RuntimeError(f"ha_watchdog did not start (no {self.paths.wd_pid}); "
                            "see the log for its error")
 
+    def read_ack(self):
+        try:
+            with open(self.paths.wd_ack) as f:
+                return f.read().split()
+        except OSError:
+            return []
+
+    def watchdog_mode(self):
+        ack = self.read_ack()
+        return ack[2] if len(ack) == 3 else None
+
     def watchdog_alive(self):
         if self.wd_proc is not None and self.wd_proc.pid == self.wd_pid:
             return self.wd_proc.poll() is None  # reaps our child: no zombie
@@ -2398,11 +2449,7 @@ class Agent:
             os.kill(self.wd_pid, signal.SIGUSR1 if armed else signal.SIGHUP)
         except OSError:
             pass
-        try:
-            with open(self.paths.wd_ack) as f:
-                self.wd_armed_ack = f.read().split() == ["armed", str(os.getpid())]
-        except OSError:
-            self.wd_armed_ack = False
+        self.wd_armed_ack = self.read_ack() == ["armed", str(os.getpid()), self.mode]
 
     def check_watchdog(self):
         if self.watchdog_alive():
@@ -2418,11 +2465,20 @@ class Agent:
                                 "initiating self fencing")
             self.events.append("self_fence", reason="ha_watchdog gone")
             self.fence("ha_watchdog is gone")
-        else:
+        elif not self.wd_restarting:
             self.log.error(f"ha_watchdog (PID {self.wd_pid}) is gone; node not armed, "
                            "starting a new one")
-            self.wd_missing = 0
+            self.wd_restarting = True
+            self.work.submit(self.restart_watchdog)
+
+    def restart_watchdog(self):
+        try:
             self.start_watchdog()
+            self.wd_missing = 0
+        except (RuntimeError, OSError) as e:
+            self.log.error(str(e))
+        finally:
+            self.wd_restarting = False
 
     # -- ping rounds ---------------------------------------------------------------
 
@@ -2516,7 +2572,7 @@ class Agent:
             self.log.error(str(e))
             remove_file(self.paths.pid, only_if_pid=os.getpid())
             return 1
-        mode = "DEBUG" if self.debug else "PRODUCTION"
+        mode = self.mode
         self.log.log(NOTICE, f"hoster_ha {__version__} started on {cfg.hostname} as "
                              f"{'candidate' if cfg.is_candidate else 'worker'}, {mode} mode, "
                              f"listening on {cfg.listen_address}:{cfg.port}")
