@@ -59,7 +59,7 @@ DEFAULT_CONFIG_PATHS = (
 EMERG_BELOW_2 = "candidatesRegistered has gone below 2, initiating self fencing"
 VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
@@ -67,11 +67,11 @@ ADDRESS_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 
 
 def valid_hostname(name):
-    return isinstance(name, str) and bool(HOSTNAME_RE.match(name))
+    return isinstance(name, str) and bool(HOSTNAME_RE.fullmatch(name))
 
 
 def valid_vm_name(name):
-    return isinstance(name, str) and bool(VM_NAME_RE.match(name))
+    return isinstance(name, str) and bool(VM_NAME_RE.fullmatch(name))
 
 
 # =============================================================================
@@ -1055,12 +1055,12 @@ class Core:
         """{host: fenced VM names} whose VMs may need a new home, not yet settled."""
         sources = {}
         for h, st in self.failed.items():
-            if (h, st) not in self.settled:
+            if ("failed", h, st) not in self.settled:
                 m = self.members.get(h)
                 sources[h] = set(m.fenced_vms or []) if m and m.startup_time == st else set()
         for m in self.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
-                    (m.hostname, m.startup_time) not in self.settled:
+                    ("rejoin", m.hostname, m.startup_time) not in self.settled:
                 if not m.armed:  # it usually holds the newest data: let it arm first
                     self._once(("rejoin_wait", m.hostname, m.startup_time), "NOTICE",
                                f"member {m.hostname} rejoined with fenced VMs "
@@ -1070,10 +1070,12 @@ class Core:
         return sources
 
     def _episode(self, h):
+        """What a failover job for source h handles: its failure, or its rejoin (with a
+        fence record).  Separate keys: a host back from a fence may fail again."""
         if h in self.failed:
-            return (h, self.failed[h])
+            return ("failed", h, self.failed[h])
         m = self.members.get(h)
-        return (h, m.startup_time if m else None)
+        return ("rejoin", h, m.startup_time if m else None)
 
     def _start_job(self, now, sources):
         hosts = {}
@@ -1087,6 +1089,7 @@ class Core:
         self.job_seq += 1
         self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
                     "failed": {h for h in sources if h in self.failed},
+                    "episodes": {h: self._episode(h) for h in sources},
                     "waiting": set(hosts), "queue": [], "inflight": set(), "acked": False}
         for h, r in sorted(hosts.items()):
             self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h))
@@ -1242,7 +1245,7 @@ class Core:
         planned = {e["from"] for e in self.plans.values() if e["state"] == "planned"}
         for h in job["sources"]:
             if h not in planned:
-                self.settled.add(self._episode(h))
+                self.settled.add(job["episodes"][h])
 
     def _check_inherited_plans(self, now):
         """Ask the target about every plan still 'planned' that no job of ours drives."""
@@ -1632,7 +1635,7 @@ class NonceCache:
                 return False
             if len(self.seen) >= self.max_size:
                 cutoff = wall - 2 * self.window
-                self.seen = {n: t for n, t in self.seen.items() if t > cutoff}
+                self.seen = {n: t for n, t in self.seen.items() if t >= cutoff}
                 if len(self.seen) >= self.max_size:
                     return False
             self.seen[nonce] = wall
@@ -1803,8 +1806,10 @@ class Server(http.server.ThreadingHTTPServer):
                 self.deadlines[request] = time.monotonic() + self.READ_DEADLINE
         if not ok:
             try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
+                if isinstance(request, ssl.SSLSocket):
+                    raise OSError("no 503 over TLS: the handshake would block this thread")
+                request.setblocking(False)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
                                 b"application/json\r\nContent-Length: 22\r\nConnection: close"
                                 b"\r\n\r\n{\"error\": \"overload\"}\n")
             except OSError:
@@ -1856,6 +1861,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by http.server while parsing (bad request line, unknown method):
+        JSON like every other answer, and never a 5xx other than 501/503."""
+        if code == 505:
+            code = 400
+        if not getattr(self, "request_version", "").startswith("HTTP/1."):
+            self.request_version = "HTTP/1.0"
+        self._reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
     def do_GET(self):
         self._serve("GET")
 
@@ -1870,7 +1884,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self, method):
         agent = self.server.agent
         target = self.path
-        path = urllib.parse.urlsplit(target).path
+        try:
+            path = urllib.parse.urlsplit(target).path
+        except ValueError:
+            return self._reply(400, {"error": "malformed request target"})
         if path in ("/metrics", "/api/v1/ha/metrics"):
             if method != "GET":
                 return self._not_allowed()
@@ -2170,6 +2187,8 @@ class Agent:
             return 200, self.vms()
         if name == "leave":
             why = check_fields(body, LEAVE_FIELDS)
+            if why is None and not valid_hostname(body["hostname"]):
+                why = "field 'hostname' is not a valid hostname"
             if why is not None:
                 return 400, {"error": why}
             with self.lock:
@@ -2345,7 +2364,7 @@ class Agent:
             return "field 'protocol' must be http or https"
         if not 1 <= body["port"] <= 65535:
             return "field 'port' out of range"
-        if not ADDRESS_RE.match(body["address"]):
+        if not ADDRESS_RE.fullmatch(body["address"]):
             return "field 'address' is not a host name or IP address"
         if not (_is_number(body["failover_time"]) and body["failover_time"] > 0):
             return "field 'failover_time' must be a number of seconds above 0"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Deterministic simulator for the hoster_ha cluster core (SPEC §3.1-§3.3).
+"""Deterministic simulator for the hoster_ha cluster core (SPEC §3.1-§3.6).
 
 Every node of a cluster runs in this one process on virtual time.  Each node
 owns a real `hoster_ha.Core`, driven exactly as the agent drives it: a ping
@@ -9,13 +9,34 @@ failure at sent_at + ping_timeout), a control-loop tick every `tick` seconds
 (core.tick with an instantly acknowledging watchdog), and the actions the
 core returns (events are logged, terms persisted to the node's "disk",
 fences kill the node, a manager's "send" requests travel the same network
-and come back through on_response).  Simulated hosts hold no VMs: this is a
-model of election, leases and fencing, not of failover placement.
+and come back through on_response).
+
+Hosts may hold VMs (the `vm` command; a node without VMs behaves exactly as
+in the election-only model).  A host's VMs are copies: {name: production,
+parent_host, latest snapshot creation or None, live, memory}; several hosts
+may hold copies of one VM (replicas: same name, parent_host = the owner).
+GET vms is answered from them in the shape of SPEC §4.3 (a VM whose start
+the core accepted is "starting").  POST failover goes to the target's
+core.handle_failover with its local copy; an accepted start rewrites
+parent_host (change-parent) at once, the VM is live `start_delay` seconds
+later (1-3 s, seeded), and then finish_failover's answer travels back (the
+link may lose it).  `failstart NODE VM` makes the next start of VM there
+fail.  A fence (the core's, or the watchdog's) writes the fence record (the
+production VMs the node runs as their parent), locks those copies
+(parent_host = __HA_LOCKED_...__) and destroys every live VM at most
+fence_timeout later; the record is passed as fenced_vms when the node
+starts again and deleted once it is armed (as the agent does).  A "demote"
+action rewrites parent_host of local copies to the new owner and destroys
+live ones, then calls core.demote_done.
 
 A node is running, paused (a hung host: it neither ticks nor answers; its
 watchdog fences it watchdog_timeout after its last heartbeat if it was
-armed), down (killed: power loss, no fence) or fenced.  `restart` gives it a
-new startup_time and the term it persisted.
+armed), down (killed; once VMs exist, the watchdog of a node that was armed
+fences it watchdog_timeout after its last heartbeat, an unarmed one keeps
+its VMs running) or fenced.  `crash` is a power loss: down, and its VMs are
+gone at once, without a fence record.  `restart` gives it a new
+startup_time and the term it persisted (a restart within watchdog_timeout
+is not fenced).
 
 The network is a link matrix: each direction of each pair is up, down,
 lossy(p) or delayed(d seconds).  Each node has its own clock
@@ -34,30 +55,50 @@ After every simulated step the simulator checks, independently of the core:
   - the terms of successive managers (manager_elected events) strictly increase,
     and an acting manager's term never falls (commands are checked against the
     highest manager term a node has seen);
-  - request bodies pass the transport's field checks.
+  - request bodies pass the transport's field checks;
+  - a production VM is never live on two hosts at once (a fencing host's VMs
+    count as live until they are destroyed);
+  - a failover start is accepted only on a non-backup host holding a snapshot;
+  - every production VM of a silent host, and every VM of the fence record of a
+    node that rejoined, is live again (or, with no eligible replica, named by a
+    vm_start_failed event) within the bound of Sim._check_recovery, whenever the
+    rest of the cluster stayed healthy.
 A breach raises SimViolation.
 
 Commands (scenario cmds.json is a list of [time_seconds, "command"]):
-  start NODE | kill NODE | restart NODE | pause NODE | resume NODE
+  start NODE | kill NODE | crash NODE | restart NODE | pause NODE | resume NODE
   link A>B down|up|lossy P|delay SECONDS      one direction
   link A-B down|up|lossy P|delay SECONDS      both directions
   isolate NODE | heal
+  (in any command, @manager is the node acting as manager now, @last what @manager
+   stood for last time; with no acting manager the command is skipped)
+  vm NODE NAME [parent=HOST] [production=1|0] [snapshot=CREATION|none] [live=1|0]
+               [memory=GIB]                   a VM copy on NODE (parent: NODE)
+  host NODE [free=GIB] [backup=1|0]           before NODE starts (default free 8)
+  failstart NODE VM                           the next start of VM on NODE fails
   expect manager NODE | no_manager | one_manager | agreed
   expect fenced NODE | not_fenced NODE | armed NODE | unarmed NODE
   expect running NODE | down NODE | vote VOTER HOLDER | quorum NODE | no_quorum NODE
   expect term NODE N            (the manager term NODE sees)
+  expect live VM NODE|none      (VM live on exactly NODE / nowhere)
+  expect parent NODE VM HOST|locked      (parent_host of the copy on NODE)
+  expect starts VM N            (failover starts of VM accepted so far, anywhere)
+  expect event EVENT VM | no_event EVENT VM     (a core event naming VM was logged)
 Candidates are always node1, node2, node3; any other node name is a worker.
 
     python3 tests/sim.py tests/scenarios/NAME     run one scenario, print its log
     python3 tests/sim.py --seed N                 replay one random seed
+    python3 tests/sim.py --vms --seed N           replay one random failover seed
 """
 
 import heapq
 import inspect
+import itertools
 import json
 import os
 import random
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -73,18 +114,21 @@ WALL_BASE_MS = 1_700_000_000_000
 EPS = 1e-9
 
 RUNNING, PAUSED, DOWN, FENCED = "running", "paused", "down", "fenced"
+GIB = 1 << 30
+LOCK_PREFIX = "__HA_LOCKED_"
 
 
 class SimViolation(AssertionError):
     """An invariant broke.  The message says which, when and where."""
 
 
-def node_config(name, index, timings=None):
+def node_config(name, index, timings=None, extra=None):
     """A validated Config for node `name`, built the way the agent builds it."""
     data = {"candidates": [{"hostname": c, "address": f"10.0.0.{i + 1}", "port": 8081,
                             "protocol": "http"} for i, c in enumerate(CANDIDATES)],
             "hostname": name, "secret": SECRET}
     data.update(timings or TIMINGS)
+    data.update(extra or {})
     if name not in CANDIDATES:
         data["address"] = f"10.0.1.{index + 1}"
         data["port"] = 8081
@@ -116,6 +160,21 @@ class Node:
         self.max_granted = 0
         self.acting_term = 0        # highest term this incarnation has acted (been manager) with
         self.term_drop_seen = False
+        self.manager_t = None       # sim time this incarnation became manager (None: it is not)
+        # the host under the agent: what a restart of the agent does not change
+        self.vms = {}               # VM copies: name -> {production, parent, snap, live, memory}
+        self.mem = 8 * GIB          # free memory with no VM running
+        self.fence_record = None    # state_dir/fence.json: [VM names] or None
+        self.host_epoch = 0         # bumped when the host's VMs die (fence, power loss)
+        self.fence_pending = None   # token of a fence whose VM destruction is still to come
+        self.fail_next = set()      # VM names whose next start here fails
+        self.stash = []             # results of the core's requests that came in while paused
+
+    def free_memory(self):
+        return self.mem - sum(v["memory"] for v in self.vms.values() if v["live"])
+
+    def running_vms(self):
+        return sum(1 for v in self.vms.values() if v["live"])
 
     def now(self, t):
         return self.offset + self.rate * t
@@ -127,12 +186,15 @@ class Node:
 
 class Msg:
     """One request in flight: a ping round's register/ping, or a core "send" action."""
-    __slots__ = ("src", "inc", "dst", "kind", "body", "sent_at", "timeout_at", "rid", "method")
+    __slots__ = ("src", "inc", "dst", "kind", "body", "sent_at", "timeout_at", "rid", "method",
+                 "done", "answered")
 
     def __init__(self, src, inc, dst, kind, body, sent_at, timeout_at, rid=None, method="POST"):
         self.src, self.inc, self.dst, self.kind = src, inc, dst, kind
         self.body, self.sent_at, self.timeout_at = body, sent_at, timeout_at
         self.rid, self.method = rid, method
+        self.done = False   # its answer (or failure) has reached the sender
+        self.answered = False   # ... and it was an answer
 
 
 class Sim:
@@ -140,7 +202,7 @@ class Sim:
 
     def __init__(self, nodes=None, seed=0, tick=0.5, latency=(0.001, 0.020), rates=None,
                  offsets=None, timings=None, wire=True, stop_on_violation=True, audit=1.0,
-                 term_drop="violation"):
+                 term_drop="violation", start_delay=(1.0, 3.0), fence_delay=None):
         self.seed = seed
         self.streams = {}
         self.tick_interval = tick
@@ -162,6 +224,23 @@ class Sim:
         self.unhandled = set()
         self.term_drop = term_drop  # "violation", or "record" into term_drops (a known core bug)
         self.term_drops = []
+        # VMs (SPEC §3.3-§3.6): off until a `vm` command runs; nodes without VMs are unchanged
+        self.vm_mode = False
+        self.start_delay = start_delay  # (lo, hi) seconds from an accepted start to live
+        self.fence_delay = fence_delay  # seconds from a fence to its VMs' end; None: random
+        #                                 in [0, fence_timeout]
+        self.starts = []                # (t, host, vm, uid, from_host) of accepted starts
+        self.vm_events = []             # (t, node, event, vm) of core events naming a VM
+        self.live_since = {}            # production VM -> (host, t) while it is live somewhere
+        self.heard = {}                 # node -> sim time a candidate last accepted its ping
+        self.obligations = {}           # node H -> its current failure obligation
+        self.rejoins = []               # rejoin obligations (Sim._check_recovery)
+        self.recoveries = []            # (H, vm, t_silent, deadline, how, t_m) checked, held
+        self.skipped = []               # (H, t_silent, why) obligations not asserted
+        self.fence_seq = itertools.count(1)
+        self.requests = []              # inventory and failover requests of managers
+        self.failed_starts = set()      # VMs whose start failed (failstart)
+        self.last_manager = None        # what @manager stood for in the last command
         rates, offsets = rates or {}, offsets or {}
         for name in list(CANDIDATES) + [n for n in (nodes or ()) if n not in CANDIDATES]:
             self.add_node(name, rates.get(name, 1.0), offsets.get(name, 0.0))
@@ -198,6 +277,7 @@ class Sim:
         cmds = sorted(((float(t), c) for t, c in cmds), key=lambda x: x[0])
         for t, c in cmds:
             for word in c.replace(">", " ").replace("-", " ").split()[1:]:
+                word = word.split("=", 1)[-1]
                 if word.startswith("worker"):
                     self.add_node(word)
             self.at(t, "cmd", c)
@@ -251,21 +331,82 @@ class Sim:
         n.armed_logged = False
         n.acting_term = 0
         n.term_drop_seen = False
+        n.manager_t = None
+        n.stash = []
+        if n.fence_pending is not None:     # the host rebooted: its fence has ended
+            self._destroy_all(n, "the fence ended before the reboot")
         persisted = n.disk.get("term", 0)
-        n.core = hoster_ha.Core(n.cfg, n.startup_time, now, persisted_term=persisted)
-        self.emit(n.who, "INFO", f"agent started (incarnation {n.incarnation}, persisted term {persisted})")
+        fenced = list(n.fence_record or [])
+        n.core = hoster_ha.Core(n.cfg, n.startup_time, now, persisted_term=persisted,
+                                fenced_vms=fenced)
+        self.emit(n.who, "INFO", f"agent started (incarnation {n.incarnation}, persisted term "
+                                 f"{persisted}" + (f", fence record: {', '.join(fenced)}"
+                                                   if fenced else "") + ")")
         self.at(self.t, "round", n.name, n.inc)
         self.at(self.t, "tick", n.name, n.inc)
 
     def _stop(self, n, state):
         n.state = state
         n.inc += 1          # every pending event of the old incarnation is void
+        n.manager_t = None
 
     def _fence(self, n, who, reason):
         if not n.armed_logged:
             self.violation(f"{n.name} fenced but was never armed in this incarnation ({reason})")
         self._stop(n, FENCED)
-        self.emit(who, "FENCE", f"VMs destroyed, host rebooting ({reason})")
+        if not n.vms:
+            self.emit(who, "FENCE", f"VMs destroyed, host rebooting ({reason})")
+            return
+        # SPEC §3.3 steps 2-4: fence record and locks first, then destroy within fence_timeout
+        record = sorted(name for name, v in n.vms.items()
+                        if v["production"] and v["live"] and v["parent"] == n.name)
+        n.fence_record = record
+        stamp = LOCK_PREFIX + time.strftime(
+            "%Y-%m-%d_%H-%M-%S", time.gmtime(WALL_BASE_MS / 1000 + self.t)) + "__"
+        for name in record:
+            n.vms[name]["parent"] = stamp
+        n.host_epoch += 1   # starts in progress never finish
+        live = sorted(name for name, v in n.vms.items() if v["live"])
+        delay = self.fence_delay
+        if delay is None:
+            delay = self._stream(n.name, n.name, "fence").uniform(0, n.cfg.fence_timeout)
+        token = next(self.fence_seq)
+        n.fence_pending = token
+        self.emit(who, "FENCE", f"fence record [{', '.join(record)}] (locked), destroying "
+                                f"[{', '.join(live)}] within {delay:.1f} s, host rebooting "
+                                f"({reason})")
+        self.at(self.t + delay / n.rate, "destroy", n.name, token)
+
+    def _ev_destroy(self, name, token):
+        n = self.nodes[name]
+        if n.fence_pending == token:
+            self._destroy_all(n, "fence")
+
+    def _destroy_all(self, n, why):
+        n.fence_pending = None
+        gone = sorted(name for name, v in n.vms.items() if v["live"])
+        for name in gone:
+            self._set_live(n, name, False)
+        if gone:
+            self.emit(f"{n.name}/host", "INFO", f"VMs destroyed: {', '.join(gone)} ({why})")
+
+    def _set_live(self, n, name, live):
+        """Change whether VM `name` runs on n; a production VM may run on one host only."""
+        v = n.vms[name]
+        if v["live"] == live:
+            return
+        v["live"] = live
+        if not v["production"]:
+            return
+        if not live:
+            if self.live_since.get(name, (None,))[0] == n.name:
+                del self.live_since[name]
+            return
+        others = [x.name for x in self.nodes.values()
+                  if x is not n and name in x.vms and x.vms[name]["live"]]
+        self.live_since[name] = (n.name, self.t)
+        if others:
+            self.violation(f"VM {name} is live on {n.name} and on {', '.join(others)}")
 
     # -- events -------------------------------------------------------------------
 
@@ -294,8 +435,12 @@ class Sim:
         body = a.get("body")
         if self.wire and body is not None:
             body = json.loads(json.dumps(body))
-        self._transmit(Msg(n.name, n.inc, a["to"], a["name"], body, now,
-                           self.t + a["timeout"] / n.rate, rid=a["id"], method=a["method"]))
+        msg = Msg(n.name, n.inc, a["to"], a["name"], body, now,
+                  self.t + a["timeout"] / n.rate, rid=a["id"], method=a["method"])
+        if self.vm_mode and (a["name"] == "vms" or (a["name"] == "failover"
+                                                   and not (body or {}).get("check"))):
+            self.requests.append(msg)   # a job waits for these (Sim._check_recovery)
+        self._transmit(msg)
 
     def _transmit(self, msg):
         hop = self._hop(msg.src, msg.dst, msg.kind) if msg.dst in self.nodes else None
@@ -308,15 +453,19 @@ class Sim:
         """The destination's HTTP handler: (status, answer)."""
         core, body, name = d.core, msg.body, msg.kind
         if name == "register":
-            return core.handle_register(body, dnow)
+            status, answer = core.handle_register(body, dnow)
+            if status == 200:
+                self.heard[msg.src] = self.t
+            return status, answer
         if name == "ping":
             status, answer = core.handle_ping(body, dnow)
             if status == 200:
+                self.heard[msg.src] = self.t
                 if d.vote_inc == d.incarnation and \
                         d.vote_holder == (body["hostname"], body["startup_time"]):
                     d.vote_renewed = dnow   # a ping from the holder's incarnation was accepted
             return status, answer
-        # The failover requests of a manager (SPEC §3.4).  Simulated hosts have no VMs.
+        # The failover requests of a manager (SPEC §3.4)
         if name == "members" and hasattr(core, "members_answer"):
             if not d.cfg.is_candidate:
                 return 404, {"error": "this node is not a candidate"}
@@ -324,16 +473,82 @@ class Sim:
         if name == "plan" and hasattr(core, "handle_plan"):
             return core.handle_plan(body, dnow)
         if name == "vms":
-            return 200, {"host": {"hostname": d.name, "free_memory": 8 << 30, "running_vms": 0},
-                         "vms": [], "errors": []}
+            return 200, self._inventory(d)
         if name == "failover" and hasattr(core, "handle_failover"):
-            status, answer = core.handle_failover(body, dnow, None)
-            if status == "start":   # cannot happen without a local copy; refuse like a failed start
-                status, answer = core.finish_failover(answer["uid"], False, "no VM here", dnow)
-            return status, answer
+            return self._failover(d, msg, dnow)
         if name == "status":
             return 200, core.status(dnow)
         return 404, {"error": f"unknown path {name}"}
+
+    # -- the host side of failover (SPEC §3.4, §4.3) -------------------------------
+
+    def _inventory(self, d):
+        """GET vms, built from the host's copies like Agent.vms builds it."""
+        if not d.vms:
+            return {"host": {"hostname": d.name, "free_memory": 8 << 30, "running_vms": 0},
+                    "vms": [], "errors": []}
+        starting = d.core.starting()
+        out = []
+        for name in sorted(d.vms):
+            v = d.vms[name]
+            state = "starting" if name in starting else "live" if v["live"] else "stopped"
+            snap = None if v["snap"] is None else {
+                "name": f"zroot/vm-encrypted/{name}@snap-{v['snap']}",
+                "creation": v["snap"], "guid": f"{v['snap']:x}{len(name):02x}"}
+            out.append({"vm_name": name, "production": v["production"],
+                        "live": state != "stopped", "state": state,
+                        "parent_host": v["parent"],
+                        "current_host": d.name if state != "stopped" else None,
+                        "latest_snapshot": snap, "memory": v["memory"]})
+        return {"host": {"hostname": d.name, "free_memory": d.free_memory(),
+                         "running_vms": d.running_vms()},
+                "vms": out, "errors": []}
+
+    def _failover(self, d, msg, dnow):
+        """POST failover: the core decides; an accepted start runs on the host."""
+        body = msg.body
+        v = d.vms.get(body["vm_name"])
+        status, answer = d.core.handle_failover(body, dnow, None if v is None else
+                                                {"live": v["live"]})
+        if status != "start":
+            return status, answer
+        name, uid = body["vm_name"], body["uid"]
+        self.starts.append((self.t, d.name, name, uid, body["from_host"]))
+        if d.cfg.backup_node:
+            self.violation(f"VM {name} was sent to the backup node {d.name} (uid {uid})")
+        if v["snap"] is None:
+            self.violation(f"VM {name} was sent to {d.name}, which holds no snapshot of it")
+        v["parent"] = d.name    # change-parent, before `hoster vm start`
+        lo, hi = self.start_delay
+        delay = self._stream(d.name, d.name, "vmstart").uniform(lo, hi)
+        self.emit(f"{d.name}/host", "INFO", f"starting VM {name} (parent_host = {d.name}, "
+                                            f"live in {delay:.1f} s)")
+        self.at(self.t + delay / d.rate, "vm_start", d.name, d.host_epoch, d.incarnation,
+                msg, uid, name)
+        return "defer", None
+
+    def _ev_vm_start(self, name, epoch, incarnation, msg, uid, vm):
+        d = self.nodes[name]
+        if d.host_epoch != epoch:
+            return          # fenced or powered off meanwhile: the start never finished
+        if d.state == PAUSED:
+            self.at(self.t + 0.5, "vm_start", name, epoch, incarnation, msg, uid, vm)
+            return          # a hung host: the start finishes when it resumes
+        ok = vm not in d.fail_next
+        d.fail_next.discard(vm)
+        if ok:
+            self._set_live(d, vm, True)
+            self.emit(f"{name}/host", "INFO", f"VM {vm} is live")
+            error = None
+        else:
+            self.failed_starts.add(vm)
+            error = f"vm start {vm} exited 1: simulated failure"
+            self.emit(f"{name}/host", "INFO", f"start of VM {vm} failed")
+        if d.state != RUNNING or d.incarnation != incarnation:
+            return          # the agent died meanwhile: nobody answers
+        status, answer = d.core.finish_failover(uid, ok, error, d.now(self.t))
+        self._actions(d)
+        self._reply(d, msg, status, answer, deferred=True)
 
     def _ev_deliver(self, msg):
         d = self.nodes[msg.dst]
@@ -342,22 +557,35 @@ class Sim:
             return
         status, answer = self._serve(d, msg, d.now(self.t))
         self._actions(d)    # persist_term is written here, before the answer leaves
+        if status == "defer":
+            # a VM start: answered when it is live (_ev_vm_start), or never
+            self.at(msg.timeout_at, "timeout", msg)
+            return
         if msg.kind == "ping" and status == 200:
             for key in ("vote_term", "term_seen"):
                 if answer.get(key, 0) > d.disk.get("term", 0):
                     self.violation(f"{d.name} answered {key} {answer[key]} but has "
                                    f"persisted only {d.disk.get('term', 0)}")
         self._check(d)
+        self._reply(d, msg, status, answer)
+
+    def _reply(self, d, msg, status, answer, deferred=False):
         if self.wire:
             answer = json.loads(json.dumps(answer))
         hop = self._hop(d.name, msg.src, "answer/" + msg.kind)
         if hop is not None and self.t + hop <= msg.timeout_at:
             self.at(self.t + hop, "answer", msg, status, answer)
-        else:
+        elif not deferred:  # a deferred answer's timeout is already scheduled
             self.at(msg.timeout_at, "timeout", msg)
 
     def _result(self, msg, status, answer):
+        if msg.done:
+            return
+        msg.done = True
         n = self.nodes[msg.src]
+        if msg.rid is not None and n.state == PAUSED and n.inc == msg.inc:
+            n.stash.append((msg, status, answer))   # read when the process resumes
+            return
         if n.inc != msg.inc or n.state != RUNNING:
             return
         now = n.now(self.t)
@@ -371,6 +599,8 @@ class Sim:
         self._check(n)
 
     def _ev_answer(self, msg, status, answer):
+        if not msg.done:
+            msg.answered = True
         self._result(msg, status, answer)
 
     def _ev_timeout(self, msg):
@@ -408,7 +638,214 @@ class Sim:
 
     def _ev_audit(self):
         self._check()
+        if self.vm_mode:
+            self._check_recovery()
         self.at(self.t + self.audit, "audit")
+
+    # -- the recovery invariant (SPEC §3.4) ------------------------------------------
+
+    RECOVERY_SLACK = 7.0    # + the longest start (start_delay): 10 s with the default
+
+    def bounds(self):
+        """(FT, W, E) in real seconds, for the slowest clock of the cluster:
+        FT the silence after which a member is failed (failover_time, §3.4), W the wait of
+        a new manager before its first failover action (watchdog_timeout + fence_timeout +
+        2 ping_interval, §3.2), E the election of a new manager once the old one is silent
+        (survival_window, after which the voters prefer another candidate (their leases,
+        vote_lease, ran out by then), + 2 ping_interval for the grant to reach the new
+        manager and for its term to be acknowledged, + 2 ticks)."""
+        tm = self.timings
+        r = min(n.rate for n in self.nodes.values())
+        ft = tm["failover_time"] / r
+        w = (tm["watchdog_timeout"] + tm["fence_timeout"] + 2 * tm["ping_interval"]) / r
+        e = (tm["survival_window"] + 2 * tm["ping_interval"]) / r + 2 * self.tick_interval
+        return ft, w, e
+
+    def _check_recovery(self):
+        """Every production VM of a silent host is live again in bounded time (SPEC §3.4),
+        and so is every VM of a rejoined node's fence record (§3.6).
+
+        t_s(X) is the last time a candidate accepted a ping or register from node X; X is
+        *silent* while no candidate has heard it for 2 ping_interval + ping_timeout, and
+        *down* while it is silent or not running.
+
+        Failure obligation: when H turns silent, its VMs are taken as the manager will see
+        them (§3.4 step 2): production VMs of which another host holds a copy with
+        parent_host = H.  It is asserted only if the candidates' records say H was armed
+        (not in maintenance, not left) and H is not heard again; its VMs must then be live
+        by D with  ready = t_s(H) + FT.
+        Rejoin obligation: when a node armed with a fence record (it rejoined after a
+        fence), the VMs of the record must be live by D with  ready = t_a + ping_interval
+        (t_a: when it armed; its next ping tells the manager), unless it goes down again.
+
+        Both are asserted only while the rest of the cluster is healthy from t_s(H) (t_a)
+        on: at every audit, every node that is not down runs and is armed, every faulty link
+        touches a down node, and every other node down meanwhile (the set O) fell silent
+        armed (an unarmed silent member blocks every failover job by design, §3.4 step 1:
+        it is never failed).  A VM is *placeable* if a non-backup host (other than H) holds
+        a copy of it with a snapshot; a placeable VM must be live on some host by
+
+            D = max(ready, t_s(X) + FT for X in O, t_m + W, T_stuck) + 10
+
+        and an unplaceable one (or one whose start was made to fail, `failstart`) must be
+        live somewhere or named by a vm_start_failed event by D.  FT, W, E: bounds().  t_m
+        is when the manager acting at D took office (the same one since then); if it took
+        office after t_s(H) (t_a), that must have been within E after the previous manager
+        (a node of O, or H) fell silent.  T_stuck is the latest timeout of an inventory or
+        failover request that manager sent (to a node of O or H, or before t_s(H) (t_a) on
+        a faulty link) and never got answered: the job waits for it (INVENTORY_TIMEOUT,
+        START_TIMEOUT + 10).  Reasons: H is failed when two candidates have seen it silent
+        for failover_time; a job needs the inventory of every member that is not failed, so
+        the members of O must be failed first; a new manager first waits W.  The 10 s (7 + the longest start, start_delay) cover one
+        manager round (ping_interval), the age of the other candidate's view (ping_interval
+        + latency), the tick, the inventory, plan and failover round trips, and the start.
+        With SPEC's §2 rule and a stable manager, a failure gives D = t_s(H) +
+        failover_time + 10.
+        """
+        t = self.t
+        tm = self.timings
+        quiet = (2 * tm["ping_interval"] + tm["ping_timeout"]) / \
+            min(n.rate for n in self.nodes.values())
+        silent = {x for x, ts in self.heard.items() if t - ts >= quiet}
+        down = {x.name for x in self.nodes.values() if x.state != RUNNING} | silent
+        healthy = all(x.name in down or x.core.armed for x in self.nodes.values()) and \
+            all(a in down or b in down for a, b in self.links)
+        ft = self.bounds()[0]
+        for h, ts in list(self.heard.items()):
+            ob = self.obligations.get(h)
+            if ob is not None and ob["t_s"] != ts:
+                if not ob["done"]:
+                    self._skip(ob, f"{h} was heard again at {ts:.1f}")
+                del self.obligations[h]
+                ob = None
+            if h not in silent:
+                continue
+            if ob is None:
+                ob = self.obligations[h] = self._obligation(h, ts, ft)
+            self._advance(ob, healthy, down, silent)
+        for ob in self.rejoins:
+            n = self.nodes[ob["node"]]
+            if not ob["done"] and (n.incarnation != ob["inc"] or n.name in down):
+                self._skip(ob, f"{n.name} went down again")
+            self._advance(ob, healthy, down, silent)
+
+    def _skip(self, ob, why):
+        ob["done"] = True
+        self.skipped.append((ob["node"], ob["t_s"], why))
+
+    def _advance(self, ob, healthy, down, silent):
+        if ob["done"]:
+            return
+        if not healthy:
+            return self._skip(ob, f"the rest of the cluster was not healthy at {self.t:.1f}")
+        for x in down - {ob["node"]}:
+            ob["others"].setdefault(x, self.heard.get(x, self.t))   # when it was last heard
+        self._settle(ob, silent)
+
+    def _placeable(self, name, gone):
+        """Some non-backup host that is not down holds a copy of VM `name` with a snapshot."""
+        return any(name in x.vms and x.vms[name]["snap"] is not None and
+                   not x.cfg.backup_node for x in self.nodes.values() if x.name not in gone)
+
+    def _obligation(self, h, ts, ft):
+        records = [c.core.members.get(h) for c in self.nodes.values()
+                   if c.cfg.is_candidate and c.state == RUNNING]
+        records = [m for m in records if m is not None]
+        why = None
+        if not records:
+            why = "no candidate has a record of it"
+        elif any(not m.armed or m.maintenance or m.left for m in records):
+            why = "a candidate records it as unarmed, in maintenance or left"
+        names = {}
+        for x in self.nodes.values():
+            for name, v in x.vms.items():
+                if x.name != h and v["parent"] == h and v["production"]:
+                    names.setdefault(name, []).append(x.name)
+        ob = {"kind": "failure", "node": h, "t_s": ts, "ready": ts + ft, "armed": why is None,
+              "vms": names,
+              "others": {}, "done": False}
+        if why:
+            self._skip(ob, why)
+        elif not names:
+            ob["done"] = True
+        return ob
+
+    def _on_rejoin(self, n):
+        """n armed with a fence record (§3.6): its VMs get a rejoin obligation."""
+        ob = {"kind": "rejoin", "node": n.name, "t_s": self.t, "inc": n.incarnation,
+              "ready": self.t + self.timings["ping_interval"] / n.rate, "armed": True,
+              "vms": {name: [n.name] for name in n.core.fenced_vms},
+              "others": {}, "done": False}
+        self.rejoins.append(ob)
+
+    def _settle(self, ob, silent):
+        ft, w, e = self.bounds()
+        h, ts = ob["node"], ob["t_s"]
+        failure = ob["kind"] == "failure"
+        ready, fell = [ob["ready"]], [ts] if failure else []
+        gone = {h} if failure else set()    # down now: their copies are out of reach
+        for x, last in sorted(ob["others"].items()):
+            fell.append(self.heard.get(x, last))
+            xo = self.obligations.get(x)
+            if xo is None:
+                if x in silent or self.nodes[x].state != RUNNING:
+                    return      # down, not silent yet: decide once it is
+                continue        # it was down for a moment and is back, armed
+            if not xo["armed"]:
+                return self._skip(ob, f"{x} fell silent unarmed (its inventory blocks every "
+                                      f"failover job)")
+            ready.append(xo["t_s"] + ft)
+            gone.add(x)
+        slack = self.RECOVERY_SLACK + self.start_delay[1]
+        mgrs = [x for x in self.nodes.values() if x.manager_t is not None and x.alive]
+        what = f"{h} silent since {ts:.1f}" if failure else f"{h} rejoined at {ts:.1f}"
+        if len(mgrs) != 1:
+            if self.t > max(ready + [max(fell, default=ts) + e + w]) + slack:
+                ob["done"] = True
+                self.violation(f"{what}: no manager in office at {self.t:.1f} although the "
+                               f"rest of the cluster is healthy")
+            return
+        m = mgrs[0]
+        tm = m.manager_t
+        if tm > ts and (not fell or tm > max(fell) + e):
+            ob["done"] = True
+            return self.violation(
+                f"{what}: the manager {m.name} took office at {tm:.1f}, "
+                + (f"more than {e:.1f} s after the last down node fell silent at "
+                   f"{max(fell):.1f}" if fell else "although no node went down"))
+        stuck = [msg.timeout_at for msg in self.requests
+                 if msg.src == m.name and msg.inc == m.inc and msg.timeout_at >= ts
+                 and not msg.answered]
+        deadline = max(ready + [tm + w] + stuck) + slack
+        if self.t < deadline:
+            return
+        ob["done"] = True
+        for vm, holders in sorted(ob["vms"].items()):
+            if failure and not set(holders) - gone:
+                continue    # every copy that names H is out of reach: the manager cannot know
+            placeable = self._placeable(vm, gone)
+            live = self.live_since.get(vm)
+            if live is not None and (live[0] != h or not failure) and live[1] <= deadline:
+                self.recoveries.append((h, vm, ts, deadline,
+                                        f"live on {live[0]} at {live[1]:.1f}", tm))
+                continue
+            if not placeable or vm in self.failed_starts:
+                told = [x for x in self.vm_events if x[2] == "vm_start_failed" and x[3] == vm
+                        and ts <= x[0] <= deadline]
+                if told:
+                    self.recoveries.append((h, vm, ts, deadline, "vm_start_failed", tm))
+                    continue
+            where = f"live on {live[0]} since {live[1]:.1f}" if live else "live nowhere"
+            others = ", ".join(f"{x} since {self.obligations[x]['t_s']:.1f}"
+                               for x in sorted(ob["others"]) if x in self.obligations)
+            self.violation(
+                f"VM {vm} of {what} is {where} at the deadline {deadline:.1f} = "
+                f"max(ready {max(ready):.1f}, t_m {tm:.1f} + W {w:.1f}"
+                + (f", down meanwhile: {others}" if others else "")
+                + (f", stuck requests until {max(stuck):.1f}" if stuck else "")
+                + f") + {slack:g}; manager {m.name}"
+                + ("" if placeable else "; no eligible replica, and no vm_start_failed "
+                   "event names it"))
 
     def _ev_watchdog(self, name, inc, pause_id):
         n = self.nodes[name]
@@ -437,21 +874,42 @@ class Sim:
                     self._send_action(n, a, now)
             elif kind == "demote":
                 if n.state == RUNNING:
-                    n.core.demote_done(a["vms"])    # simulated hosts hold no VM copies
+                    self._demote(n, a["vms"])
             elif (n.name, kind) not in self.unhandled:
                 self.unhandled.add((n.name, kind))
                 self.emit("sim", "WARNING", f"{n.name}: the simulator does not handle "
                           f"actions of kind {kind!r}; ignored")
 
+    def _demote(self, n, vms):
+        """SPEC §3.6: local copies of VMs moved away while we were gone become backups."""
+        for name, parent in sorted(vms.items()):
+            v = n.vms.get(name)
+            if v is None:
+                continue
+            was = v["live"]
+            self._set_live(n, name, False)
+            v["parent"] = parent
+            self.emit(f"{n.name}/host", "INFO", f"demoted VM {name}: parent_host = {parent}"
+                                                + (" (it was live: destroyed)" if was else ""))
+        n.core.demote_done(vms)
+
     def _on_event(self, n, a, now):
         ev, d = a["event"], a["details"]
         self.emit(n.who, a["level"], a["msg"])
+        if isinstance(d.get("vm_name"), str):
+            self.vm_events.append((self.t, n.name, ev, d["vm_name"]))
         if ev == "armed":
             n.armed_logged = True
+            n.fence_record = None   # the agent deletes fence.json: the candidates have it
+            if self.vm_mode and n.core.fenced_vms:
+                self._on_rejoin(n)
         elif ev == "vote":
             self._check_vote(n, d, now)
         elif ev == "manager_elected":
             self._check_term(n, d["term"])
+            n.manager_t = self.t
+        elif ev == "manager_lost":
+            n.manager_t = None
 
     def _check_vote(self, n, d, now):
         lease = n.cfg.vote_lease
@@ -513,6 +971,20 @@ class Sim:
 
     def _ev_cmd(self, text):
         self.emit("sim", "cmd", text)
+        if "@manager" in text:     # the node acting as manager now, if any
+            m = [x.name for x in self.nodes.values()
+                 if x.state == RUNNING and x.core.can_act(x.now(self.t))]
+            if len(m) != 1:
+                self.emit("sim", "INFO", "no acting manager: command skipped")
+                return
+            self.emit("sim", "INFO", f"@manager is {m[0]}")
+            text = text.replace("@manager", m[0])
+            self.last_manager = m[0]
+        if "@last" in text:        # the node @manager named last time
+            if self.last_manager is None:
+                self.emit("sim", "INFO", "@manager was never resolved: command skipped")
+                return
+            text = text.replace("@last", self.last_manager)
         w = text.split()
         handler = getattr(self, "_cmd_" + w[0], None) if w else None
         if handler is None:
@@ -532,9 +1004,74 @@ class Sim:
         self._start(self._node(name))
 
     def _cmd_kill(self, name):
+        """The agent dies.  With VMs, the watchdog of an armed node fences it
+        watchdog_timeout after the last heartbeat; an unarmed node's VMs keep running."""
         n = self._node(name)
         if n.alive:
             self._stop(n, DOWN)
+            if self.vm_mode and n.hb_armed and n.hb_t is not None:
+                self.at(max(self.t, n.hb_t + n.cfg.watchdog_timeout / n.rate),
+                        "watchdog_kill", name, n.inc)
+
+    def _ev_watchdog_kill(self, name, inc):
+        n = self.nodes[name]
+        if n.inc != inc or n.state != DOWN:
+            return
+        self.emit(f"{name}/watchdog", "EMERG",
+                  f"no heartbeat for {n.cfg.watchdog_timeout:g} s while armed (agent gone): "
+                  f"fencing")
+        self._fence(n, f"{name}/watchdog", "watchdog_fence")
+
+    def _cmd_crash(self, name):
+        """Power loss: the node is down and its VMs are gone at once (no fence record)."""
+        n = self._node(name)
+        if n.alive:
+            self._stop(n, DOWN)
+        n.host_epoch += 1
+        n.fence_pending = None
+        gone = sorted(x for x, v in n.vms.items() if v["live"])
+        for x in gone:
+            self._set_live(n, x, False)
+        if gone:
+            self.emit(f"{name}/host", "INFO", f"power lost: VMs gone: {', '.join(gone)}")
+
+    @staticmethod
+    def _options(words, allowed):
+        opts = {}
+        for w in words:
+            k, sep, v = w.partition("=")
+            if not sep or k not in allowed:
+                raise ValueError(f"unknown option {w!r} (allowed: {', '.join(allowed)})")
+            opts[k] = v
+        return opts
+
+    def _cmd_vm(self, node, name, *words):
+        n = self._node(node)
+        if not hoster_ha.valid_vm_name(name):
+            raise ValueError(f"bad VM name {name!r}")
+        o = self._options(words, ("parent", "production", "snapshot", "live", "memory"))
+        snap = o.get("snapshot", "none")
+        v = {"production": o.get("production", "1") == "1", "parent": o.get("parent", node),
+             "snap": None if snap == "none" else int(snap), "live": False,
+             "memory": int(float(o.get("memory", 1)) * GIB)}
+        self.vm_mode = True
+        n.vms[name] = v
+        if o.get("live", "0") == "1":
+            self._set_live(n, name, True)
+
+    def _cmd_host(self, node, *words):
+        n = self._node(node)
+        o = self._options(words, ("free", "backup"))
+        if "free" in o:
+            n.mem = int(float(o["free"]) * GIB)
+        if "backup" in o:
+            if n.incarnation:
+                raise ValueError(f"host {node} backup=...: only before {node} first starts")
+            n.cfg = node_config(node, list(self.nodes).index(node), self.timings,
+                                {"backup_node": o["backup"] == "1"})
+
+    def _cmd_failstart(self, node, name):
+        self._node(node).fail_next.add(name)
 
     def _cmd_restart(self, name):
         n = self._node(name)
@@ -557,9 +1094,25 @@ class Sim:
         if n.state != PAUSED:
             return
         n.state = RUNNING
-        n.inc += 1          # requests and answers in flight during the pause are lost
+        n.inc += 1          # pings and answers in flight during the pause are lost
         self.at(self.t, "round", name, n.inc)
         self.at(self.t, "tick", name, n.inc)
+        # the core's own requests ("send" actions) did not vanish: their answers, or their
+        # timeouts, reach the core when the process runs again
+        stash, n.stash = n.stash, []
+        for msg, status, answer in stash:
+            self.at(self.t, "late", name, n.inc, msg, status, answer)
+
+    def _ev_late(self, name, inc, msg, status, answer):
+        n = self.nodes[name]
+        if n.inc == inc and n.state == PAUSED:
+            n.stash.append((msg, status, answer))   # paused again before it got to them
+            return
+        if n.inc != inc or n.state != RUNNING:
+            return
+        n.core.on_response(msg.rid, status, answer, n.now(self.t))
+        self._actions(n)
+        self._check(n)
 
     def _set_link(self, a, b, words):
         self._node(a), self._node(b)
@@ -602,8 +1155,17 @@ class Sim:
 
     def _expect(self, what, *args):
         """None if the expectation holds, else what was found instead."""
+        if what in ("live", "starts", "event", "no_event"):
+            return self._expect_vm(what, *args)
         m = self.managers()
         n = self._node(args[0]) if args else None
+        if what == "parent":
+            v = n.vms.get(args[1])
+            got = None if v is None else v["parent"]
+            want = args[2]
+            ok = got is not None and (got.startswith(LOCK_PREFIX) if want == "locked"
+                                      else got == want)
+            return None if ok else f"parent_host of {args[1]} on {n.name} is {got}"
         if what == "manager":
             return None if m == [args[0]] else f"managers: {m}"
         if what == "no_manager":
@@ -643,6 +1205,26 @@ class Sim:
             holder = v.holder if v else None
             return None if holder == args[1] else f"{n.name} votes for {holder}"
         raise ValueError(f"unknown expectation {what!r}")
+
+    def live_on(self, vm):
+        return sorted(x.name for x in self.nodes.values()
+                      if vm in x.vms and x.vms[vm]["live"])
+
+    def _expect_vm(self, what, *args):
+        if what == "live":
+            vm, where = args
+            got = self.live_on(vm)
+            return None if got == ([] if where == "none" else [where]) else \
+                f"{vm} is live on {got or 'no host'}"
+        if what == "starts":
+            vm, count = args
+            got = [f"{h} at {t:.1f}" for t, h, v, _, _ in self.starts if v == vm]
+            return None if len(got) == int(count) else f"{len(got)} starts: {got}"
+        event, vm = args
+        got = [f"{n} at {t:.1f}" for t, n, ev, v in self.vm_events if ev == event and v == vm]
+        if what == "event":
+            return None if got else f"no {event} event for {vm}"
+        return None if not got else f"{event} for {vm} logged by {got}"
 
 
 # =============================================================================
@@ -734,21 +1316,146 @@ def random_schedule(seed, fault_end=FAULT_END, settle=SETTLE):
     return {"seed": seed, "nodes": nodes, "rates": rates, "offsets": offsets, "cmds": cmds}
 
 
-def run_random(seed, tick=1.0, stop_on_violation=True, term_drop="violation", **kw):
+def run_random(seed, tick=1.0, stop_on_violation=True, term_drop="violation", vms=False,
+               **kw):
     """Run one random seed.  Returns (sim, schedule); raises SimViolation on a breach."""
-    sch = random_schedule(seed, **kw)
+    sch = random_vm_schedule(seed, **kw) if vms else random_schedule(seed, **kw)
     sim = Sim(nodes=sch["nodes"], seed=seed, tick=tick, rates=sch["rates"],
               offsets=sch["offsets"], wire=False, stop_on_violation=stop_on_violation,
-              term_drop=term_drop)
-    sim.run(sch["cmds"])
+              term_drop=term_drop, timings=sch.get("timings"))
+    sim.run(sch["cmds"], until=sch.get("until"))
     return sim, sch
+
+
+# The failover runs use the smallest failover_time SPEC §2 allows for the default
+# timings (10 + 10 + 10 + 2*2 + 5 = 39 -> 40): episodes are shorter, and a new manager's
+# wait (E + W = 46 s) can exceed failover_time, so both terms of the bound are exercised.
+VM_TIMINGS = dict(TIMINGS, failover_time=40)
+
+
+def random_vm_schedule(seed, episode=64.0, tail=20.0):
+    """A random failover schedule (all derived from seed): 3 candidates and 2-3 workers
+    (sometimes one is a backup node), each worker running 1-3 VMs (candidates 0-1),
+    most of them production, replicated to 0-3 other hosts with older or equal
+    snapshots (a few replicas without one), hosts with different free memory.
+
+    Once the cluster is up, one victim (a worker 3 times in 4) fails: kill (the watchdog
+    fences an armed node), crash (power loss), pause (hung host; sometimes resumed),
+    isolation (sometimes healed), a cut from 2 candidates, or a cut from one candidate
+    only (it must never be failed over).  Sometimes the victim's agent starts again
+    (rejoin: a fence record, or demotion of VMs moved meanwhile), sometimes the manager
+    fails around the time of the victim's failover (kill, crash or pause of @manager),
+    and sometimes a second fault hits any node (kill, crash, pause, restart, lossy or
+    one-way link).
+    `episode` seconds (58 more after a manager fault, whose failure the victim's failover
+    may wait for) after the first fault everything heals and every node starts
+    again (twice, 8 s apart: a node may still fence on stale reachability); the run
+    ends `tail` seconds later.  Liveness of the election is test_sim_random's business;
+    these runs check the VM invariants (safety after every step, recovery in bounded
+    time, see Sim._check_recovery).
+    """
+    rng = random.Random(f"hoster_ha-vmsim-{seed}")
+    workers = ["worker1", "worker2"] + (["worker3"] if rng.random() < 0.3 else [])
+    nodes = list(CANDIDATES) + workers
+    rates = {n: round(rng.uniform(0.95, 1.05), 4) for n in nodes}
+    offsets = {n: round(rng.uniform(0, 1000), 3) for n in nodes}
+    cmds = []
+
+    def add(t, c):
+        cmds.append([round(t, 3), c])
+
+    if rng.random() < 0.25:
+        add(0, f"host {workers[-1]} backup=1")
+    for n in nodes:
+        if rng.random() < 0.5:
+            add(0, f"host {n} free={rng.choice([4, 16, 32])}")
+    for n in nodes:
+        count = rng.choice([1, 2, 2, 3]) if n in workers else rng.choice([0, 0, 1])
+        for i in range(count):
+            name = f"{n[0]}{n[-1]}{'abc'[i]}"
+            prod = i == 0 or rng.random() < 0.8
+            snap = rng.randint(1000, 1100)
+            add(0, f"vm {n} {name} production={int(prod)} snapshot={snap} live=1")
+            others = [x for x in nodes if x != n]
+            for r in rng.sample(others, rng.choices([0, 1, 2, 3], [1, 5, 5, 2])[0]):
+                rs = "none" if rng.random() < 0.1 else snap - rng.choice([0, 0, 5, 20, 60])
+                add(0, f"vm {r} {name} parent={n} production={int(prod)} snapshot={rs}")
+    for n in nodes:
+        add(rng.uniform(0, 4), f"start {n}")
+
+    t1 = rng.uniform(15, 19)
+    end = t1 + episode
+    victim = rng.choice(workers * 3 + list(CANDIDATES))
+    kind = rng.choices(["kill", "crash", "pause", "isolate", "cut2", "cut1"],
+                       [5, 5, 3, 3, 2, 2])[0]
+    cands = [c for c in CANDIDATES if c != victim]
+    if kind in ("kill", "crash"):
+        add(t1, f"{kind} {victim}")
+    elif kind == "pause":
+        add(t1, f"pause {victim}")
+        if rng.random() < 0.5:
+            add(t1 + rng.choice([rng.uniform(1, 9), rng.uniform(10, 50)]), f"resume {victim}")
+    elif kind == "isolate":
+        add(t1, f"isolate {victim}")
+        if rng.random() < 0.5:
+            add(t1 + rng.uniform(5, 50), "heal")
+    elif kind == "cut2":
+        for c in rng.sample(cands, 2):
+            add(t1, f"link {victim}-{c} down")
+    else:
+        add(t1, f"link {victim}-{rng.choice(cands)} down")
+    if rng.random() < 0.35:     # the victim's agent starts again: before or after failover
+        back = rng.choice([rng.uniform(5, 30), rng.uniform(30, 55), rng.uniform(55, episode)])
+        add(t1 + back, f"start {victim}")
+    second = rng.random()
+    ft = VM_TIMINGS["failover_time"]
+    if second < 0.15:           # the manager fails around the victim's failover
+        end = t1 + episode + 58     # failover waits for its failure (SPEC §3.4 step 1)
+        t2 = t1 + ft + rng.uniform(-3, 8)
+        add(t2, f"{rng.choice(['kill', 'crash', 'pause'])} @manager")
+        if rng.random() < 0.3:
+            add(t2 + rng.uniform(2, 9), "resume @last")
+    elif second < 0.3:          # the manager's links fail around the victim's failover
+        t2 = t1 + ft + rng.uniform(-4, 6)
+        other = rng.choice([x for x in nodes if x != victim])
+        link = rng.choice(["@manager-{}", "@manager>{}", "{}>@manager"]).format(other)
+        add(t2, f"link {link} {rng.choice(['down', 'lossy 0.5'])}")
+        add(t2 + rng.uniform(3, 20), f"link {link.replace('@manager', '@last')} up")
+    elif second < 0.55:         # a second fault, anywhere
+        t2 = t1 + rng.uniform(-5, episode - 15)
+        a = rng.choice(nodes)
+        b = rng.choice([x for x in nodes if x != a])
+        k2 = rng.choice(["kill", "crash", "pause", "lossy", "oneway", "restart"])
+        if k2 in ("kill", "crash", "restart"):
+            add(t2, f"{k2} {a}")
+        elif k2 == "pause":
+            add(t2, f"pause {a}")
+            add(t2 + rng.uniform(1, 20), f"resume {a}")
+        elif k2 == "lossy":
+            add(t2, f"link {a}-{b} lossy {rng.choice([0.2, 0.5])}")
+            add(t2 + rng.uniform(5, 30), f"link {a}-{b} up")
+        else:
+            add(t2, f"link {a}>{b} down")
+            add(t2 + rng.uniform(5, 30), f"link {a}>{b} up")
+    end = round(end, 3)
+    cmds.append([end, "heal"])
+    cmds += [[end, f"resume {n}"] for n in nodes]
+    cmds += [[end, f"start {n}"] for n in nodes]
+    cmds += [[end + 8, f"start {n}"] for n in nodes]
+    cmds.sort(key=lambda x: x[0])
+    return {"seed": seed, "nodes": nodes, "rates": rates, "offsets": offsets, "cmds": cmds,
+            "timings": VM_TIMINGS, "until": end + tail}
 
 
 def format_schedule(sch):
     lines = [f"seed {sch['seed']}: nodes {', '.join(sch['nodes'])}",
              "clock rates: " + ", ".join(f"{n}={r}" for n, r in sch["rates"].items()),
-             "clock offsets: " + ", ".join(f"{n}={o}" for n, o in sch["offsets"].items()),
-             "commands:"]
+             "clock offsets: " + ", ".join(f"{n}={o}" for n, o in sch["offsets"].items())]
+    if sch.get("until"):
+        lines.append(f"runs until {sch['until']:.3f}")
+    if sch.get("timings"):
+        lines.append("timings: " + ", ".join(f"{k}={v:g}" for k, v in sch["timings"].items()))
+    lines.append("commands:")
     lines += [f"  [{t:8.3f}, {json.dumps(c)}]," for t, c in sch["cmds"]]
     return "\n".join(lines)
 
@@ -759,20 +1466,26 @@ def main(argv=None):
     p.add_argument("scenario", nargs="?", help="a scenario folder (tests/scenarios/NAME)")
     p.add_argument("--seed", type=int, help="replay one seed of the random simulation")
     p.add_argument("--tick", type=float, default=1.0, help="tick of the random run (s)")
+    p.add_argument("--vms", action="store_true",
+                   help="with --seed: a seed of the failover runs (tests/test_sim_failover.py)")
     p.add_argument("--term-drop", choices=("record", "violation"), default="record",
                    help="whether a falling manager term (a known core bug) is a violation; "
                         "tests/test_sim_random.py records it (default)")
     args = p.parse_args(argv)
     if args.seed is not None:
-        sch = random_schedule(args.seed)
+        sim, sch = run_random(args.seed, tick=args.tick, stop_on_violation=False,
+                              term_drop=args.term_drop, vms=args.vms)
         print(format_schedule(sch))
         print()
-        sim, _ = run_random(args.seed, tick=args.tick, stop_on_violation=False,
-                            term_drop=args.term_drop)
         sys.stdout.write(sim.log_text())
         bad = sim.violations + sim.failures
         for text in sim.term_drops:
             print(f"known core bug: {text}")
+        if args.vms:
+            for h, vm, ts, dl, how, _ in sim.recoveries:
+                print(f"recovered: VM {vm} of {h} (silent since {ts:.1f}) by {dl:.1f}: {how}")
+            for h, ts, why in sim.skipped:
+                print(f"not asserted: {h} silent since {ts:.1f}: {why}")
         print(f"\nseed {args.seed}: " + ("OK" if not bad else "FAILED:\n  " + "\n  ".join(bad)))
         return 1 if bad else 0
     if args.scenario:

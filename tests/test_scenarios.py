@@ -1,4 +1,4 @@
-"""Scenario tests: every folder in tests/scenarios is one story (SPEC §3.1-§3.3).
+"""Scenario tests: every folder in tests/scenarios is one story (SPEC §3.1-§3.6).
 
 A folder holds README.md (the intent), cmds.json ([[time_seconds, "command"], ...])
 and log.expect (the golden log).  The scenario runs in the deterministic simulator
