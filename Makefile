@@ -30,6 +30,9 @@ test:
 demo:
 	$(PYTHON) tools/demo.py
 
+soak:
+	$(PYTHON) tools/soak.py
+
 lint:
 	sh -n rc.d/hoster_ha
 	@if command -v shellcheck >/dev/null 2>&1; then \
