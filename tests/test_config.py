@@ -4,6 +4,7 @@ Every error must be a ConfigError whose text is one line naming the file and the
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -462,11 +463,12 @@ def test_kernel_watchdog_seconds():
     assert kernel_watchdog_seconds(10) == (34, 2 ** 34 / 1e9)       # 15 s -> 17.18 s
     assert kernel_watchdog_seconds(1) == (33, 2 ** 33 / 1e9)        # 6 s -> 8.59 s
     assert kernel_watchdog_seconds(30) == (36, 2 ** 36 / 1e9)       # 35 s -> 68.7 s
-    n, s = kernel_watchdog_seconds(2 ** 34 / 1e9 - 5)               # exactly a power of two
-    assert n == 34
+    # watchdog(8) -t takes whole seconds: wd + 5 is rounded up first
+    assert kernel_watchdog_seconds(12)[0] == 34                     # 17 s <= 17.18 s
+    assert kernel_watchdog_seconds(12.1)[0] == 35                   # 18 s > 17.18 s
     for wd in (0.5, 1, 3, 7.5, 10, 12, 29, 60):
         n, s = kernel_watchdog_seconds(wd)
-        assert 2 ** n >= (wd + 5) * 1e9 > 2 ** (n - 1)
+        assert 2 ** n >= math.ceil(wd + 5) * 1e9 > 2 ** (n - 1)
         assert s == 2 ** n / 1e9
 
 
