@@ -84,7 +84,8 @@ def main():
             print("the cluster did not arm within 30 s")
             return 1
         st = cluster["node1"].status()
-        print(f"all 5 nodes armed; manager: {st['manager']} (term {st['term']})")
+        print(f"all 5 nodes armed; manager: {st['manager']} (term {st['term']})\n")
+        print(cluster[st["manager"]].cli("status").stdout.rstrip() + "\n")
         print(cluster["node1"].cli("members").stdout.rstrip())
 
         banner("kill -9 worker1's agent")
