@@ -602,6 +602,7 @@ class Core:
         self.fenced = False
         self.left = False          # our leave was acknowledged: we stop, unprotected
         self.seq = 0               # orders our pings and leave requests (§3.7)
+        self.leaving = False       # a leave request is out
         self.had_quorum = False
         self.was_manager = False
         self.manager_since = None
@@ -743,8 +744,14 @@ class Core:
                             "by the normal rule", on=False)
 
     def leave_body(self):
+        """A leave request; our pings say `left` from now on (a ping built between this
+        and the acknowledgements must not undo the leave), until leave_refused()."""
+        self.leaving = True
         self.seq += 1
         return {"hostname": self.hostname, "startup_time": self.startup_time, "seq": self.seq}
+
+    def leave_refused(self):
+        self.leaving = False
 
     def members_answer(self, now):
         """GET members: our table, and the failover plans we hold (for a new manager)."""
@@ -774,7 +781,7 @@ class Core:
         itself (manager: true) only once a majority has acknowledged that term."""
         self.seq += 1
         return {"hostname": self.hostname, "startup_time": self.startup_time,
-                "seq": self.seq, "left": self.left, "armed": self.armed,
+                "seq": self.seq, "left": self.left or self.leaving, "armed": self.armed,
                 "maintenance": self.maintenance or self.maintenance_asked_at is not None,
                 "manager": self.can_act(now),
                 "term": self.manager_term(now) if self.is_manager(now) else
@@ -2219,6 +2226,8 @@ class Agent:
             armed = self.core.armed
             if len(acks) >= 2:
                 self.core.left = True  # disarm: our VMs are not protected from now on
+            else:
+                self.core.leave_refused()
         if len(acks) >= 2:
             msg = f"left the cluster (acknowledged by {', '.join(acks)})"
             self.log.log(NOTICE, msg)
