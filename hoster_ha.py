@@ -460,6 +460,7 @@ LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
+RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
 
 
 def check_fields(body, schema):
@@ -617,7 +618,7 @@ class Core:
         self.plans = {}            # uid -> failover plan entry (replicated by the manager)
         # rejoin (§3.6): our fence record, and VMs the cluster moved away while we were gone
         self.fenced_vms = list(fenced_vms)
-        self.moved = {}            # vm -> new parent (from register answers)
+        self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
         self.demoted = {}          # vm -> new parent, applied locally
         self.demote_asked = {}
         # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
@@ -627,7 +628,8 @@ class Core:
         self.next_id = 0
         self.views = {}            # other candidate -> (received_at, {member: view})
         self.failed = {}           # failed member -> its startup_time
-        self.settled = set()       # (member, startup_time) whose failover is done
+        self.settled = set()       # episodes (_episode) whose failover is done
+        self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
         self.job = None
         self.job_seq = 0
         self.uid_seq = 0
@@ -680,7 +682,7 @@ class Core:
         v = self.vote
         if v is not None and v.holder == h and v.holder_startup == body["startup_time"]:
             v.renewed_at = now
-        return 200, self.ping_answer(now)
+        return 200, dict(self.ping_answer(now), moved_vms=self.moved_vms(h))
 
     @staticmethod
     def _newer(m, body):
@@ -795,11 +797,22 @@ class Core:
     def on_register_result(self, cand, status, answer, now):
         if 200 <= (status or 0) < 300 and isinstance(answer, dict) and answer.get("ok") is True:
             self.registered[cand] = True
-            moved = answer.get("moved_vms")
-            for m in moved if isinstance(moved, list) else []:
-                if isinstance(m, dict) and valid_vm_name(m.get("vm_name")) and \
-                        valid_hostname(m.get("new_parent")) and m["new_parent"] != self.hostname:
-                    self.moved[m["vm_name"]] = m["new_parent"]
+            self._learn_moved(answer.get("moved_vms"))
+
+    def _learn_moved(self, moved):
+        """moved_vms from a register or ping answer: {vm_name, new_parent, term, seq} of
+        the latest done plan of each VM that once left us.  Candidates may lag behind one
+        another: per VM the entry of the newest plan (term, seq) wins, including one that
+        moved it back to us."""
+        for m in moved if isinstance(moved, list) else []:
+            if not (isinstance(m, dict) and valid_vm_name(m.get("vm_name")) and
+                    valid_hostname(m.get("new_parent"))):
+                continue
+            key = tuple(x if isinstance(x, int) and not isinstance(x, bool) else 0
+                        for x in (m.get("term"), m.get("seq")))
+            old = self.moved.get(m["vm_name"])
+            if old is None or key > old[0]:
+                self.moved[m["vm_name"]] = (key, m["new_parent"])
 
     def demote_done(self, vms):
         """The agent has demoted these local copies ({vm: new parent}) to backups."""
@@ -814,6 +827,7 @@ class Core:
             return
         if check_fields(answer, PING_ANSWER_FIELDS) is not None:
             return
+        self._learn_moved(answer.get("moved_vms"))
         prev = self.answers.get(cand)
         if prev is not None and prev.sent_at > sent_at:
             return
@@ -960,10 +974,13 @@ class Core:
             self._event("maintenance", "NOTICE", "maintenance on (acknowledged by "
                         f"{', '.join(sorted(self.maintenance_acks))}): the node is disarmed "
                         "and will not be failed over", on=True)
-        todo = {vm: p for vm, p in self.moved.items() if self.demoted.get(vm) != p}
+        todo = {vm: p for vm, (_, p) in self.moved.items()
+                if p != self.hostname and self.demoted.get(vm) != p}
         if todo and todo != self.demote_asked:
             self.demote_asked = dict(todo)
-            self.out.append({"kind": "demote", "vms": todo})
+            # Once armed, a live copy here is ours by the cluster's own rule (we would have
+            # fenced otherwise): a lagging plan must never destroy it.
+            self.out.append({"kind": "demote", "vms": todo, "keep_live": self.armed})
         if self.maintenance or self.left:
             self.arming = self.armed = False
         elif not self.armed:
@@ -1013,7 +1030,7 @@ class Core:
         self._check_inherited_plans(now)
         wait = t.watchdog_timeout + t.fence_timeout + 2 * t.ping_interval
         if self.job is None and now - self.manager_since >= wait:
-            sources = self._sources()
+            sources = self._sources(now)
             if sources:
                 self._start_job(now, sources)
 
@@ -1057,14 +1074,55 @@ class Core:
                             f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
                             f"on {len(silent)} candidates", member=h, startup_time=st)
         self.failed = failed
+        if self.job is not None:
+            self._drop_failed(now)
 
-    def _sources(self):
-        """{host: fenced VM names} whose VMs may need a new home, not yet settled."""
+    def _drop_failed(self, now):
+        """A member of the running job failed meanwhile: stop waiting for it.  Its
+        inventory is not needed any more (it is fenced: nothing runs there), and the
+        plans that target it are abandoned; its own job (next) re-places their VMs."""
+        job = self.job
+        gone = set(self.failed) & (set(job["members"]) | job["waiting"])
+        if not gone:
+            return
+        for h in sorted(gone):
+            job["members"].pop(h, None)
+            job["inv"].pop(h, None)
+            job["waiting"].discard(h)
+        lost = [u for u in job["queue"] + sorted(job["inflight"]) if self.plans[u]["to"] in gone]
+        for uid in lost:
+            e = self.plans[uid]
+            e["state"] = "abandoned"
+            self._event("note", "WARNING", f"plan {uid} (VM {e['vm']} -> {e['to']}) abandoned: "
+                        f"{e['to']} failed; its VMs are placed by its own failover")
+            self._replicate([e], None)
+        job["queue"] = [u for u in job["queue"] if u not in lost]
+        job["inflight"] -= set(lost)
+        for rid, purpose in list(self.pending.items()):
+            if purpose[0] == "failover" and purpose[2] in lost or \
+                    purpose[0] == "vms" and purpose[2] in gone:
+                del self.pending[rid]  # a late answer changes nothing
+        if job["waiting"]:
+            return
+        if "unplaced" not in job:
+            self._plan(now)        # every inventory is in: plan
+        elif job["acked"]:
+            self._pump(now)        # the starts still running decide when it ends
+
+    def _sources(self, now):
+        """{host: VM names} whose VMs may need a new home, not yet settled: a failed
+        member's fence record and the VMs whose latest plan moved them to it (their copies
+        elsewhere still name the previous owner), or a rejoined member's fence record."""
         sources = {}
+        moved_to = {}
+        for vm, e in self._latest_plans(("planned", "done", "failed", "abandoned")).items():
+            moved_to.setdefault(e["to"], set()).add(vm)
         for h, st in self.failed.items():
-            if ("failed", h, st) not in self.settled:
+            if ("failed", h, st) not in self.settled and \
+                    self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
                 m = self.members.get(h)
                 sources[h] = set(m.fenced_vms or []) if m and m.startup_time == st else set()
+                sources[h] |= moved_to.get(h, set())
         for m in self.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
                     ("rejoin", m.hostname, m.startup_time) not in self.settled:
@@ -1073,7 +1131,8 @@ class Core:
                                f"member {m.hostname} rejoined with fenced VMs "
                                f"{', '.join(sorted(m.fenced_vms))}; placing them once it is armed")
                     continue
-                sources[m.hostname] = set(m.fenced_vms)
+                if self.retry_at.get(self._episode(m.hostname), (now, 0))[0] <= now:
+                    sources[m.hostname] = set(m.fenced_vms)
         return sources
 
     def _episode(self, h):
@@ -1126,6 +1185,7 @@ class Core:
                     for h, r in job["members"].items()}
         moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
                                         job["failed"])
+        job["unplaced"] = {src for _, src, _ in unplaced}
         for vm, src, reason in unplaced:
             self._once(("unplaced", vm, self._episode(src)), "ERROR",
                        f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
@@ -1141,7 +1201,7 @@ class Core:
             else:
                 job["queue"].append(self._new_plan(vm, src, targets, term, now))
         if self.cfg.debug or not job["queue"]:
-            return self._finish_job()
+            return self._finish_job(now)
         self._replicate([self.plans[u] for u in job["queue"]], ("plan_ack", job["id"], 1))
 
     def _new_plan(self, vm, src, targets, term, now):
@@ -1201,7 +1261,7 @@ class Core:
                        {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
                         "uid": uid}, START_TIMEOUT + 10, ("failover", job["id"], uid))
         if not job["queue"] and not job["inflight"]:
-            self._finish_job()
+            self._finish_job(now)
 
     def _on_failover(self, purpose, status, answer, now):
         uid = purpose[2]
@@ -1247,21 +1307,39 @@ class Core:
             if job["acked"]:
                 self._pump(now)
 
-    def _finish_job(self):
+    def _finish_job(self, now):
+        """Settle the sources whose VMs are all handled.  One that left a VM without a
+        target is tried again (a target may become eligible: a member arms, a member with
+        a replica comes back), with a growing delay (each try asks every member for its
+        inventory); it was reported once (vm_start_failed)."""
         job, self.job = self.job, None
-        planned = {e["from"] for e in self.plans.values() if e["state"] == "planned"}
-        for h in job["sources"]:
-            if h not in planned:
-                self.settled.add(job["episodes"][h])
+        planned = [e for e in self.plans.values() if e["state"] == "planned"]
+        busy_from = {e["from"] for e in planned}
+        busy_vms = {e["vm"] for e in planned}
+        for h, vms in job["sources"].items():
+            ep = job["episodes"][h]
+            if h in busy_from or vms & busy_vms:
+                continue
+            if h in job.get("unplaced", ()) and not self.cfg.debug:
+                delay = min(2 * self.retry_at.get(ep, (0, self.cfg.ping_interval / 2))[1],
+                            RETRY_MAX)
+                self.retry_at[ep] = (now + delay, delay)
+                continue
+            self.settled.add(ep)
+            self.retry_at.pop(ep, None)
 
     def _check_inherited_plans(self, now):
         """Ask the target about every plan still 'planned' that no job of ours drives."""
         mine = set(self.job["queue"]) | set(self.job["inflight"]) if self.job else set()
         for uid, e in sorted(self.plans.items()):
-            if e["state"] != "planned" or uid in mine or ("check", uid) in self.pending.values():
+            if e["state"] != "planned" or uid in mine:
                 continue
-            if e["to"] in self.failed:
+            if e["to"] in self.failed:  # fenced: it runs nothing; its failover re-places it
                 e["state"] = "abandoned"
+                for rid in [r for r, p in self.pending.items() if p == ("check", uid)]:
+                    del self.pending[rid]
+                continue
+            if ("check", uid) in self.pending.values():
                 continue
             peer = None
             for view in self._fresh_views(now):
@@ -1313,17 +1391,24 @@ class Core:
             self._store_plan(e)
         return 200, {"ok": True, "stored": len(body["entries"])}
 
-    def moved_vms(self, host):
-        """VMs moved away from host: the latest done plan of each VM that once left it."""
+    def _latest_plans(self, states):
+        """{vm: the newest plan (by term, seq) among those in `states`}."""
         latest = {}
         for e in self.plans.values():
-            if e["state"] == "done":
-                k = (e["term"], e.get("seq", 0))
-                if e["vm"] not in latest or k > latest[e["vm"]][0]:
-                    latest[e["vm"]] = (k, e)
+            if e["state"] in states:
+                old = latest.get(e["vm"])
+                if old is None or (e["term"], e.get("seq", 0)) > (old["term"], old.get("seq", 0)):
+                    latest[e["vm"]] = e
+        return latest
+
+    def moved_vms(self, host):
+        """VMs moved away from host (§3.6): for each VM that a done plan once moved from it,
+        the latest done plan's target (which may be host again: the member then knows that
+        an older entry from a lagging candidate is void)."""
+        latest = self._latest_plans(("done",))
         left = {e["vm"] for e in self.plans.values() if e["state"] == "done" and e["from"] == host}
-        return [{"vm_name": vm, "new_parent": latest[vm][1]["to"]} for vm in sorted(left)
-                if latest[vm][1]["to"] != host]
+        return [{"vm_name": vm, "new_parent": latest[vm]["to"], "term": latest[vm]["term"],
+                 "seq": latest[vm].get("seq", 0)} for vm in sorted(left)]
 
     # -- the target of a failover (§3.4, "The target applies ...") -----------------
 
@@ -1458,8 +1543,11 @@ def is_production(vm_cfg):
     return vm_cfg.get("production") is True or vm_cfg.get("live_status") in ("production", "prod")
 
 
+LOCK_PREFIX = "__HA_LOCKED_"
+
+
 def lock_name(wall):
-    return "__HA_LOCKED_" + time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(wall)) + "__"
+    return LOCK_PREFIX + time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(wall)) + "__"
 
 
 class Host:
@@ -1478,21 +1566,30 @@ class Host:
         except FileNotFoundError:
             return []
 
-    def inventory(self, timeout=CMD_TIMEOUT):
+    def inventory(self, timeout=CMD_TIMEOUT, snapshots=True, budget=None):
         """[{vm_name, dataset, config_path, production, parent_host, memory, live,
-        latest_snapshot}] plus [{vm_name or dataset, error}]; never raises."""
+        latest_snapshot}] plus [{vm_name or dataset, error}]; never raises.
+
+        timeout bounds each command; budget (s), if given, the whole inventory.
+        snapshots=False skips the snapshot lists (fencing needs no snapshots)."""
         zfs = self.cfg.commands["zfs"]
         vms, errors = [], []
         live = set(self.running_vms())
+        deadline = None if budget is None else time.monotonic() + budget
+
+        def limit():
+            return timeout if deadline is None else \
+                max(0.1, min(timeout, deadline - time.monotonic()))
         for ds in self.cfg.vm_datasets:
             rc, out, err = run_cmd(zfs + ["list", "-H", "-p", "-o", "name,mountpoint",
-                                          "-t", "filesystem", "-d", "1", ds], timeout)
+                                          "-t", "filesystem", "-d", "1", ds], limit())
             if rc != 0:
                 errors.append({"dataset": ds, "error": f"zfs list failed ({rc}): {last_line(err)}"})
                 continue
-            rc, snap_out, err = run_cmd(zfs + ["list", "-H", "-p", "-t", "snapshot", "-o",
-                                               "name,creation,guid", "-s", "creation", "-r", ds],
-                                        timeout)
+            rc, snap_out, err = (run_cmd(zfs + ["list", "-H", "-p", "-t", "snapshot", "-o",
+                                                "name,creation,guid", "-s", "creation", "-r",
+                                                ds], limit())
+                                 if snapshots else (0, "", ""))
             snaps = {}
             if rc != 0:
                 errors.append({"dataset": ds, "error": f"zfs snapshot list failed ({rc}): "
@@ -1567,22 +1664,30 @@ class Host:
             time.sleep(0.1)
 
 
-def fence_host(cfg, host, log, reason, debug, inventory=None):
+def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     """SPEC §3.3 steps 2-4: fence record + locks, destroy every VM, reboot.
 
-    `inventory` is the last known VM list (the caller's cache); only its production
-    VMs owned here that run now are recorded and locked.  In debug mode every step is
-    logged as "(DEBUG) would ..." and nothing is changed.  Returns after the reboot
-    command (a real reboot never returns)."""
+    The production VMs owned here that run now are recorded and locked, from a fresh
+    inventory (bounded by fence_timeout / 4), else from `cache` (the caller's last
+    one).  `ours`: VMs started here by a failover (the cache may predate their
+    change-parent).  A copy already locked by the other fencer (agent or watchdog: both
+    may fence in one incident) counts as ours, and an existing record is only ever
+    extended, never shrunk.  In debug mode every step is logged as "(DEBUG) would ..."
+    and nothing is changed.  Returns after the reboot command (a real reboot never
+    returns)."""
+    t0 = time.monotonic()
     running = host.running_vms()
-    if inventory is None:
-        inventory, _ = host.inventory(timeout=max(1.0, cfg.fence_timeout / 4))
-    prod = [v for v in inventory if v["production"] and v["vm_name"] in running
-            and v["parent_host"] == cfg.hostname]
-    names = [v["vm_name"] for v in prod]
+    inventory, errors = host.inventory(snapshots=False, budget=max(1.0, cfg.fence_timeout / 4))
+    if cache and (errors or not inventory):
+        fresh = {v["vm_name"] for v in inventory}
+        inventory = inventory + [v for v in cache if v["vm_name"] not in fresh]
+    prod = [v for v in inventory if v["production"] and v["vm_name"] in running and
+            (v["parent_host"] == cfg.hostname or v["vm_name"] in ours or
+             str(v["parent_host"]).startswith(LOCK_PREFIX))]
+    fence_path = os.path.join(cfg.state_dir, "fence.json")
+    names = sorted({v["vm_name"] for v in prod} | set(read_fence_record(fence_path)))
     stamp = lock_name(time.time())
     record = {"ts": time.time(), "reason": reason, "vms": names}
-    fence_path = os.path.join(cfg.state_dir, "fence.json")
     say = "(DEBUG) would " if debug else ""
     log.log(NOTICE, f"{say}write fence record {fence_path}: production VMs {names or 'none'}")
     if not debug:
@@ -1592,6 +1697,8 @@ def fence_host(cfg, host, log, reason, debug, inventory=None):
         except OSError as e:
             log.log(EMERG, f"cannot write fence record {fence_path}: {e}")
     for v in prod:
+        if str(v["parent_host"]).startswith(LOCK_PREFIX):
+            continue
         log.log(NOTICE, f"{say}lock VM {v['vm_name']}: parent_host = {stamp}")
         if not debug:
             try:
@@ -1600,7 +1707,8 @@ def fence_host(cfg, host, log, reason, debug, inventory=None):
                 log.log(EMERG, f"cannot lock VM {v['vm_name']}: {e}")
     for n in running:
         log.log(NOTICE, f"{say}destroy VM {n}: {' '.join(cfg.command('vm_destroy', n))}")
-    gone = True if debug else host.destroy_all(running, cfg.fence_timeout)
+    gone = True if debug else host.destroy_all(
+        running, max(1.0, cfg.fence_timeout - (time.monotonic() - t0)))
     key = "reboot" if gone else "reboot_now"
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,
@@ -2039,6 +2147,7 @@ class Paths:
         self.mode = os.path.join(cfg.run_dir, "hoster_ha.mode")
         self.term = os.path.join(cfg.state_dir, "term")
         self.fence = os.path.join(cfg.state_dir, "fence.json")
+        self.running = os.path.join(cfg.state_dir, "running.json")
         self.maintenance = os.path.join(cfg.state_dir, "maintenance")
         self.events = os.path.join(cfg.state_dir, "events.jsonl")
 
@@ -2093,7 +2202,8 @@ def read_term(path):
 
 
 def read_fence_record(path):
-    """Production VMs listed in state_dir/fence.json (our last fence), or []."""
+    """Production VMs listed in state_dir/fence.json (our last fence) or running.json
+    (what we ran while armed: a power loss leaves no fence record), or []."""
     try:
         with open(path, "rb") as f:
             record = json.loads(f.read().decode("utf-8"))
@@ -2146,7 +2256,9 @@ class Agent:
         self.startup_time = int(time.time() * 1000)
         self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
                          maintenance=os.path.exists(self.paths.maintenance),
-                         fenced_vms=read_fence_record(self.paths.fence))
+                         fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
+                                           set(read_fence_record(self.paths.running))))
+        self.running_record = None
         ctx = server_ssl_context(cfg.tls) if cfg.tls else None
         self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx)
 
@@ -2336,14 +2448,26 @@ class Agent:
             time.sleep(0.1)
         return None
 
-    def demote(self, vms):
-        """§3.6: local copies of VMs moved away while we were gone become backups."""
+    def demote(self, vms, keep_live=False):
+        """§3.6: local copies of VMs moved away while we were gone become backups.
+
+        keep_live (we are armed): a copy that runs here is left alone and reported."""
         inventory, _ = self.host.inventory()
         local = {v["vm_name"]: v for v in inventory}
         say = "(DEBUG) would " if self.debug else ""
+        done = {}
         for name, parent in sorted(vms.items()):
             v = local.get(name)
             if v is None:
+                done[name] = parent
+                continue
+            if v["parent_host"] == parent and not v["live"]:
+                done[name] = parent
+                continue
+            if v["live"] and keep_live:
+                self.log.warning(f"VM {name} runs here, but a failover plan says it was moved "
+                                 f"to {parent}: left running (the plan is older than its start "
+                                 "here, or the cluster lost its guarantee: check by hand)")
                 continue
             if v["live"]:
                 self.log.log(NOTICE, f"{say}destroy VM {name}: it was moved to {parent}")
@@ -2358,8 +2482,9 @@ class Agent:
                     return
             self.events.append("rejoin_demoted", vm_name=name, new_parent=parent,
                                debug=self.debug)
+            done[name] = parent
         with self.lock:
-            self.core.demote_done(vms)
+            self.core.demote_done(done)
 
     def send(self, a):
         status, answer = self.client.request(a["peer"], a["method"], a["name"], a["body"],
@@ -2544,9 +2669,34 @@ class Agent:
                 for e in errors:
                     self.log.warning(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
                                      f"{e['error']}")
+                self.record_running(vms)
             finally:
                 self.inventory_busy = False
         self.pool.submit(job)
+
+    def record_running(self, vms):
+        """state_dir/running.json: the production VMs we run as their parent, kept while
+        armed.  A host that loses power leaves no fence record; when its agent starts
+        again it sends these as `fenced_vms`, so the manager restarts those that are live
+        nowhere (§3.6), even if it is back before failover_time.  Rewritten from the
+        inventory while armed (at once when we arm: the candidates have the old one);
+        removed when we stop in order or go into maintenance."""
+        with self.lock:
+            armed, maintenance = self.core.armed, self.core.maintenance
+        if not armed:
+            if maintenance and self.running_record is not None:
+                remove_file(self.paths.running)
+                self.running_record = None
+            return
+        names = sorted(v["vm_name"] for v in vms if v["production"] and v["live"]
+                       and v["parent_host"] == self.cfg.hostname)
+        if names != self.running_record:
+            try:
+                write_atomic(self.paths.running, (json.dumps(
+                    {"ts": time.time(), "vms": names}) + "\n").encode(), mode=0o600)
+                self.running_record = names
+            except OSError as e:
+                self.log.error(f"cannot write {self.paths.running}: {e}")
 
     # -- the control loop ---------------------------------------------------------
 
@@ -2556,12 +2706,14 @@ class Agent:
                 self.log.log(logging.getLevelName(a["level"]), a["msg"])
                 if a["event"] in EVENT_NAMES:
                     self.events.append(a["event"], **a["details"])
-                if a["event"] == "armed" and not self.debug:
-                    remove_file(self.paths.fence)  # the candidates have it (register)
+                if a["event"] == "armed":
+                    if not self.debug:
+                        remove_file(self.paths.fence)  # the candidates have it (register)
+                    self.refresh_inventory()           # rewrites running.json
             elif a["kind"] == "send":
                 self.work.submit(self.send, a)
             elif a["kind"] == "demote":
-                self.work.submit(self.demote, a["vms"])
+                self.work.submit(self.demote, a["vms"], a.get("keep_live", False))
             elif a["kind"] == "fence":
                 self.fence(a["reason"])
 
@@ -2581,7 +2733,11 @@ class Agent:
 
     def fence(self, reason):
         """§3.3 steps 2-4; the process never continues after this."""
-        fence_host(self.cfg, self.host, self.log, reason, self.debug, self.inventory_cache)
+        with self.lock:
+            ours = {e["vm_name"] for e in self.core.failovers.values()
+                    if e["state"] in ("starting", "live")}
+        fence_host(self.cfg, self.host, self.log, reason, self.debug, self.inventory_cache,
+                   ours)
         if self.debug:
             self.log.log(NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
         remove_file(self.paths.pid, only_if_pid=os.getpid())
@@ -2647,6 +2803,7 @@ class Agent:
             deadline = time.monotonic() + 5
             while self.watchdog_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
+        remove_file(self.paths.running)  # orderly: our VMs keep running, unprotected
         self.server.shutdown()
         self.server.server_close()
         self.pool.shutdown(wait=False)

@@ -874,24 +874,32 @@ class Sim:
                     self._send_action(n, a, now)
             elif kind == "demote":
                 if n.state == RUNNING:
-                    self._demote(n, a["vms"])
+                    self._demote(n, a["vms"], a.get("keep_live", False))
             elif (n.name, kind) not in self.unhandled:
                 self.unhandled.add((n.name, kind))
                 self.emit("sim", "WARNING", f"{n.name}: the simulator does not handle "
                           f"actions of kind {kind!r}; ignored")
 
-    def _demote(self, n, vms):
-        """SPEC §3.6: local copies of VMs moved away while we were gone become backups."""
+    def _demote(self, n, vms, keep_live=False):
+        """SPEC §3.6: local copies of VMs moved away while we were gone become backups
+        (keep_live, as the agent once armed: a live copy is left alone)."""
+        done = {}
         for name, parent in sorted(vms.items()):
             v = n.vms.get(name)
-            if v is None:
+            done[name] = parent
+            if v is None or (v["parent"] == parent and not v["live"]):
+                continue
+            if v["live"] and keep_live:
+                del done[name]
+                self.emit(f"{n.name}/host", "WARNING", f"VM {name} is live here; not demoted "
+                                                       f"to {parent}")
                 continue
             was = v["live"]
             self._set_live(n, name, False)
             v["parent"] = parent
             self.emit(f"{n.name}/host", "INFO", f"demoted VM {name}: parent_host = {parent}"
                                                 + (" (it was live: destroyed)" if was else ""))
-        n.core.demote_done(vms)
+        n.core.demote_done(done)
 
     def _on_event(self, n, a, now):
         ev, d = a["event"], a["details"]
@@ -1023,8 +1031,16 @@ class Sim:
         self._fence(n, f"{name}/watchdog", "watchdog_fence")
 
     def _cmd_crash(self, name):
-        """Power loss: the node is down and its VMs are gone at once (no fence record)."""
+        """Power loss: the node is down and its VMs are gone at once.  No fence record,
+        but the agent's running record (state_dir/running.json, the production VMs it ran
+        as their parent while armed) survives and is sent like one when it starts again.
+        (The agent refreshes that record every few seconds; here it is exact.)"""
         n = self._node(name)
+        if n.alive and n.core is not None and n.core.armed:
+            running = {x for x, v in n.vms.items()
+                       if v["production"] and v["live"] and v["parent"] == n.name}
+            if running:
+                n.fence_record = sorted(set(n.fence_record or []) | running)
         if n.alive:
             self._stop(n, DOWN)
         n.host_epoch += 1

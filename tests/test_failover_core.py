@@ -673,7 +673,7 @@ def test_new_manager_asks_target_first_and_does_not_restart_a_started_vm():
     first_job = min(t_ for t_, n, x in net.log if n == "b" and x["kind"] == "send"
                     and x["name"] == "vms")
     assert first_job - b.manager_since >= WAIT
-    assert b.moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2"}]
+    assert b.moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2", "term": 1, "seq": 1}]
 
 
 def test_new_manager_replans_after_target_says_unknown_and_starts_once():
@@ -752,9 +752,11 @@ def test_moved_vms_from_done_plans_latest_wins():
     ]
     status, ans = b.handle_plan({"term": 9, "entries": entries}, 1.0)
     assert status == 200
-    assert b.moved_vms("h") == [{"vm_name": "n", "new_parent": "t"},
-                                {"vm_name": "s", "new_parent": "u"},
-                                {"vm_name": "y", "new_parent": "u"}]
+    assert b.moved_vms("h") == [
+        {"vm_name": "n", "new_parent": "t", "term": 9, "seq": 1},
+        {"vm_name": "s", "new_parent": "u", "term": 8, "seq": 2},
+        {"vm_name": "x", "new_parent": "h", "term": 6, "seq": 1},   # back: void older entries
+        {"vm_name": "y", "new_parent": "u", "term": 7, "seq": 1}]
     assert b.moved_vms("nobody") == []
     # and the register answer carries them
     h = Core(cfg("w1", hostname="h"), 7000, 0.0)
@@ -763,9 +765,8 @@ def test_moved_vms_from_done_plans_latest_wins():
     # a stale plan term is refused and changes nothing
     status, _ = b.handle_plan({"term": 3, "entries": [e("x", "h", "zz", 3, 9)]}, 3.0)
     assert status == 409
-    assert b.moved_vms("h") == [{"vm_name": "n", "new_parent": "t"},
-                                {"vm_name": "s", "new_parent": "u"},
-                                {"vm_name": "y", "new_parent": "u"}]
+    assert [(m["vm_name"], m["new_parent"]) for m in b.moved_vms("h")] == [
+        ("n", "t"), ("s", "u"), ("x", "h"), ("y", "u")]
 
 
 def test_rejoin_demotes_moved_vms_before_arming():
@@ -774,7 +775,7 @@ def test_rejoin_demotes_moved_vms_before_arming():
     t = net.run(10.0, last + FAILOVER_TIME + 5)
     assert net.live_on("vm1") == ["w2"]
     for c in "abc":
-        assert net.cores[c].moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2"}]
+        assert net.cores[c].moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2", "term": 1, "seq": 1}]
     # w1 boots again: a new incarnation, no fence record (power loss)
     w1 = Core(cfg("w1"), 4500, t + 1)
     net.cores["w1"] = w1
@@ -782,7 +783,8 @@ def test_rejoin_demotes_moved_vms_before_arming():
     since = len(net.log)
     t = net.run(t + 1, t + 6)
     demotes = [act for _, n, act in net.log[since:] if n == "w1" and act["kind"] == "demote"]
-    assert demotes == [{"kind": "demote", "vms": {"vm1": "w2"}}], "asked exactly once"
+    assert demotes == [{"kind": "demote", "vms": {"vm1": "w2"}, "keep_live": False}], \
+        "asked exactly once"
     assert len(w1.reachable(t)) == 3 and w1.manager_view(t)[0] == "a"
     assert not w1.arming and not w1.armed
     assert w1.ping_body(t)["armed"] is False
@@ -898,7 +900,7 @@ def test_resolved_inherited_plan_is_replicated_to_the_other_candidates():
     assert c.plans[uid]["state"] == "done", \
         f"c still holds the plan as {c.plans[uid]['state']!r} (update term " \
         f"{updates[0]['body']['term']}, c's highest manager term {c.max_manager_term})"
-    assert c.moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2"}]
+    assert c.moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2", "term": 1, "seq": 1}]
 
 
 def test_rejoined_member_with_newest_snapshot_gets_its_fenced_vm_back():

@@ -215,7 +215,7 @@ def test_delayed_command_of_a_dead_manager_is_refused():
     assert [h for _, h, vm, _, _ in s.starts if vm == "vmB"] == ["worker3"]
 
 
-# -- core bugs found by the simulator (see the report; these fail until fixed) ------------
+# -- core bugs found by the simulator (fixed; kept as regression tests) -----------------
 
 CLUSTER = [[0, "start node1"], [0, "start node2"], [0, "start node3"],
            [0, "start worker1"], [0, "start worker2"]]
@@ -241,13 +241,13 @@ def test_member_rejoining_during_its_failover_gets_its_fence_record_placed():
     assert not s.failures and not s.violations, "\n".join(s.failures + s.violations)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG (open, see issue 3 note): a VM with no eligible target is reported once and its source is settled; it is not retried when a target becomes eligible")
 def test_vm_without_a_target_is_placed_once_a_target_is_eligible():
     """SPEC §1: every production VM of a dead host is started again on a surviving host
     that holds its newest snapshot.  worker1 dies; vmA's only replica is on worker2,
     which is rebooting when the failover job runs (100.5: unarmed, not eligible), and is
-    armed 1.5 s later.  vmA is reported (vm_start_failed) and the episode is settled at
-    once: it is never tried again, vmA stays down for ever."""
+    armed 1.5 s later.  vmA is reported (vm_start_failed) once, and the episode is not
+    settled: it is tried again (growing delay) and vmA starts on worker2 once it is armed.
+    (Was a bug: the episode was settled at once and vmA stayed down for ever.)"""
     s = sim.Sim(stop_on_violation=False)
     s.run(CLUSTER + [[0, "vm worker1 vmA snapshot=400 live=1"],
                      [0, "vm worker2 vmA parent=worker1 snapshot=300"],
@@ -278,40 +278,57 @@ RETURN_DURING_FAILOVER = CLUSTER + [
     [140, "expect armed worker1"]]
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG (open, see issue 3 note): moved_vms only travels in register answers; a move that completes after the old host registered is not demoted there")
 def test_vm_moved_while_its_old_host_rejoins_is_demoted_there():
     """SPEC §3.6: a node that starts again after it was failed over must demote its copies
     of the VMs the cluster moved away.  Here the move completes 1 s after worker1's
-    register: moved_vms came only with the register answer, so worker1 never learns of
-    it and keeps parent_host = worker1 for a VM that runs on worker2 (Hoster on worker1
-    treats it as its own)."""
+    register, so the register answer cannot name it; the ping answers carry moved_vms
+    too, and worker1 demotes its copy (parent_host = worker2).  (Was a bug: moved_vms came
+    only with the register answer.)"""
     s = sim.Sim(stop_on_violation=False)
     s.run(RETURN_DURING_FAILOVER + [[200, "expect parent worker1 vmA worker2"]])
     assert not s.failures and not s.violations, "\n".join(s.failures + s.violations)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG (open, see issue 3 note): same cause as the test above (moved_vms not in ping answers)")
 def test_vm_moved_while_its_old_host_rejoins_is_protected_on_its_new_host():
-    """The consequence: when worker2, vmA's new host, dies, no reachable copy says
-    parent_host = worker2, so the manager does not see vmA as worker2's VM.  vmA is
-    never started again (worker1 holds its newest snapshot) and no vm_start_failed
-    names it: it is silently dropped (SPEC §1: every production VM of a dead host is
-    started again)."""
+    """When worker2, vmA's new host, dies, vmA must be seen as worker2's VM (worker1's
+    copy says so once demoted; the manager's plans say so too) and started again on
+    worker1, which holds its newest snapshot.  (Was a bug: vmA was silently dropped.)"""
     s = sim.Sim(stop_on_violation=False)
     s.run(RETURN_DURING_FAILOVER + [[150, "crash worker2"], [230, "expect live vmA worker1"]])
     assert not s.failures and not s.violations, "\n".join(s.failures + s.violations)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (open, see issue 3 note): SPEC 3.6 (other locks are resolved by the node once it has registered) is not built")
 def test_rejoined_node_resolves_the_locks_of_vms_placed_elsewhere():
     """SPEC §3.6: "a locked VM that is placed back here gets its parent_host restored by
     the change-parent step.  Other locks are resolved by the node once it has
     registered."  In scenario 13, vmB of worker1's fence record is placed on worker2
-    (equal snapshots, more free memory); worker1's copy stays __HA_LOCKED_...__ for ever
-    (nothing in the core or the agent resolves it)."""
+    (equal snapshots, more free memory); worker1's locked copy is demoted once that move
+    is done (moved_vms in ping answers): parent_host = worker2."""
     with open(os.path.join(HERE, "scenarios", "13_fenced_node_returns_gets_its_vms_back",
                            "cmds.json")) as f:
         cmds = json.load(f)
     s = sim.Sim(stop_on_violation=False)
     s.run(cmds + [[200, "expect parent worker1 vmB worker2"]])
     assert not s.failures and not s.violations, "\n".join(s.failures + s.violations)
+
+
+def test_host_back_from_a_power_loss_before_failover_time_gets_its_vms_back():
+    """A power loss leaves no fence record, and a host that is back (agent registered)
+    before failover_time is never failed.  Its running record (the production VMs it ran
+    while armed, state_dir/running.json) is sent like a fence record, so the manager
+    places them by the normal rule once it is armed: vmA back on worker1 (newest
+    snapshot), vmB on worker2 (its only other copy is newer there)."""
+    s = sim.Sim(stop_on_violation=False)
+    s.run(CLUSTER + [[0, "vm worker1 vmA snapshot=400 live=1"],
+                     [0, "vm worker2 vmA parent=worker1 snapshot=300"],
+                     [0, "vm worker1 vmB snapshot=300 live=1"],
+                     [0, "vm worker2 vmB parent=worker1 snapshot=400"],
+                     [0, "vm worker1 vmC production=0 snapshot=400 live=1"],
+                     [40, "crash worker1"],
+                     [50, "start worker1"],
+                     [80, "expect armed worker1"],
+                     [80, "expect live vmA worker1"], [80, "expect live vmB worker2"],
+                     [80, "expect parent worker1 vmB worker2"]])
+    assert not s.failures and not s.violations, "\n".join(s.failures + s.violations)
+    assert sorted(vm for _, _, vm, _, _ in s.starts) == ["vmA", "vmB"], s.starts
+    assert not s.live_on("vmC"), "a non-production VM is not restarted"

@@ -31,6 +31,9 @@ Opt-in, for the network-namespace fault tests (tests/netns.py):
                                  ("<t> refused hoster vm start NAME"), exit 1
     NODE/boot                    boot counter; a start begun before a reboot never
                                  completes after it
+    NODE/free_pages              the free page count `sysctl -n vm.stats.vm.v_free_count
+                                 hw.pagesize` reports (the page size stays 4096); without
+                                 it every node reports 262144 pages (1 GiB)
 
 and one extra command, never named in an agent's `commands` (the test harness runs it):
 
@@ -221,7 +224,8 @@ if cmd == "power" and args == ["on"]:
         record("up power on")
     sys.exit(0)
 if cmd == "sysctl":
-    print(262144)
+    pages = read_text(os.path.join(node, "free_pages"))
+    print(int(pages) if pages.isdigit() else 262144)
     print(4096)
     sys.exit(0)
 print(f"fake {cmd}: unsupported arguments {args}", file=sys.stderr)

@@ -1,0 +1,274 @@
+"""Process test of a whole failover (SPEC §3.3-§3.5): real agents, production mode, fakes.
+
+3 candidates (127.0.0.1-3) and 2 workers (127.0.0.4-5) run in PRODUCTION mode with the
+FAST timings (tools/localcluster.py); every host command is a fake
+(tools/fake_host_cmd.py) that records itself in NODE/calls.log, so a "reboot" is one line
+there and a "start" creates NODE/vmm/NAME.
+
+worker1 runs 5 production VMs (parent_host worker1).  Their replicas sit on the other hosts
+with snapshots of different ages, so each VM has its own expected target:
+
+    vm-1  node1 (1h) beats worker2 (2h) and node2 (3h)
+    vm-2  node2 (30min) beats node1 (2h); node3 holds a copy without a snapshot
+    vm-3  node3 (1h) beats worker2 (4h)
+    vm-4  worker2 (10min) beats node1 (1h) and node3 (5h)
+    vm-5  node1 and node2 tie (same snapshot creation); node2 has more free memory
+          (NODE/free_pages), and wins although node1 runs fewer VMs and sorts first
+
+worker1's agent is SIGKILLed once all 5 nodes are armed; its watchdog fences it (fake
+destroys, fake `shutdown -r now`), and after failover_time the manager starts every VM on
+its target.  Checked: each VM started exactly once cluster-wide, on its target, with
+parent_host rewritten there (other keys kept); never live on two hosts at once (worker1's
+copy counts as live until its fake destroy); kill -> last VM live within
+failover_time + 2*ping_interval + 5 s.
+
+Like the other process tests: the cluster lives in its own tmp folder, is stopped in a
+finally (stop_all), and no process started for it may survive (checked via /proc); every
+wait has a deadline.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools"), TESTS]
+
+import hoster_ha  # noqa: E402
+import invariants  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402
+
+NODES = ("node1", "node2", "node3", "worker1", "worker2")
+DEAD = "worker1"
+ARM_BOUND = 30.0        # start of the agents -> every node armed (slow 2-core machine)
+NOW = 1_760_000_000     # snapshot creation times are relative to this
+MIN, HOUR = 60, 3600
+
+# vm: {host: [snapshot ages in seconds, oldest first]; [] = a copy without a snapshot}.
+# worker1 (the dead host) holds the newest snapshot of each; it is never a target.
+VMS = {
+    "vm-1": {DEAD: [2 * HOUR, 5 * MIN], "node1": [2 * HOUR, 1 * HOUR], "worker2": [2 * HOUR],
+             "node2": [3 * HOUR]},
+    "vm-2": {DEAD: [10 * MIN], "node2": [2 * HOUR, 30 * MIN], "node1": [2 * HOUR],
+             "node3": []},
+    "vm-3": {DEAD: [1 * MIN], "node3": [1 * HOUR], "worker2": [4 * HOUR]},
+    "vm-4": {DEAD: [2 * MIN], "worker2": [1 * HOUR, 10 * MIN], "node1": [1 * HOUR],
+             "node3": [5 * HOUR]},
+    "vm-5": {DEAD: [3 * MIN], "node1": [1 * HOUR], "node2": [1 * HOUR], "node3": [6 * HOUR]},
+}
+EXPECTED = {"vm-1": "node1", "vm-2": "node2", "vm-3": "node3", "vm-4": "worker2",
+            "vm-5": "node2"}
+FREE_PAGES = {"node2": 524288}  # 2 GiB free on node2; 1 GiB (the fake's default) elsewhere
+EXTRA_RUNNING = {"node2": "vm-other"}  # node2 runs one more VM than node1 (not production)
+
+
+def our_pids(base):
+    """PIDs of live (non-zombie) processes whose command line names a path under base."""
+    needle = os.fsencode(str(base))
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if needle in f.read():  # a zombie has an empty cmdline
+                    pids.append(int(d))
+        except OSError:
+            continue
+    return pids
+
+
+def snap(vm, age):
+    return (f"snap-{age}", NOW - age, str(zlib.crc32(f"{vm}@{age}".encode())))
+
+
+def vm_config_path(node, vm):
+    return os.path.join(node.dir, "vms", vm, "vm_config.json")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def live(node, vm):
+    return os.path.exists(os.path.join(node.dir, "vmm", vm))
+
+
+def starts(node, vm):
+    """Times of the completed `hoster vm start VM` calls on node ("pending ..." and
+    "refused ..." lines are not starts: the fake writes those with a prefix)."""
+    out = []
+    for line in node.calls().splitlines():
+        ts, _, rest = line.partition(" ")
+        if rest == f"hoster vm start {vm}":
+            out.append(float(ts))
+    return out
+
+
+class Cluster(LocalCluster):
+    """LocalCluster plus signed HTTP status queries and a strict teardown."""
+
+    def __init__(self, base, **kw):
+        super().__init__(str(base), **kw)
+        self.client = hoster_ha.Client(hoster_ha.load_config(self["node1"].config))
+
+    def http_status(self, name, timeout=1.0):
+        node = self[name]
+        status, answer = self.client.request(
+            {"address": node.address, "port": self.port, "protocol": "http"}, "GET", "status",
+            timeout=timeout)
+        return answer if status == 200 and isinstance(answer, dict) else {}
+
+    def armed_views(self):
+        """True when every node says it is armed and every candidate's `GET members` reports
+        all of them armed (a member killed before its armed ping reached the candidates is,
+        by the rule, not failed over)."""
+        if not all(self.http_status(n).get("armed") is True for n in NODES):
+            return False
+        for cand in ("node1", "node2", "node3"):
+            node = self[cand]
+            status, answer = self.client.request(
+                {"address": node.address, "port": self.port, "protocol": "http"}, "GET",
+                "members", timeout=1.0)
+            if status != 200 or not isinstance(answer, dict):
+                return False
+            view = {m.get("hostname"): m for m in answer.get("members", [])
+                    if isinstance(m, dict)}
+            if not all(view.get(n, {}).get("armed") is True for n in NODES):
+                return False
+        return True
+
+    def teardown(self):
+        """stop_all(), reap our children, and make sure nothing started for us survives."""
+        try:
+            self.stop_all()
+        finally:
+            for node in self.nodes.values():
+                if node.proc is not None:
+                    if node.proc.poll() is None:
+                        node.proc.kill()
+                        node.proc.wait(5)
+                    if node.proc.stderr is not None:
+                        node.proc.stderr.close()
+            gone = self.wait_for(lambda: not our_pids(self.base), 10, interval=0.05)
+            left = our_pids(self.base)
+            for pid in left:  # only processes whose command line names our tmp folder
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert gone and not left, f"processes survived stop_all(): {left}"
+
+
+def build(base):
+    c = Cluster(base, workers=2, debug=False)
+    for vm, copies in VMS.items():
+        for host, ages in copies.items():
+            c[host].add_vm(vm, parent=DEAD, snapshots=[snap(vm, a) for a in ages],
+                           running=host == DEAD)
+            # keys the failover must keep when it rewrites parent_host
+            path = vm_config_path(c[host], vm)
+            cfg = read_json(path)
+            cfg.update(cpus=2, os_type="debian12", description=f"{vm} copy on {host}")
+            with open(path, "w") as f:
+                json.dump(cfg, f)
+    for host, vm in EXTRA_RUNNING.items():
+        c[host].add_vm(vm, production=False, snapshots=[snap(vm, HOUR)], running=True)
+    for host, pages in FREE_PAGES.items():
+        with open(os.path.join(c[host].dir, "free_pages"), "w") as f:
+            f.write(f"{pages}\n")
+    return c
+
+
+def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
+    c = build(tmp_path)
+    t = c.timings
+    ft, pi = t["failover_time"], t["ping_interval"]
+    bound = ft + 2 * pi + 5
+    dead = c[DEAD]
+    try:
+        before = {vm: read_json(vm_config_path(c[h], vm)) for vm, h in EXPECTED.items()}
+        t_start = time.time()
+        c.start_all(list(NODES))
+        armed = c.wait_for(c.armed_views, ARM_BOUND, interval=0.2)
+        assert armed, f"not armed within {ARM_BOUND} s: { {n: c.http_status(n) for n in NODES} }"
+        manager = c.http_status("node1").get("manager")
+        assert manager in ("node1", "node2", "node3")
+        assert all(live(dead, vm) for vm in VMS)
+
+        t_kill = time.time()
+        dead.proc.send_signal(signal.SIGKILL)
+        assert dead.proc.wait(5) == -signal.SIGKILL
+
+        def all_live():
+            return all(live(c[h], vm) for vm, h in EXPECTED.items())
+        ok = c.wait_for(all_live, bound + 10, interval=0.05)
+        t_seen = time.time()
+        where = {vm: [n for n in NODES if live(c[n], vm)] for vm in VMS}
+        assert ok, (f"not every VM live on its target {t_seen - t_kill:.1f} s after the kill: "
+                    f"{where}\nmanager log:\n{c[manager].log()[-4000:]}")
+
+        # The job ends with the manager's confirmation of every VM; then no second start
+        # may follow (a bounded wait for the bad thing).
+        c.wait_for(lambda: all(f"VM {vm} is live on {h}" in c[manager].log()
+                               for vm, h in EXPECTED.items()), 10, interval=0.1)
+        c.wait_for(lambda: sum(len(starts(c[n], vm)) for n in NODES for vm in VMS) > len(VMS),
+                   3 * pi, interval=0.1)
+
+        # -- each VM started exactly once cluster-wide, on the host with its newest snapshot
+        for vm, target in EXPECTED.items():
+            counts = {n: len(starts(c[n], vm)) for n in NODES}
+            assert counts == {n: int(n == target) for n in NODES}, (vm, counts)
+        assert not any(live(dead, vm) for vm in VMS), os.listdir(os.path.join(dead.dir, "vmm"))
+        for vm in VMS:
+            assert [n for n in NODES if live(c[n], vm)] == [EXPECTED[vm]], (vm, where)
+        for host, vm in EXTRA_RUNNING.items():
+            assert live(c[host], vm) and all(len(starts(c[n], vm)) == 0 for n in NODES)
+
+        # -- parent_host rewritten on the target, every other key kept
+        for vm, target in EXPECTED.items():
+            after = read_json(vm_config_path(c[target], vm))
+            assert after == dict(before[vm], parent_host=target), (vm, before[vm], after)
+
+        # -- worker1 fenced: each of its VMs destroyed there, then the fake reboot
+        dead_calls = [(float(ts), rest) for ts, _, rest in
+                      (ln.partition(" ") for ln in dead.calls().splitlines())]
+        destroyed = {rest[len("bhyvectl --destroy --vm="):]: ts for ts, rest in dead_calls
+                     if rest.startswith("bhyvectl --destroy --vm=")}
+        assert sorted(destroyed) == sorted(VMS), dead_calls
+        reboots = [ts for ts, rest in dead_calls if rest == "shutdown -r now"]
+        assert len(reboots) == 1 and reboots[0] >= max(destroyed.values()), dead_calls
+        assert not any(rest.startswith("hoster vm start") for _, rest in dead_calls)
+
+        # -- never live on two hosts at once: worker1's copy counted as live from before
+        # the start until its fake destroy
+        records = invariants.load({n: c[n].dir for n in NODES})
+        records = [invariants.Record(t_start, DEAD, "start", vm, f"(setup) running {vm}")
+                   for vm in sorted(VMS)] + records
+        ivs = invariants.live_intervals(records)
+        bad = invariants.overlaps(ivs)
+        assert not bad, "\n".join(
+            f"{vm} live on {a.host} and {b.host} at once ({lo - t_kill:+.3f}..{hi - t_kill:+.3f})"
+            for vm, a, b, lo, hi in bad) + "\n" + invariants.format_timeline(records, t_kill)
+        for vm, target in EXPECTED.items():
+            (t_vm,) = starts(c[target], vm)
+            assert t_vm > destroyed[vm], (vm, t_vm - destroyed[vm])
+
+        # -- time from the kill to the last VM live
+        last_start = max(starts(c[h], vm)[0] for vm, h in EXPECTED.items())
+        took, took_seen = last_start - t_kill, t_seen - t_kill
+        print(f"\nfailover: last VM live {took:.2f} s after the kill (seen by the poll at "
+              f"{took_seen:.2f} s); failover_time {ft:g} s, bound {bound:g} s; manager "
+              f"{manager}; fake reboot of {DEAD} {reboots[0] - t_kill:.2f} s after the kill")
+        # The last ping of worker1 was sent before the kill: nothing may start earlier
+        # than failover_time after it (at most one ping round before the kill).
+        first_start = min(starts(c[h], vm)[0] for vm, h in EXPECTED.items())
+        assert first_start - t_kill >= ft - 2 * pi, first_start - t_kill
+        assert took_seen <= bound, f"last VM live {took_seen:.2f} s after the kill; bound {bound:g} s"
+    finally:
+        c.teardown()

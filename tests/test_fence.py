@@ -1,0 +1,102 @@
+"""fence_host (SPEC §3.3 steps 2-4) against a fake host: what is recorded and locked.
+
+The node folder comes from tools/localcluster.py (fake zfs, bhyvectl, shutdown, reboot
+named in `commands`): a "reboot" here only writes a line to calls.log.
+"""
+import json
+import logging
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+
+import hoster_ha  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402
+
+LOCKED = "__HA_LOCKED_2026-11-25_10-00-00__"
+
+
+def node(tmp_path):
+    c = LocalCluster(str(tmp_path), workers=1, debug=False)
+    n = c["worker1"]
+    cfg = hoster_ha.load_config(n.config)
+    log = logging.getLogger("test_fence")
+    return n, cfg, hoster_ha.Host(cfg, log), log
+
+
+def vm_cfg(n, vm):
+    with open(os.path.join(n.dir, "vms", vm, "vm_config.json")) as f:
+        return json.load(f)
+
+
+def record(cfg):
+    with open(os.path.join(cfg.state_dir, "fence.json")) as f:
+        return json.load(f)
+
+
+def test_records_and_locks_running_production_vms_owned_here_from_a_fresh_inventory(tmp_path):
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    n.add_vm("stopped")
+    n.add_vm("guest", parent="node1", running=True)       # a backup copy that runs: not ours
+    n.add_vm("dev", production=False, running=True)
+    # the caller's cache predates "own": the fresh inventory finds it anyway
+    hoster_ha.fence_host(cfg, host, log, "test", debug=False, cache=[])
+    assert record(cfg)["vms"] == ["own"]
+    assert vm_cfg(n, "own")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+    assert vm_cfg(n, "stopped")["parent_host"] == "worker1"
+    assert vm_cfg(n, "guest")["parent_host"] == "node1"
+    assert not os.listdir(os.path.join(n.dir, "vmm")), "every VM destroyed"
+    calls = n.calls()
+    assert "shutdown -r now" in calls and "reboot -nq" not in calls
+
+
+def test_second_fence_of_one_incident_keeps_the_first_record(tmp_path):
+    """The agent fenced (record [a], a locked) and did not finish within
+    watchdog_timeout; the watchdog fences too: a locked VM that still runs is ours, and
+    the record is extended, never replaced by a shorter one."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("a", parent=LOCKED, running=True)
+    n.add_vm("b", running=True)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    with open(os.path.join(cfg.state_dir, "fence.json"), "w") as f:
+        json.dump({"ts": 1, "reason": "agent", "vms": ["a", "gone-already"]}, f)
+    hoster_ha.fence_host(cfg, host, log, "watchdog", debug=False)
+    assert record(cfg)["vms"] == ["a", "b", "gone-already"]
+    assert vm_cfg(n, "a")["parent_host"] == LOCKED, "an existing lock is kept as it is"
+    assert vm_cfg(n, "b")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+
+
+def test_vm_started_here_by_a_failover_counts_as_ours(tmp_path):
+    """`ours`: VMs the agent started by a failover, whatever their copy says (cireset
+    leaves parent_host to Hoster)."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("moved", parent="worker9", running=True)
+    hoster_ha.fence_host(cfg, host, log, "test", debug=False, ours={"moved"})
+    assert record(cfg)["vms"] == ["moved"]
+
+
+def test_cache_is_used_when_the_fresh_inventory_fails(tmp_path):
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    cache, _ = host.inventory()
+    cfg.commands["zfs"] = [os.path.join(n.dir, "bin", "no-such-zfs")]
+    hoster_ha.fence_host(cfg, host, log, "test", debug=False, cache=cache)
+    assert record(cfg)["vms"] == ["own"]
+    assert vm_cfg(n, "own")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+
+
+def test_debug_changes_nothing(tmp_path, caplog):
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=True)
+    text = caplog.text
+    assert "(DEBUG) would write fence record" in text and "(DEBUG) would lock VM own" in text
+    assert "(DEBUG) would reboot" in text
+    assert vm_cfg(n, "own")["parent_host"] == "worker1"
+    assert os.listdir(os.path.join(n.dir, "vmm")) == ["own"]
+    assert not os.path.exists(os.path.join(cfg.state_dir, "fence.json"))
+    assert "shutdown" not in n.calls() and "bhyvectl" not in n.calls()
