@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -1510,7 +1511,8 @@ def write_atomic(path, data, mode=None):
         st = os.stat(path)
     except FileNotFoundError:
         st = None
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
+                               f"{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -1865,26 +1867,49 @@ class Client:
             conn.close()
 
 
+def literal_addresses(addresses):
+    """The IP address literals among `addresses` (hostnames are left out: resolving them
+    could block; their hosts are vouched for by their first signed request)."""
+    out = set()
+    for a in addresses:
+        try:
+            out.add(str(ipaddress.ip_address(str(a))))
+        except ValueError:
+            pass
+    return out
+
+
 class Server(http.server.ThreadingHTTPServer):
     """Threaded HTTP(S) server that a flood or a slow client cannot take over.
 
-    At most MAX_CONCURRENT requests at once and PER_CLIENT from one address (503 beyond);
-    a request must be read (TLS handshake, headers, body) within READ_DEADLINE seconds, or
-    its connection is shut down."""
+    At most MAX_CONCURRENT requests at once and PER_CLIENT from one address (503 beyond).
+    Addresses that are not known to belong to the cluster (the candidates' configured
+    addresses, and any address that sent a correctly signed request within VOUCH_TTL)
+    share MAX_CONCURRENT - RESERVED of the slots: strangers from many addresses cannot
+    take the slots that answer the cluster's pings.  A request must be read (TLS
+    handshake, headers, body) within READ_DEADLINE seconds, or its connection is shut
+    down."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
     MAX_CONCURRENT = 64
+    RESERVED = 32
     PER_CLIENT = 16
     READ_DEADLINE = 5.0
+    VOUCH_TTL = 600.0
+    MAX_VOUCHED = 4096
 
-    def __init__(self, addr, handler, agent, ssl_ctx=None):
+    def __init__(self, addr, handler, agent, ssl_ctx=None, known=()):
         self.agent = agent
         self.guard = threading.Lock()
         self.active = 0
+        self.strangers = 0
+        self.known = frozenset(known)
+        self.vouched = {}    # address -> monotonic time of its last signed request
         self.per_client = {}
         self.deadlines = {}  # request socket -> monotonic time its reading must end
+        self.slot_kind = {}  # request socket -> True if it holds a stranger's slot
         super().__init__(addr, handler)
         if ssl_ctx is not None:
             self.socket = ssl_ctx.wrap_socket(self.socket, server_side=True,
@@ -1910,15 +1935,33 @@ class Server(http.server.ThreadingHTTPServer):
         with self.guard:
             self.deadlines.pop(request, None)
 
+    def vouch(self, ip):
+        """ip sent a correctly signed request: it belongs to the cluster."""
+        now = time.monotonic()
+        with self.guard:
+            self.vouched[ip] = now
+            if len(self.vouched) > self.MAX_VOUCHED:
+                for old in sorted(self.vouched, key=self.vouched.get)[:len(self.vouched) // 4]:
+                    del self.vouched[old]
+
+    def _stranger(self, ip, now):
+        return ip not in self.known and now - self.vouched.get(ip, -self.VOUCH_TTL) \
+            >= self.VOUCH_TTL
+
     def process_request(self, request, client_address):
         ip = client_address[0] if isinstance(client_address, tuple) else ""
+        now = time.monotonic()
         with self.guard:
+            stranger = self._stranger(ip, now)
             ok = self.active < self.MAX_CONCURRENT and \
-                self.per_client.get(ip, 0) < self.PER_CLIENT
+                self.per_client.get(ip, 0) < self.PER_CLIENT and \
+                (not stranger or self.strangers < self.MAX_CONCURRENT - self.RESERVED)
             if ok:
                 self.active += 1
+                self.strangers += stranger
                 self.per_client[ip] = self.per_client.get(ip, 0) + 1
-                self.deadlines[request] = time.monotonic() + self.READ_DEADLINE
+                self.deadlines[request] = now + self.READ_DEADLINE
+                self.slot_kind[request] = stranger
         if not ok:
             try:
                 if isinstance(request, ssl.SSLSocket):
@@ -1940,6 +1983,7 @@ class Server(http.server.ThreadingHTTPServer):
             ip = client_address[0] if isinstance(client_address, tuple) else ""
             with self.guard:
                 self.active -= 1
+                self.strangers -= self.slot_kind.pop(request, False)
                 self.deadlines.pop(request, None)
                 if self.per_client.get(ip, 0) <= 1:
                     self.per_client.pop(ip, None)
@@ -2034,6 +2078,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if why is not None:
             agent.count("auth_failures")
             return self._reply(401, {"error": why})
+        if isinstance(self.client_address, tuple):
+            self.server.vouch(self.client_address[0])
         obj = None
         if method == "POST":
             try:
@@ -2260,7 +2306,8 @@ class Agent:
                                            set(read_fence_record(self.paths.running))))
         self.running_record = None
         ctx = server_ssl_context(cfg.tls) if cfg.tls else None
-        self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx)
+        self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx,
+                             known=literal_addresses(c["address"] for c in cfg.candidates))
 
     # -- HTTP API (called from handler threads) ---------------------------------
 

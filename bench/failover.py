@@ -31,7 +31,6 @@ Each run also checks that every VM was started exactly once, on its expected tar
     python3 bench/failover.py [--sizes 1,10,100] [--runs 3] [--start-delay 0.2] [--keep]
 """
 import argparse
-import json
 import os
 import platform
 import re

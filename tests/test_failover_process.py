@@ -269,6 +269,7 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
         # than failover_time after it (at most one ping round before the kill).
         first_start = min(starts(c[h], vm)[0] for vm, h in EXPECTED.items())
         assert first_start - t_kill >= ft - 2 * pi, first_start - t_kill
-        assert took_seen <= bound, f"last VM live {took_seen:.2f} s after the kill; bound {bound:g} s"
+        assert took_seen <= bound, \
+            f"last VM live {took_seen:.2f} s after the kill; bound {bound:g} s"
     finally:
         c.teardown()

@@ -921,14 +921,12 @@ class TestHostileInput:
         assert len(legit) >= 20 and len(ok) == len(legit), legit
         assert p99(ok) < 1.0, sorted(ok)[-10:]
 
-    @pytest.mark.xfail(strict=True, reason="KNOWN BUG (open, see issue 6 note): strangers from 4+ addresses can fill all 64 request slots; cluster addresses need a reserved budget")
     def test_slow_clients_from_several_addresses_leave_room_for_the_cluster(self, steady):
         """80 idle connections from 5 addresses (16 each, the per-client limit) at one
-        candidate: they take all 64 MAX_CONCURRENT slots for up to READ_DEADLINE each,
-        and a signed request from a cluster node gets 503.  A candidate that only answers
-        503 is unreachable for everyone, so the same from a few more addresses at all
-        three candidates makes every armed node fence itself.  (The README says a slow
-        client 'cannot take the threads that answer the cluster's pings'.)"""
+        candidate: without a reserve they would take all 64 MAX_CONCURRENT slots for up to
+        READ_DEADLINE each, every signed request from a cluster node would get 503, and the
+        same at all three candidates would make every armed node fence itself.  Strangers
+        share MAX_CONCURRENT - RESERVED slots; the cluster's addresses keep the rest."""
         target = next(n for n in NAMES if n != steady.manager)
         host, port = steady[target].address, steady.port
         per_client, total = hoster_ha.Server.PER_CLIENT, hoster_ha.Server.MAX_CONCURRENT
@@ -951,6 +949,27 @@ class TestHostileInput:
         assert steady.wait_for(lambda: timed_status(steady, target)[0] == 200, 6)
         print(f"\n80 idle connections: legit status {legit}")
         assert all(st == 200 and dt < 1.0 for st, dt in legit), legit
+
+
+def test_server_reserves_slots_for_cluster_addresses():
+    """Known addresses: the candidates' configured ones, and any that sent a signed
+    request within VOUCH_TTL.  Everyone else is a stranger (the shared pool)."""
+    srv = hoster_ha.Server(("127.0.0.1", 0), hoster_ha.Handler, None,
+                           known=hoster_ha.literal_addresses(["127.0.0.2", "node3.example"]))
+    try:
+        assert srv.known == {"127.0.0.2"}
+        now = time.monotonic()
+        assert not srv._stranger("127.0.0.2", now)
+        assert srv._stranger("127.0.0.7", now)
+        srv.vouch("127.0.0.7")
+        assert not srv._stranger("127.0.0.7", time.monotonic())
+        assert srv._stranger("127.0.0.7", time.monotonic() + srv.VOUCH_TTL + 1)
+        for i in range(srv.MAX_VOUCHED + 10):      # bounded
+            srv.vouch(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        assert len(srv.vouched) <= srv.MAX_VOUCHED
+        assert 0 < srv.MAX_CONCURRENT - srv.RESERVED < srv.MAX_CONCURRENT
+    finally:
+        srv.server_close()
 
 
 # -- the fuzzer -------------------------------------------------------------------------------

@@ -623,7 +623,6 @@ def test_manager_isolated_fences_new_manager_moves_its_vms(runner):
 
 
 @needs_netns
-@pytest.mark.xfail(strict=False, reason="KNOWN BUG (open, see issue 5 note): failover jobs keep waiting (30 s inventory / 70 s start timeouts) on members already declared failed, so recovery misses the bound")
 def test_manager_hung_longer_than_failover_time_does_not_act_on_resume(runner):
     runner.result("manager_hung_longer_than_failover_time_does_not_act_on_resume")
 
@@ -644,19 +643,16 @@ def test_host_killed_while_manager_starts_vms_on_it(runner):
 
 
 @needs_netns
-@pytest.mark.xfail(strict=False, reason="KNOWN BUG (open, see issue 5 note): a host that loses power and is back before failover_time has no fence record, so its production VMs are never restarted")
 def test_crashed_host_back_before_failover_time_gets_its_vms_back(runner):
     runner.result("crashed_host_back_before_failover_time_gets_its_vms_back")
 
 
 @needs_netns
-@pytest.mark.xfail(strict=False, reason="KNOWN BUG (open, see issue 5 note): a VM moved to host M is not moved again when M fails (replicas still name the previous owner), and jobs wait on failed members")
 def test_new_host_of_moved_vms_fails_soon_after(runner):
     runner.result("new_host_of_moved_vms_fails_soon_after")
 
 
 @needs_netns
-@pytest.mark.xfail(strict=False, reason="KNOWN BUG (open, see issue 5 note): when the agent's fence outlasts watchdog_timeout the watchdog rewrites fence.json with no VMs (they are already locked)")
 def test_slow_fence_keeps_its_fence_record(runner):
     runner.result("slow_fence_keeps_its_fence_record")
 
