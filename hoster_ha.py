@@ -802,17 +802,18 @@ class Core:
 
     def _learn_moved(self, moved):
         """moved_vms from a register or ping answer: {vm_name, new_parent, term, seq} of
-        the latest done plan of each VM that once left us.  Candidates may lag behind one
+        the latest plan of each VM that once left us.  Candidates may lag behind one
         another: per VM the entry of the newest plan (term, seq) wins, including one that
-        moved it back to us."""
+        moved it back to us or whose outcome is not known (new_parent None: nothing is
+        done until it is).  Demotions wait until 2 candidates have answered."""
         for m in moved if isinstance(moved, list) else []:
             if not (isinstance(m, dict) and valid_vm_name(m.get("vm_name")) and
-                    valid_hostname(m.get("new_parent"))):
+                    (m.get("new_parent") is None or valid_hostname(m.get("new_parent")))):
                 continue
             key = tuple(x if isinstance(x, int) and not isinstance(x, bool) else 0
                         for x in (m.get("term"), m.get("seq")))
             old = self.moved.get(m["vm_name"])
-            if old is None or key > old[0]:
+            if old is None or key > old[0] or (key == old[0] and old[1] is None):
                 self.moved[m["vm_name"]] = (key, m["new_parent"])
 
     def demote_done(self, vms):
@@ -976,8 +977,8 @@ class Core:
                         f"{', '.join(sorted(self.maintenance_acks))}): the node is disarmed "
                         "and will not be failed over", on=True)
         todo = {vm: p for vm, (_, p) in self.moved.items()
-                if p != self.hostname and self.demoted.get(vm) != p}
-        if todo and todo != self.demote_asked:
+                if p not in (None, self.hostname) and self.demoted.get(vm) != p}
+        if todo and todo != self.demote_asked and sum(self.registered.values()) >= 2:
             self.demote_asked = dict(todo)
             # Once armed, a live copy here is ours by the cluster's own rule (we would have
             # fenced otherwise): a lagging plan must never destroy it.
@@ -1404,12 +1405,16 @@ class Core:
 
     def moved_vms(self, host):
         """VMs moved away from host (§3.6): for each VM that a done plan once moved from it,
-        the latest done plan's target (which may be host again: the member then knows that
-        an older entry from a lagging candidate is void)."""
-        latest = self._latest_plans(("done",))
+        the target of its latest plan, done or still planned, with that plan's term and seq.
+        The target may be host again (the VM came back), and new_parent is None while the
+        latest plan is still planned (its outcome unknown here): either way an older entry
+        from a lagging candidate is void.  A plan is held by 2 candidates before any
+        start, so any 2 candidates' answers include its entry."""
+        latest = self._latest_plans(("done", "planned"))
         left = {e["vm"] for e in self.plans.values() if e["state"] == "done" and e["from"] == host}
-        return [{"vm_name": vm, "new_parent": latest[vm]["to"], "term": latest[vm]["term"],
-                 "seq": latest[vm].get("seq", 0)} for vm in sorted(left)]
+        return [{"vm_name": vm, "new_parent": latest[vm]["to"] if latest[vm]["state"] == "done"
+                 else None, "term": latest[vm]["term"], "seq": latest[vm].get("seq", 0)}
+                for vm in sorted(left)]
 
     # -- the target of a failover (§3.4, "The target applies ...") -----------------
 

@@ -923,3 +923,39 @@ def test_rejoined_member_with_newest_snapshot_gets_its_fenced_vm_back():
     assert w1.armed
     assert [h for h, n, _ in net.starts if n == "vm1"] == ["w1"], \
         f"vm1 started on {net.live_on('vm1')} from an older snapshot (800 < 900 on w1)"
+
+
+def test_moved_vms_says_unknown_while_the_latest_plan_is_in_flight():
+    b = Core(cfg("b"), 2000, 0.0)
+    entries = [{"vm": "x", "from": "h", "to": "t", "term": 5, "seq": 1, "state": "done",
+                "uid": "u1"},
+               {"vm": "x", "from": "t", "to": "h", "term": 7, "seq": 1, "state": "planned",
+                "uid": "u2"}]
+    assert b.handle_plan({"term": 7, "entries": entries}, 1.0)[0] == 200
+    assert b.moved_vms("h") == [{"vm_name": "x", "new_parent": None, "term": 7, "seq": 1}]
+
+
+def test_rejoining_member_never_demotes_on_a_lagging_candidates_word():
+    """x moved h -> t (term 5), then back t -> h (term 7).  A candidate that missed the
+    second plan still says 't'; the others say 'h' (done) or 'unknown' (planned).  The
+    newest entry wins whatever the order of the answers, and nothing is demoted until 2
+    candidates have answered."""
+    lagging = [{"vm_name": "x", "new_parent": "t", "term": 5, "seq": 1}]
+    unknown = [{"vm_name": "x", "new_parent": None, "term": 7, "seq": 1}]
+    back = [{"vm_name": "x", "new_parent": "h", "term": 7, "seq": 1}]
+    for answers in ([lagging, unknown, back], [lagging, back, unknown], [unknown, lagging],
+                    [back, lagging]):
+        h = Core(cfg("w1", hostname="h"), 7000, 0.0)
+        for cand, moved in zip("abc", answers):
+            h.on_register_result(cand, 200, {"ok": True, "moved_vms": moved}, 1.0)
+            h.tick(1.0)
+            assert not [a for a in h.take_actions() if a["kind"] == "demote"], answers
+    # a single answer (even a right one) is not enough
+    h = Core(cfg("w1", hostname="h"), 7000, 0.0)
+    h.on_register_result("a", 200, {"ok": True, "moved_vms": lagging}, 1.0)
+    h.tick(1.0)
+    assert not [a for a in h.take_actions() if a["kind"] == "demote"]
+    h.on_register_result("b", 200, {"ok": True, "moved_vms": lagging}, 1.0)
+    h.tick(1.0)
+    assert [a for a in h.take_actions() if a["kind"] == "demote"] == [
+        {"kind": "demote", "vms": {"x": "t"}, "keep_live": False}]
