@@ -2462,10 +2462,35 @@ class Agent:
                          "running_vms": len(self.host.running_vms())},
                 "vms": out, "errors": errors}
 
+    def local_copy(self, name):
+        """Our copy of VM `name` for a failover, without a full inventory per request: the
+        dataset and config path from the cached inventory (the manager's GET vms has just
+        refreshed it), else from a fresh one; production, parent and strategy re-read from
+        its vm_config.json, live from vmm_dir.  None if there is no readable copy."""
+        for attempt in ("cache", "fresh"):
+            vms = self.inventory_cache if attempt == "cache" else None
+            if vms is None:
+                vms, _ = self.host.inventory()
+                self.inventory_cache = vms
+            v = next((x for x in vms if x["vm_name"] == name), None)
+            if v is None:
+                continue
+            try:
+                with open(v["config_path"], "rb") as f:
+                    vm_cfg = json.loads(f.read().decode("utf-8"))
+            except (OSError, ValueError, RecursionError):
+                continue
+            if not isinstance(vm_cfg, dict):
+                continue
+            return dict(v, production=is_production(vm_cfg),
+                        parent_host=vm_cfg.get("parent_host"),
+                        failover_strategy=vm_cfg.get("failover_strategy"),
+                        live=os.path.exists(os.path.join(self.cfg.vmm_dir, name)))
+        return None
+
     def failover(self, body):
         """POST failover: decide in the core, start the VM here, confirm it is live."""
-        vms, _ = self.host.inventory()
-        v = next((x for x in vms if x["vm_name"] == body["vm_name"]), None)
+        v = None if body.get("check") else self.local_copy(body["vm_name"])
         with self.lock:
             decision = self.core.handle_failover(
                 body, time.monotonic(), None if v is None else {"live": v["live"]})
