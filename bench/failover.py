@@ -23,7 +23,7 @@ Where the time goes (manager's log, target's calls.log):
     repl      last "plan:" -> first "MOVING VM"     (plan replicated to a candidate)
     starts    first "MOVING VM" -> last "is live on"
     pre       median, per VM: "MOVING VM" -> the target's `pending hoster vm start`
-              (POST failover sent, the target's own inventory, parent_host rewrite)
+              (POST failover sent, the target finds its copy, parent_host rewrite)
     post      median, per VM: the target's `hoster vm start` (VM exists) -> "is live on"
 
 Each run also checks that every VM was started exactly once, on its expected target.

@@ -40,7 +40,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools"), TESTS]
 
 import hoster_ha  # noqa: E402
 import invariants  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
+from localcluster import LocalCluster, our_pids  # noqa: E402
 
 NODES = ("node1", "node2", "node3", "worker1", "worker2")
 DEAD = "worker1"
@@ -64,22 +64,6 @@ EXPECTED = {"vm-1": "node1", "vm-2": "node2", "vm-3": "node3", "vm-4": "worker2"
             "vm-5": "node2"}
 FREE_PAGES = {"node2": 524288}  # 2 GiB free on node2; 1 GiB (the fake's default) elsewhere
 EXTRA_RUNNING = {"node2": "vm-other"}  # node2 runs one more VM than node1 (not production)
-
-
-def our_pids(base):
-    """PIDs of live (non-zombie) processes whose command line names a path under base."""
-    needle = os.fsencode(str(base))
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if needle in f.read():  # a zombie has an empty cmdline
-                    pids.append(int(d))
-        except OSError:
-            continue
-    return pids
 
 
 def snap(vm, age):

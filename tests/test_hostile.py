@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import pytest  # noqa: E402
 
 import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
+from localcluster import LocalCluster, our_pids  # noqa: E402
 
 API = "/api/v1/ha/"
 NAMES = ("node1", "node2", "node3")
@@ -59,20 +59,6 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 # -- processes ------------------------------------------------------------------------------
-
-def our_pids(base):
-    """PIDs of live processes whose command line names a path under base (Linux /proc)."""
-    needle, pids = os.fsencode(str(base)), []
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(d))
-        except OSError:
-            continue
-    return pids
 
 
 class Cluster(LocalCluster):
@@ -670,7 +656,6 @@ def _check_hostile_names(cluster, name, secret):
         assert m not in everything, f"{m!r} reached {name}'s command or log: {everything}"
     assert set(_members(cluster, name)) == before_members
     assert node.proc.poll() is None
-
 
 
 @pytest.mark.usefixtures("trio")

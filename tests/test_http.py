@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import pytest  # noqa: E402
 
 import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
+from localcluster import LocalCluster, our_pids  # noqa: E402
 
 API = "/api/v1/ha/"
 TIMEOUT = 5.0
@@ -65,26 +65,11 @@ def agent(tmp_path_factory):
             if proc.stderr is not None:
                 proc.stderr.close()
         # nothing started for this module may survive it (the watchdog included)
-        gone = cluster.wait_for(lambda: not _our_pids(cluster.base), 10, interval=0.05)
-        left = _our_pids(cluster.base)
+        gone = cluster.wait_for(lambda: not our_pids(cluster.base), 10, interval=0.05)
+        left = our_pids(cluster.base)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert gone and not left, f"processes survived stop_all(): {left}"
-
-
-def _our_pids(base):
-    """PIDs of live processes whose command line names a path under base (Linux /proc)."""
-    needle, pids = os.fsencode(str(base)), []
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if int(d) != os.getpid() and needle in f.read():
-                    pids.append(int(d))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture(autouse=True)

@@ -488,7 +488,10 @@ def crashed_host_back_before_failover_time_gets_its_vms_back(cluster):
     c.restart("w1")
     c.wait_armed(["w1"], timeout=30)
     c.wait_for(lambda: placed(c, vms), RECOVERY_BOUND + 5)
-    verify(c, t0, recover=[(vm, t0) for vm in vms])
+    ivs = verify(c, t0, recover=[(vm, t0) for vm in vms])
+    back = [invariants.first_start_after(ivs, vm, t0) for vm in vms]
+    measure("host crashed, back after 3 s", vms_live_again=max(t for t, _ in back) - t0,
+            on=",".join(sorted({h for _, h in back})))
 
 
 @scenario(55)
@@ -497,10 +500,9 @@ def new_host_of_moved_vms_fails_soon_after(cluster):
     vm-w1a is live on w2, w2 is isolated too and fences.  vm-w1a's other replica (c1)
     must take it within failover_time + 10 s of w2's isolation (w2 was its parent); w2's
     fence record must list vm-w1a (it ran it, as its parent: SPEC §3.3); after the
-    network heals and both hosts restart, every VM runs exactly once.  (The record is
-    written from the agent's inventory cache, refreshed every 10 s: whether it is stale
-    at w2's fence depends on that phase, so that assertion catches the stale cache in
-    about 3 runs out of 4.)"""
+    network heals and both hosts restart, every VM runs exactly once.  (The record was
+    once written from an inventory cache up to 10 s old, which missed vm-w1a in about
+    3 runs out of 4: fence_host now takes a fresh inventory.)"""
     c = cluster
     bring_up(c)
     vms1, vms2 = owned(c, "w1"), owned(c, "w2")
@@ -522,9 +524,12 @@ def new_host_of_moved_vms_fails_soon_after(cluster):
     verify(c, t0)
     # liveness: vm-w1a's parent is w2 now (the manager's own plan says so); when w2
     # fails, vm-w1a is w2's VM and moves like w2's others
-    verify(c, t0, recover=[("vm-w1b", t0)] + [(vm, t2) for vm in ["vm-w1a"] + vms2])
+    ivs = verify(c, t0, recover=[("vm-w1b", t0)] + [(vm, t2) for vm in ["vm-w1a"] + vms2])
     assert "vm-w1a" in record.get("vms", []), \
         f"w2's fence record {record} misses vm-w1a, which it ran as parent" + details(c, t0)
+    measure("new host of moved VMs fails", w1a_on_w2_after=t2 - t0,
+            vms_elsewhere_after_second=max(invariants.first_start_after(
+                ivs, vm, t2, host_not="w2")[0] - t2 for vm in ["vm-w1a"] + vms2))
 
 
 @scenario(35)
@@ -552,7 +557,10 @@ def slow_fence_keeps_its_fence_record(cluster):
     verify(c, t0)
     assert sorted(record.get("vms", [])) == vms, \
         f"w1's fence record {record} lost its VMs" + details(c, t0)
-    verify(c, t0, recover=[(vm, t0) for vm in vms])
+    ivs = verify(c, t0, recover=[(vm, t0) for vm in vms])
+    measure("slow fence (watchdog fences too)", record=",".join(record["vms"]),
+            vms_live_again=max(invariants.first_start_after(ivs, vm, t0)[0] - t0
+                               for vm in vms))
 
 
 @scenario(50)

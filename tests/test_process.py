@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import pytest  # noqa: E402
 
 import hoster_ha  # noqa: E402
-from localcluster import FAST, LocalCluster  # noqa: E402
+from localcluster import FAST, LocalCluster, our_pids  # noqa: E402
 
 NAMES = ("node1", "node2", "node3")
 EMERG_LINE = "EMERG: candidatesRegistered has gone below 2, initiating self fencing"
@@ -48,27 +48,6 @@ REBOOT_RE = re.compile(r"^\S+ (shutdown|reboot)\b", re.M)
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-def our_pids(base):
-    """PIDs of live (non-zombie) processes whose command line names a path under base."""
-    needle = os.fsencode(str(base))
-    pids = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return pids
-    for d in entries:
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if needle in cmd:  # a zombie has an empty cmdline
-            pids.append(int(d))
-    return pids
-
 
 class Cluster(LocalCluster):
     """LocalCluster plus cheap signed HTTP status queries and a strict teardown."""

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import pytest  # noqa: E402
 
 import hoster_ha  # noqa: E402
-from localcluster import FAST, LocalCluster  # noqa: E402
+from localcluster import FAST, LocalCluster, our_pids  # noqa: E402
 
 CANDIDATES = ("node1", "node2", "node3")
 BE_CAREFUL = ("🔶 BE CAREFUL! This system is running as a part of the HA. Changes applied "
@@ -58,21 +58,6 @@ SNAP = ("s1", 1700000000, "1111")
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-def our_pids(base):
-    """PIDs of live (non-zombie) processes whose command line names a path under base."""
-    needle = os.fsencode(str(base))
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if needle in f.read():  # a zombie has an empty cmdline
-                    pids.append(int(d))
-        except OSError:
-            continue
-    return pids
 
 
 def calls(node):

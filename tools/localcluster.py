@@ -46,6 +46,27 @@ def free_port(addresses):
     raise RuntimeError("no free port")
 
 
+def our_pids(base):
+    """PIDs of live (non-zombie) processes whose command line names a path under base
+    (Linux /proc; [] elsewhere): the leak check of the process tests."""
+    needle = os.fsencode(str(base))
+    pids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for d in entries:
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if needle in f.read():  # a zombie has an empty cmdline
+                    pids.append(int(d))
+        except OSError:
+            continue
+    return pids
+
+
 class Node:
     def __init__(self, cluster, name, address, candidate):
         self.cluster, self.name, self.address, self.candidate = cluster, name, address, candidate
