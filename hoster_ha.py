@@ -1735,6 +1735,14 @@ def sign(secret, method, target, timestamp, nonce, body):
     return hmac.new(secret.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+def sign_answer(secret, request_signature, status, body):
+    """HMAC of an answer, bound to the request it answers (its X-HA-Signature): answers
+    are authenticated like requests, so nobody on the path can forge a vote, an
+    acknowledgement or a plan without the secret, even without TLS."""
+    msg = "\n".join(["ANSWER", request_signature, str(status), hashlib.sha256(body).hexdigest()])
+    return hmac.new(secret.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def signed_headers(secret, method, target, body, now=None):
     ts = int(time.time() if now is None else now)
     nonce = secrets.token_hex(16)
@@ -1861,6 +1869,11 @@ class Client:
             raw = resp.read(MAX_ANSWER + 1)
             if time.monotonic() - start > timeout:
                 return None, f"timed out after {timeout:g} s"
+            got = resp.getheader("X-HA-Answer-Signature") or ""
+            if not hmac.compare_digest(got, sign_answer(self.cfg.secret, headers["X-HA-Signature"],
+                                                        resp.status, raw)):
+                return None, (f"answer {resp.status} is not signed with the cluster secret"
+                              f"{'' if got else ' (no X-HA-Answer-Signature)'}")
             try:
                 answer = json.loads(raw.decode("utf-8")) if raw else None
             except (UnicodeDecodeError, ValueError, RecursionError):
@@ -2013,11 +2026,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _reply(self, status, obj, text=None):
         data = (text if text is not None else json.dumps(obj) + "\n").encode("utf-8")
+        headers = getattr(self, "headers", None)
+        request_sig = headers.get("X-HA-Signature", "") if headers is not None else ""
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; version=0.0.4" if text is not None
                              else "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if _SIG_RE.match(request_sig):
+                self.send_header("X-HA-Answer-Signature", sign_answer(
+                    self.server.agent.cfg.secret, request_sig, status, data))
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)

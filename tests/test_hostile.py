@@ -1477,7 +1477,7 @@ class TestTLS:
         peer = {"hostname": "node9", "address": "127.0.0.98", "protocol": "https"}
         results = {}
         for cert in ("named9", "ip98", "misnamed3", "node9other"):
-            with TinyHTTPS(pki, cert) as port:
+            with TinyHTTPS(pki, cert, secret=c.cfgs["node1"].secret) as port:
                 results[cert] = client.request(dict(peer, port=port), "GET", "status",
                                                timeout=3)
         assert results["named9"][0] == 200 and results["ip98"][0] == 200, results
@@ -1485,6 +1485,23 @@ class TestTLS:
             results["misnamed3"][1], results
         assert results["node9other"][0] is None and "certificate verify failed" in \
             results["node9other"][1], results
+
+    def test_client_refuses_answers_not_signed_with_the_secret(self, tls_cluster):
+        """Answers are authenticated like requests (bound to the request's signature):
+        without TLS, somebody on the path could otherwise forge a vote or an ack."""
+        secret = tls_cluster.cfgs["node1"].secret
+        client = hoster_ha.Client(tls_cluster.cfgs["node1"])
+        peer = {"hostname": "node9", "address": "127.0.0.98", "protocol": "http"}
+        results = {}
+        for name, key in (("right", secret), ("none", None), ("wrong", secret[::-1])):
+            with TinyHTTPS(None, None, key) as port:
+                results[name] = client.request(dict(peer, port=port), "GET", "status",
+                                               timeout=3)
+        assert results["right"] == (200, {}), results
+        assert results["none"][0] is None and "no X-HA-Answer-Signature" in \
+            results["none"][1], results
+        assert results["wrong"][0] is None and "not signed with the cluster secret" in \
+            results["wrong"][1], results
 
     def test_plain_http_to_https_port_fails_cleanly(self, tls_cluster):
         c = tls_cluster
@@ -1570,26 +1587,32 @@ class TestTLS:
 
 
 class TinyHTTPS:
-    """An HTTPS server on 127.0.0.98 (a thread) that answers every GET with 200 {}."""
+    """An HTTPS (or, pki None, plain HTTP) server on 127.0.0.98 (a thread) that answers
+    every GET with 200 {}, its answer signed with `secret` (None: unsigned)."""
 
-    def __init__(self, pki, cert):
+    def __init__(self, pki, cert, secret=None):
         import http.server
 
         class H(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                body = b"{}\n"
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "3")
+                self.send_header("Content-Length", str(len(body)))
+                if secret is not None:
+                    self.send_header("X-HA-Answer-Signature", hoster_ha.sign_answer(
+                        secret, self.headers.get("X-HA-Signature", ""), 200, body))
                 self.end_headers()
-                self.wfile.write(b"{}\n")
+                self.wfile.write(body)
 
             def log_message(self, *a):
                 pass
 
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(pki.path(cert, "crt"), pki.path(cert, "key"))
         self.server = http.server.HTTPServer(("127.0.0.98", 0), H)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        if pki is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(pki.path(cert, "crt"), pki.path(cert, "key"))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.server.timeout = 2
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.1}, daemon=True)
