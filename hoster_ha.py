@@ -462,6 +462,7 @@ INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
+LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
 
 
 def check_fields(body, schema):
@@ -520,14 +521,21 @@ def clean_inventory(answer):
 
 # -- failover placement (§3.4 step 2-3): a pure function ---------------------------
 
-def plan_failover(sources, inventories, eligible, busy=(), failed=None):
+def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
+                  owners=None, skipped=None):
     """Decide which VMs to restart where.
 
     sources:     {host: set of VM names from its fence record} for every failed member
                  (and every rejoined member that sent a fence record);
     inventories: {host: GET vms answer} of every member that is neither failed nor left;
     eligible:    {host: True if it may receive VMs} (armed, not backup, maintenance, left);
-    busy:        VM names already being handled (a plan in flight).
+    busy:        VM names already being handled (a plan in flight);
+    left:        members that left: a VM a copy of which names one of them as its
+                 parent_host is never moved (SPEC §3.4 step 1: its VMs run on, unprotected);
+    owners:      {vm: hosts} for VMs wanted only because a failover plan moved them to a
+                 failed source: such a VM is not moved if a copy names another parent_host
+                 (it was moved on since, e.g. by the operator);
+    skipped:     a list that gets (vm, from_host, reason) for VMs left alone by those rules.
     Returns (moves, unplaced): moves = [(vm, from_host, [targets, best first])],
     unplaced = [(vm, from_host, reason)], both sorted by VM name.
     """
@@ -551,9 +559,21 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None):
         for name in fenced:
             wanted.setdefault(name, src)
     moves, unplaced = [], []
+    left, owners = set(left), owners or {}
     for name in sorted(wanted):
         src = wanted[name]
         if name in live or name in busy:
+            continue
+        parents = {v.get("parent_host") for _, v in copies.get(name, [])}
+        gone = sorted(p for p in parents & left if isinstance(p, str))
+        other = sorted(p for p in parents if isinstance(p, str) and
+                       not p.startswith(LOCK_PREFIX)) if name in owners else []
+        other = [p for p in other if p not in owners.get(name, ())]
+        if gone or other:
+            if skipped is not None:
+                skipped.append((name, src, f"its parent_host is {gone[0]}, which left the "
+                                "cluster" if gone else f"a copy names {', '.join(other)} as "
+                                "its parent_host (moved since)"))
             continue
         targets = []
         for host, v in copies.get(name, []):
@@ -631,6 +651,7 @@ class Core:
         self.failed = {}           # failed member -> its startup_time
         self.settled = set()       # episodes (_episode) whose failover is done
         self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
+        self.via_plans = {}        # failed member -> VMs wanted because a plan moved them there
         self.job = None
         self.job_seq = 0
         self.uid_seq = 0
@@ -1100,6 +1121,8 @@ class Core:
             self._replicate([e], None)
         job["queue"] = [u for u in job["queue"] if u not in lost]
         job["inflight"] -= set(lost)
+        for uid, targets in self.plan_targets.items():
+            self.plan_targets[uid] = [t for t in targets if t not in gone]
         for rid, purpose in list(self.pending.items()):
             if purpose[0] == "failover" and purpose[2] in lost or \
                     purpose[0] == "vms" and purpose[2] in gone:
@@ -1119,11 +1142,13 @@ class Core:
         moved_to = {}
         for vm, e in self._latest_plans(("planned", "done", "failed", "abandoned")).items():
             moved_to.setdefault(e["to"], set()).add(vm)
+        self.via_plans = {}
         for h, st in self.failed.items():
             if ("failed", h, st) not in self.settled and \
                     self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
                 m = self.members.get(h)
                 sources[h] = set(m.fenced_vms or []) if m and m.startup_time == st else set()
+                self.via_plans[h] = moved_to.get(h, set()) - sources[h]
                 sources[h] |= moved_to.get(h, set())
         for m in self.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
@@ -1153,9 +1178,16 @@ class Core:
                     if r["left"]:
                         hosts[h] = None
                     hosts.setdefault(h, r)
+        left = {h for h, r in hosts.items() if r is None}
         hosts = {h: r for h, r in hosts.items() if r is not None}
+        owners = {}
+        for h, vms in self.via_plans.items():
+            for vm in vms & sources.get(h, set()):
+                owners[vm] = {h} | {x for e in self.plans.values() if e["vm"] == vm
+                                    for x in (e["from"], e["to"])}
         self.job_seq += 1
         self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
+                    "left": left, "owners": owners,
                     "failed": {h for h in sources if h in self.failed},
                     "episodes": {h: self._episode(h) for h in sources},
                     "waiting": set(hosts), "queue": [], "inflight": set(), "acked": False}
@@ -1185,8 +1217,12 @@ class Core:
         busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
         eligible = {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
                     for h, r in job["members"].items()}
+        skipped = []
         moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
-                                        job["failed"])
+                                        job["failed"], job["left"], job["owners"], skipped)
+        for vm, src, reason in skipped:
+            self._once(("skipped", vm, self._episode(src)), "NOTICE",
+                       f"VM {vm} of {src} is not failed over: {reason}")
         job["unplaced"] = {src for _, src, _ in unplaced}
         for vm, src, reason in unplaced:
             self._once(("unplaced", vm, self._episode(src)), "ERROR",
@@ -1255,7 +1291,11 @@ class Core:
                 return
             uid = job["queue"].pop(0)
             e = self.plans[uid]
-            peer = job["members"][e["to"]]
+            peer = job["members"].get(e["to"])
+            if peer is None:  # failed since it was planned: never sent, placed again later
+                e["state"] = "abandoned"
+                self._replicate([e], None)
+                continue
             self._event("note", "NOTICE",
                         f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
             job["inflight"].add(uid)
@@ -1288,8 +1328,9 @@ class Core:
         else:
             e["state"] = "failed"
             err = answer.get("error") if isinstance(answer, dict) else answer
-            targets = self.plan_targets.pop(uid, [])
             job = self.job
+            targets = [t for t in self.plan_targets.pop(uid, [])
+                       if job is not None and t in job["members"]]
             if targets and job is not None and job["id"] == purpose[1] and self.can_act(now):
                 self._event("note", "WARNING", f"start of VM {e['vm']} on {e['to']} failed "
                             f"({status or ''} {err}); trying the next best target {targets[0]}")
@@ -1320,9 +1361,8 @@ class Core:
         busy_vms = {e["vm"] for e in planned}
         for h, vms in job["sources"].items():
             ep = job["episodes"][h]
-            if h in busy_from or vms & busy_vms:
-                continue
-            if h in job.get("unplaced", ()) and not self.cfg.debug:
+            if h in busy_from or vms & busy_vms or \
+                    h in job.get("unplaced", ()) and not self.cfg.debug:
                 delay = min(2 * self.retry_at.get(ep, (0, self.cfg.ping_interval / 2))[1],
                             RETRY_MAX)
                 self.retry_at[ep] = (now + delay, delay)
@@ -1340,6 +1380,7 @@ class Core:
                 e["state"] = "abandoned"
                 for rid in [r for r, p in self.pending.items() if p == ("check", uid)]:
                     del self.pending[rid]
+                self._replicate([e], None)
                 continue
             if ("check", uid) in self.pending.values():
                 continue
@@ -1548,9 +1589,6 @@ def write_atomic(path, data, mode=None):
 
 def is_production(vm_cfg):
     return vm_cfg.get("production") is True or vm_cfg.get("live_status") in ("production", "prod")
-
-
-LOCK_PREFIX = "__HA_LOCKED_"
 
 
 def lock_name(wall):

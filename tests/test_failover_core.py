@@ -959,3 +959,60 @@ def test_rejoining_member_never_demotes_on_a_lagging_candidates_word():
     h.tick(1.0)
     assert [a for a in h.take_actions() if a["kind"] == "demote"] == [
         {"kind": "demote", "vms": {"x": "t"}, "keep_live": False}]
+
+
+def test_retry_target_that_failed_meanwhile_is_skipped():
+    """vm1's targets are [w2, c, b]; the start on w2 hangs; c fails meanwhile; w2 then
+    refuses.  The retry goes to b (c is out of the job), and the job ends: a later job
+    can run.  (Was: a KeyError in _pump that left the job set for the manager's term.)"""
+    net, t = make_net()
+    a = net.cores["a"]
+
+    def hold(net, src, act, now):
+        if act["kind"] == "send" and act["name"] == "failover" and act["to"] == "w2" and \
+                not act["body"].get("check"):
+            return "hold"
+    net.policy = hold
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 3)
+    assert [x["to"] for _, x in net.held] == ["w2"]
+    net.kill("c")
+    t = net.run(net.now + 1, net.now + FAILOVER_TIME + 5)
+    assert "c" in a.failed and "c" not in a.job["members"]
+    net.policy = None
+    net.release(net.held[0], t, status=409, answer={"error": "boom"})
+    net.run(t + 1, t + 60)
+    assert a.job is None
+    assert sorted((e["to"], e["state"]) for e in a.plans.values()) == [("b", "done"),
+                                                                      ("w2", "failed")]
+    assert net.live_on("vm1") == ["b"]
+
+
+def test_vm_moved_on_since_its_plan_is_not_failed_over_with_the_plans_target():
+    """vm1 was failed over w1 -> w2; the operator then moved it to w3, which stopped HA in
+    order (left: its VMs run on, unprotected, and its inventory is not collected).  When
+    w2 fails, its plan says vm1 went to w2, but every copy now names w3: vm1 is left
+    alone (was: started again on another host while it ran on w3)."""
+    invs = standard_invs()
+    invs["w3"] = host_inv("w3", vm("vm1", "w1", creation=50))
+    net, t = make_net(workers=("w1", "w2", "w3"), invs=invs)
+    a = net.cores["a"]
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 5)
+    assert net.live_on("vm1") == ["w2"]
+    for h in ("w2", "w3", "b", "c"):
+        for v in net.inv[h]["vms"]:
+            if v["vm_name"] == "vm1":
+                v.update(parent_host="w3", live=h == "w3", state="live" if h == "w3" else
+                         "stopped")
+    net.cores["w3"].left = True
+    net.run(net.now + 1, net.now + 5)
+    assert all(net.cores[c].members["w3"].left for c in "abc")
+    net.kill("w2")
+    since = len(net.log)
+    net.run(net.now + 1, net.now + FAILOVER_TIME + 20)
+    assert "w2" in a.failed
+    assert [e["to"] for e in a.plans.values()] == ["w2"], "no new plan for vm1"
+    assert net.live_on("vm1") == ["w3"]
+    notes = [x["msg"] for _, n, x in net.log[since:] if n == "a" and x["kind"] == "event"]
+    assert any("VM vm1 of w2 is not failed over" in m and "w3" in m for m in notes), notes

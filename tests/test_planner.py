@@ -407,3 +407,29 @@ def test_clean_inventory_output_feeds_the_planner():
     moves, unplaced = plan_failover({"m": set()}, {"t1": clean_inventory(raw)}, {"t1": True})
     assert moves == [("vm2", "m", ["t1"])]
     assert [n for n, _, _ in unplaced] == ["vm1"]
+
+
+def test_vm_whose_parent_is_a_left_member_is_never_moved():
+    """SPEC §3.4 step 1: VMs whose parent_host is a left member are never moved (that
+    member's inventory is not collected: its VMs may run)."""
+    invs = {"t1": inv("t1", vm("vm1", parent="gone", creation=5), free=64 * GB),
+            "t2": inv("t2", vm("vm1", parent="m", creation=4))}
+    skipped = []
+    moves, unplaced = plan_failover({"m": {"vm1"}}, invs, {"t1": True, "t2": True}, (),
+                                    left={"gone"}, skipped=skipped)
+    assert moves == [] and unplaced == []
+    assert skipped and skipped[0][:2] == ("vm1", "m") and "gone" in skipped[0][2]
+
+
+def test_vm_wanted_by_a_plan_is_not_moved_if_a_copy_names_another_owner():
+    invs = {"t1": inv("t1", vm("vm1", parent="p", creation=5)),
+            "t2": inv("t2", vm("vm1", parent="__HA_LOCKED_2026-11-25_10-00-00__",
+                                creation=4))}
+    skipped = []
+    assert plan_failover({"m": {"vm1"}}, invs, {"t1": True, "t2": True}, (),
+                         owners={"vm1": {"m", "a"}}, skipped=skipped) == ([], [])
+    assert "p" in skipped[0][2]
+    # the plan's own hosts, locks and the source are fine
+    moves, _ = plan_failover({"m": {"vm1"}}, invs, {"t1": True, "t2": True}, (),
+                             owners={"vm1": {"m", "p"}})
+    assert moves == [("vm1", "m", ["t1", "t2"])]

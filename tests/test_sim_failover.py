@@ -141,11 +141,11 @@ def test_checker_catches_a_vm_started_twice(monkeypatch):
     runs on the node it was placed back on."""
     orig = hoster_ha.plan_failover
 
-    def blind(sources, inventories, eligible, busy=(), failed=None):
+    def blind(sources, inventories, eligible, busy=(), failed=None, *rest):
         inv = {h: {"host": i["host"], "vms": [dict(v, live=False, state="stopped")
                                              for v in i["vms"]]}
                for h, i in inventories.items()}
-        return orig(sources, inv, eligible, busy, failed)
+        return orig(sources, inv, eligible, busy, failed, *rest)
     _patched(monkeypatch, "plan_failover", blind)
     with pytest.raises(sim.SimViolation, match=r"VM \w+ is live on \w+ and on \w+"):
         for seed in range(40):
@@ -186,8 +186,8 @@ def test_checker_catches_a_backup_target(monkeypatch):
     """A planner that may pick the backup node is caught when it does."""
     orig = hoster_ha.plan_failover
 
-    def anyone(sources, inventories, eligible, busy=(), failed=None):
-        return orig(sources, inventories, {h: True for h in inventories}, busy, failed)
+    def anyone(sources, inventories, eligible, busy=(), failed=None, *rest):
+        return orig(sources, inventories, {h: True for h in inventories}, busy, failed, *rest)
     _patched(monkeypatch, "plan_failover", anyone)
     folder = os.path.join(HERE, "scenarios", "16_no_eligible_target")
     with open(os.path.join(folder, "cmds.json")) as f:
