@@ -1465,6 +1465,8 @@ class Core:
         Returns (status, answer), or ("start", entry) when the caller must start the VM
         and then call finish_failover()."""
         term, uid = body["term"], body["uid"]
+        if self.fenced:
+            return 409, {"error": "this node is fencing itself"}
         if term < self.max_manager_term:
             return 409, {"error": f"stale term {term} (highest manager term seen "
                                   f"{self.max_manager_term})"}
@@ -1714,10 +1716,11 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
 
     The production VMs owned here that run now are recorded and locked, from a fresh
     inventory (bounded by fence_timeout / 4), else from `cache` (the caller's last
-    one).  `ours`: VMs started here by a failover (the cache may predate their
-    change-parent).  A copy already locked by the other fencer (agent or watchdog: both
-    may fence in one incident) counts as ours, and an existing record is only ever
-    extended, never shrunk.  In debug mode every step is logged as "(DEBUG) would ..."
+    one).  `ours`: VMs a failover is starting here, or started here and that run (the
+    cache may predate their change-parent): recorded and locked even if not yet running;
+    a VM that appears while the others are destroyed is destroyed too.  A copy already
+    locked by the other fencer (agent or watchdog: both may fence in one incident)
+    counts as ours, and an existing record is only ever extended, never shrunk.  In debug mode every step is logged as "(DEBUG) would ..."
     and nothing is changed.  Returns after the reboot command (a real reboot never
     returns)."""
     t0 = time.monotonic()
@@ -1726,9 +1729,9 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     if cache and (errors or not inventory):
         fresh = {v["vm_name"] for v in inventory}
         inventory = inventory + [v for v in cache if v["vm_name"] not in fresh]
-    prod = [v for v in inventory if v["production"] and v["vm_name"] in running and
-            (v["parent_host"] == cfg.hostname or v["vm_name"] in ours or
-             str(v["parent_host"]).startswith(LOCK_PREFIX))]
+    prod = [v for v in inventory if v["production"] and (v["vm_name"] in ours or (
+        v["vm_name"] in running and (v["parent_host"] == cfg.hostname or
+                                     str(v["parent_host"]).startswith(LOCK_PREFIX))))]
     fence_path = os.path.join(cfg.state_dir, "fence.json")
     names = sorted({v["vm_name"] for v in prod} | set(read_fence_record(fence_path)))
     stamp = lock_name(time.time())
@@ -1752,8 +1755,17 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
                 log.log(EMERG, f"cannot lock VM {v['vm_name']}: {e}")
     for n in running:
         log.log(NOTICE, f"{say}destroy VM {n}: {' '.join(cfg.command('vm_destroy', n))}")
-    gone = True if debug else host.destroy_all(
-        running, max(1.0, cfg.fence_timeout - (time.monotonic() - t0)))
+    gone = True
+    while not debug:  # until none is left: a start that was under way may still finish
+        gone = host.destroy_all(running, max(1.0, cfg.fence_timeout - (time.monotonic() - t0)))
+        late = sorted(set(host.running_vms()) - set(running))
+        if not late or time.monotonic() - t0 >= cfg.fence_timeout:
+            gone = gone and not late
+            break
+        for n in late:
+            log.log(NOTICE, f"destroy VM {n} (started during the fence): "
+                            f"{' '.join(cfg.command('vm_destroy', n))}")
+        running = late
     key = "reboot" if gone else "reboot_now"
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,
@@ -1773,11 +1785,13 @@ def sign(secret, method, target, timestamp, nonce, body):
     return hmac.new(secret.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def sign_answer(secret, request_signature, status, body):
-    """HMAC of an answer, bound to the request it answers (its X-HA-Signature): answers
-    are authenticated like requests, so nobody on the path can forge a vote, an
-    acknowledgement or a plan without the secret, even without TLS."""
-    msg = "\n".join(["ANSWER", request_signature, str(status), hashlib.sha256(body).hexdigest()])
+def sign_answer(secret, node, request_signature, status, body):
+    """HMAC of an answer by `node` (sent as X-HA-Node), bound to the request it answers
+    (its X-HA-Signature): answers are authenticated like requests, so nobody on the path
+    can forge a vote, an acknowledgement or a plan without the secret, even without TLS,
+    nor pass one node's answer off as another's."""
+    msg = "\n".join(["ANSWER", node, request_signature, str(status),
+                      hashlib.sha256(body).hexdigest()])
     return hmac.new(secret.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
@@ -1908,10 +1922,14 @@ class Client:
             if time.monotonic() - start > timeout:
                 return None, f"timed out after {timeout:g} s"
             got = resp.getheader("X-HA-Answer-Signature") or ""
-            if not hmac.compare_digest(got, sign_answer(self.cfg.secret, headers["X-HA-Signature"],
+            node = resp.getheader("X-HA-Node") or ""
+            if not hmac.compare_digest(got, sign_answer(self.cfg.secret, node,
+                                                        headers["X-HA-Signature"],
                                                         resp.status, raw)):
                 return None, (f"answer {resp.status} is not signed with the cluster secret"
                               f"{'' if got else ' (no X-HA-Answer-Signature)'}")
+            if peer.get("hostname") and node != peer["hostname"]:
+                return None, f"answer signed by {node!r}, not by {peer['hostname']}"
             try:
                 answer = json.loads(raw.decode("utf-8")) if raw else None
             except (UnicodeDecodeError, ValueError, RecursionError):
@@ -2072,8 +2090,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              else "application/json")
             self.send_header("Content-Length", str(len(data)))
             if _SIG_RE.match(request_sig):
+                cfg = self.server.agent.cfg
+                self.send_header("X-HA-Node", cfg.hostname)
                 self.send_header("X-HA-Answer-Signature", sign_answer(
-                    self.server.agent.cfg.secret, request_sig, status, data))
+                    cfg.secret, cfg.hostname, request_sig, status, data))
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
@@ -2366,6 +2386,8 @@ class Agent:
                          fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
                                            set(read_fence_record(self.paths.running))))
         self.running_record = None
+        self.running_lock = threading.Lock()
+        self.running_closed = False
         ctx = server_ssl_context(cfg.tls) if cfg.tls else None
         self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx,
                              known=literal_addresses(c["address"] for c in cfg.candidates))
@@ -2570,6 +2592,9 @@ class Agent:
             rc, _, err = run_cmd(self.cfg.command("vm_cireset", name), START_TIMEOUT)
             if rc != 0:
                 return f"hoster vm cireset {name} exited {rc}: {last_line(err)}"
+        with self.lock:
+            if self.core.fenced:
+                return "this node is fencing itself"
         rc, _, err = run_cmd(self.cfg.command("vm_start", name),
                              max(1.0, deadline - time.monotonic()))
         if rc != 0:
@@ -2604,6 +2629,7 @@ class Agent:
                 self.log.warning(f"VM {name} runs here, but a failover plan says it was moved "
                                  f"to {parent}: left running (the plan is older than its start "
                                  "here, or the cluster lost its guarantee: check by hand)")
+                done[name] = parent   # handled: not asked again (and arming not held up)
                 continue
             if v["live"]:
                 self.log.log(NOTICE, f"{say}destroy VM {name}: it was moved to {parent}")
@@ -2817,22 +2843,24 @@ class Agent:
         nowhere (§3.6), even if it is back before failover_time.  Rewritten from the
         inventory while armed (at once when we arm: the candidates have the old one);
         removed when we stop in order or go into maintenance."""
-        with self.lock:
-            armed, maintenance = self.core.armed, self.core.maintenance
-        if not armed:
-            if maintenance and self.running_record is not None:
-                remove_file(self.paths.running)
-                self.running_record = None
-            return
-        names = sorted(v["vm_name"] for v in vms if v["production"] and v["live"]
-                       and v["parent_host"] == self.cfg.hostname)
-        if names != self.running_record:
-            try:
-                write_atomic(self.paths.running, (json.dumps(
-                    {"ts": time.time(), "vms": names}) + "\n").encode(), mode=0o600)
-                self.running_record = names
-            except OSError as e:
-                self.log.error(f"cannot write {self.paths.running}: {e}")
+        with self.running_lock:
+            with self.lock:
+                armed = self.core.armed and not (self.core.left or self.core.leaving)
+                maintenance = self.core.maintenance
+            if self.running_closed or not armed:
+                if maintenance and self.running_record is not None:
+                    remove_file(self.paths.running)
+                    self.running_record = None
+                return
+            names = sorted(v["vm_name"] for v in vms if v["production"] and v["live"]
+                           and v["parent_host"] == self.cfg.hostname)
+            if names != self.running_record:
+                try:
+                    write_atomic(self.paths.running, (json.dumps(
+                        {"ts": time.time(), "vms": names}) + "\n").encode(), mode=0o600)
+                    self.running_record = names
+                except OSError as e:
+                    self.log.error(f"cannot write {self.paths.running}: {e}")
 
     # -- the control loop ---------------------------------------------------------
 
@@ -2870,8 +2898,11 @@ class Agent:
     def fence(self, reason):
         """§3.3 steps 2-4; the process never continues after this."""
         with self.lock:
+            self.core.fenced = True   # no failover is accepted or started from now on
+            running = set(self.host.running_vms())
             ours = {e["vm_name"] for e in self.core.failovers.values()
-                    if e["state"] in ("starting", "live")}
+                    if e["state"] == "starting" or e["state"] == "live" and
+                    e["vm_name"] in running}
         fence_host(self.cfg, self.host, self.log, reason, self.debug, self.inventory_cache,
                    ours)
         if self.debug:
@@ -2939,7 +2970,9 @@ class Agent:
             deadline = time.monotonic() + 5
             while self.watchdog_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        remove_file(self.paths.running)  # orderly: our VMs keep running, unprotected
+        with self.running_lock:  # orderly: our VMs keep running, unprotected
+            self.running_closed = True
+            remove_file(self.paths.running)
         self.server.shutdown()
         self.server.server_close()
         self.pool.shutdown(wait=False)

@@ -1016,3 +1016,12 @@ def test_vm_moved_on_since_its_plan_is_not_failed_over_with_the_plans_target():
     assert net.live_on("vm1") == ["w3"]
     notes = [x["msg"] for _, n, x in net.log[since:] if n == "a" and x["kind"] == "event"]
     assert any("VM vm1 of w2 is not failed over" in m and "w3" in m for m in notes), notes
+
+
+def test_fencing_node_refuses_failovers():
+    w = Core(cfg("w2"), 5000, 0.0)
+    w.fenced = True
+    status, answer = w.handle_failover({"vm_name": "vm1", "from_host": "w1", "term": 5,
+                                        "uid": "u1"}, 1.0, {"live": False})
+    assert status == 409 and "fencing" in answer["error"]
+    assert w.failovers == {}

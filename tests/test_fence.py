@@ -100,3 +100,27 @@ def test_debug_changes_nothing(tmp_path, caplog):
     assert os.listdir(os.path.join(n.dir, "vmm")) == ["own"]
     assert not os.path.exists(os.path.join(cfg.state_dir, "fence.json"))
     assert "shutdown" not in n.calls() and "bhyvectl" not in n.calls()
+
+
+def test_vm_being_started_by_a_failover_is_locked_and_one_that_appears_is_destroyed(tmp_path):
+    """A failover start was under way when the node fenced: its VM (`ours`, not running
+    yet) is recorded and locked; a VM that comes up while the others are being destroyed
+    is destroyed too before the reboot."""
+    import threading
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    n.add_vm("arriving")                                 # change-parent done, not live yet
+    with open(os.path.join(n.dir, "destroy_delay"), "w") as f:
+        f.write("0.6\n")
+    timer = threading.Timer(0.3, lambda: open(os.path.join(n.dir, "vmm", "arriving"),
+                                              "w").close())
+    timer.start()
+    try:
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False, ours={"arriving"})
+    finally:
+        timer.cancel()
+    assert record(cfg)["vms"] == ["arriving", "own"]
+    assert vm_cfg(n, "arriving")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+    assert not os.listdir(os.path.join(n.dir, "vmm"))
+    calls = n.calls()
+    assert "bhyvectl --destroy --vm=arriving" in calls and "shutdown -r now" in calls

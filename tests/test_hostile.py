@@ -1493,11 +1493,14 @@ class TestTLS:
         client = hoster_ha.Client(tls_cluster.cfgs["node1"])
         peer = {"hostname": "node9", "address": "127.0.0.98", "protocol": "http"}
         results = {}
-        for name, key in (("right", secret), ("none", None), ("wrong", secret[::-1])):
-            with TinyHTTPS(None, None, key) as port:
+        for name, key, node in (("right", secret, "node9"), ("none", None, "node9"),
+                                ("wrong", secret[::-1], "node9"), ("other", secret, "node8")):
+            with TinyHTTPS(None, None, key, node) as port:
                 results[name] = client.request(dict(peer, port=port), "GET", "status",
                                                timeout=3)
         assert results["right"] == (200, {}), results
+        assert results["other"][0] is None and "signed by 'node8', not by node9" in \
+            results["other"][1], results
         assert results["none"][0] is None and "no X-HA-Answer-Signature" in \
             results["none"][1], results
         assert results["wrong"][0] is None and "not signed with the cluster secret" in \
@@ -1588,9 +1591,9 @@ class TestTLS:
 
 class TinyHTTPS:
     """An HTTPS (or, pki None, plain HTTP) server on 127.0.0.98 (a thread) that answers
-    every GET with 200 {}, its answer signed with `secret` (None: unsigned)."""
+    every GET with 200 {}, its answer signed by `node` with `secret` (None: unsigned)."""
 
-    def __init__(self, pki, cert, secret=None):
+    def __init__(self, pki, cert, secret=None, node="node9"):
         import http.server
 
         class H(http.server.BaseHTTPRequestHandler):
@@ -1600,8 +1603,9 @@ class TinyHTTPS:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 if secret is not None:
+                    self.send_header("X-HA-Node", node)
                     self.send_header("X-HA-Answer-Signature", hoster_ha.sign_answer(
-                        secret, self.headers.get("X-HA-Signature", ""), 200, body))
+                        secret, node, self.headers.get("X-HA-Signature", ""), 200, body))
                 self.end_headers()
                 self.wfile.write(body)
 
