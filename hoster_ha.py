@@ -2576,7 +2576,11 @@ class Agent:
             return decision
         error = self.start_vm(v)
         with self.lock:
-            return self.core.finish_failover(body["uid"], error is None, error, time.monotonic())
+            answer = self.core.finish_failover(body["uid"], error is None, error,
+                                               time.monotonic())
+        if error is None:
+            self.note_running(v["vm_name"])
+        return answer
 
     def start_vm(self, v):
         """Apply the failover strategy, start the VM, wait until it is live.  Error or None."""
@@ -2852,15 +2856,31 @@ class Agent:
                     remove_file(self.paths.running)
                     self.running_record = None
                 return
-            names = sorted(v["vm_name"] for v in vms if v["production"] and v["live"]
-                           and v["parent_host"] == self.cfg.hostname)
-            if names != self.running_record:
-                try:
-                    write_atomic(self.paths.running, (json.dumps(
-                        {"ts": time.time(), "vms": names}) + "\n").encode(), mode=0o600)
-                    self.running_record = names
-                except OSError as e:
-                    self.log.error(f"cannot write {self.paths.running}: {e}")
+            self._write_running(sorted(v["vm_name"] for v in vms if v["production"] and
+                                       v["live"] and v["parent_host"] == self.cfg.hostname))
+
+    def note_running(self, name):
+        """A failover has just started VM `name` here: into running.json at once (the next
+        inventory may be 10 s away, and a power loss may come first)."""
+        with self.running_lock:
+            with self.lock:
+                armed = self.core.armed and not (self.core.left or self.core.leaving)
+            if not self.running_closed and armed:
+                old = self.running_record
+                if old is None:
+                    old = read_fence_record(self.paths.running)
+                self._write_running(sorted(set(old) | {name}))
+
+    def _write_running(self, names):
+        """running.json := names (running_lock held)."""
+        if names == self.running_record:
+            return
+        try:
+            write_atomic(self.paths.running, (json.dumps(
+                {"ts": time.time(), "vms": names}) + "\n").encode(), mode=0o600)
+            self.running_record = names
+        except OSError as e:
+            self.log.error(f"cannot write {self.paths.running}: {e}")
 
     # -- the control loop ---------------------------------------------------------
 

@@ -219,6 +219,12 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
             after = read_json(vm_config_path(c[target], vm))
             assert after == dict(before[vm], parent_host=target), (vm, before[vm], after)
 
+        # -- each target's running record (state_dir/running.json) names the VM it took over:
+        # a power loss of the target right after the failover must not lose it
+        for vm, target in EXPECTED.items():
+            rec = read_json(os.path.join(c[target].state_dir, "running.json"))
+            assert vm in rec["vms"], (vm, target, rec)
+
         # -- worker1 fenced: each of its VMs destroyed there, then the fake reboot
         dead_calls = [(float(ts), rest) for ts, _, rest in
                       (ln.partition(" ") for ln in dead.calls().splitlines())]
