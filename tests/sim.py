@@ -1034,7 +1034,8 @@ class Sim:
         """Power loss: the node is down and its VMs are gone at once.  No fence record,
         but the agent's running record (state_dir/running.json, the production VMs it ran
         as their parent while armed) survives and is sent like one when it starts again.
-        (The agent refreshes that record every few seconds; here it is exact.)"""
+        (The agent rewrites it from every inventory, every 10 s, and at once when a
+        failover starts a VM there; here it is exact.)"""
         n = self._node(name)
         if n.alive and n.core is not None and n.core.armed:
             running = {x for x, v in n.vms.items()
