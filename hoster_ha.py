@@ -1720,9 +1720,9 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     cache may predate their change-parent): recorded and locked even if not yet running;
     a VM that appears while the others are destroyed is destroyed too.  A copy already
     locked by the other fencer (agent or watchdog: both may fence in one incident)
-    counts as ours, and an existing record is only ever extended, never shrunk.  In debug mode every step is logged as "(DEBUG) would ..."
-    and nothing is changed.  Returns after the reboot command (a real reboot never
-    returns)."""
+    counts as ours, and an existing record is only ever extended, never shrunk.  In
+    debug mode every step is logged as "(DEBUG) would ..." and nothing is changed.
+    Returns after the reboot command (a real reboot never returns)."""
     t0 = time.monotonic()
     running = host.running_vms()
     inventory, errors = host.inventory(snapshots=False, budget=max(1.0, cfg.fence_timeout / 4))
