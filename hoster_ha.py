@@ -25,7 +25,6 @@ The file reads top to bottom:
 
 import argparse
 import concurrent.futures
-import errno
 import hashlib
 import hmac
 import http.client

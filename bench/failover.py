@@ -45,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import hoster_ha  # noqa: E402
-from localcluster import FAST, LocalCluster, our_pids  # noqa: E402
+from localcluster import FAST, LocalCluster  # noqa: E402
 
 DEAD = "worker1"
 CANDIDATES = ("node1", "node2", "node3")
@@ -155,29 +155,6 @@ def build(base, n, start_delay, sh_start=False):
     return cluster, expected
 
 
-
-def stop(cluster):
-    """stop_all(), reap our children, and SIGKILL (by pid) anything of this run left."""
-    try:
-        cluster.stop_all()
-    finally:
-        for node in cluster.nodes.values():
-            if node.proc is not None:
-                if node.proc.poll() is None:
-                    node.proc.kill()
-                    node.proc.wait(5)
-                if node.proc.stderr is not None:
-                    node.proc.stderr.close()
-        if not cluster.wait_for(lambda: not our_pids(cluster.base), 10, interval=0.1):
-            left = our_pids(cluster.base)
-            print(f"warning: processes survived stop_all(): {left}; killed", file=sys.stderr)
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-
 def one_run(n, start_delay, keep, sh_start=False):
     base = tempfile.mkdtemp(prefix=f"bench-failover-{n}-")
     cluster, expected = build(base, n, start_delay, sh_start)
@@ -249,7 +226,9 @@ def one_run(n, start_delay, keep, sh_start=False):
             "manager": manager,
         }
     finally:
-        stop(cluster)
+        gone, left = cluster.teardown()
+        if not gone:
+            print(f"warning: processes survived stop_all(): {left}; killed", file=sys.stderr)
         if keep:
             print(f"kept {base}", file=sys.stderr)
         else:

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import pytest  # noqa: E402
 
 import hoster_ha  # noqa: E402
-from localcluster import LocalCluster, our_pids  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402
 
 API = "/api/v1/ha/"
 NAMES = ("node1", "node2", "node3")
@@ -130,24 +130,8 @@ class Cluster(LocalCluster):
                        for n, node in self.nodes.items() if node.proc is not None)
 
     def teardown(self):
-        try:
-            self.stop_all()
-        finally:
-            for node in self.nodes.values():
-                if node.proc is not None:
-                    if node.proc.poll() is None:
-                        node.proc.kill()
-                        node.proc.wait(5)
-                    if node.proc.stderr is not None:
-                        node.proc.stderr.close()
-            gone = self.wait_for(lambda: not our_pids(self.base), 10, interval=0.05)
-            left = our_pids(self.base)
-            for pid in left:  # only processes whose command line names our tmp folder
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            assert gone and not left, f"processes survived stop_all(): {left}"
+        gone, left = super().teardown()
+        assert gone and not left, f"processes survived stop_all(): {left}"
 
 
 # -- raw HTTP -------------------------------------------------------------------------------

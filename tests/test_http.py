@@ -15,7 +15,6 @@ import math
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import pytest  # noqa: E402
 
 import hoster_ha  # noqa: E402
-from localcluster import LocalCluster, our_pids  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402
 
 API = "/api/v1/ha/"
 TIMEOUT = 5.0
@@ -56,19 +55,8 @@ def agent(tmp_path_factory):
         assert cluster.wait_for(lambda: "node1" in members(a), 10, interval=0.05)
         yield a
     finally:
-        cluster.stop_all()
-        proc = a.node.proc
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
-            if proc.stderr is not None:
-                proc.stderr.close()
         # nothing started for this module may survive it (the watchdog included)
-        gone = cluster.wait_for(lambda: not our_pids(cluster.base), 10, interval=0.05)
-        left = our_pids(cluster.base)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
+        gone, left = cluster.teardown()
         assert gone and not left, f"processes survived stop_all(): {left}"
 
 

@@ -78,24 +78,8 @@ class Cluster(LocalCluster):
 
     def teardown(self):
         """stop_all(), reap our children, and make sure nothing started for us survives."""
-        try:
-            self.stop_all()
-        finally:
-            for node in self.nodes.values():
-                if node.proc is not None:
-                    if node.proc.poll() is None:
-                        node.proc.kill()
-                        node.proc.wait(5)
-                    if node.proc.stderr is not None:
-                        node.proc.stderr.close()
-            gone = self.wait_for(lambda: not our_pids(self.base), 10, interval=0.05)
-            left = our_pids(self.base)
-            for pid in left:  # only processes whose command line names our tmp folder
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            assert gone and not left, f"processes survived stop_all(): {left}"
+        gone, left = super().teardown()
+        assert gone and not left, f"processes survived stop_all(): {left}"
 
 
 def start_ready_cluster(base, names=NAMES, vms=False):

@@ -204,6 +204,29 @@ class LocalCluster:
         return {n: s.get("manager") for n in self.nodes
                 if (s := self.nodes[n].status()).get("api_pid")}
 
+    def teardown(self):
+        """stop_all(), reap our children, and SIGKILL whatever started for this cluster
+        still runs 10 s later (only processes whose command line names its folder).
+        Returns (gone, left): whether everything stopped by itself, and what was killed."""
+        try:
+            self.stop_all()
+        finally:
+            for node in self.nodes.values():
+                if node.proc is not None:
+                    if node.proc.poll() is None:
+                        node.proc.kill()
+                        node.proc.wait(5)
+                    if node.proc.stderr is not None:
+                        node.proc.stderr.close()
+            gone = self.wait_for(lambda: not our_pids(self.base), 10, interval=0.05)
+            left = our_pids(self.base)
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return gone, left
+
     def stop_all(self):
         """Stop everything this cluster started: agents (SIGTERM, then SIGKILL) and watchdogs."""
         for node in self.nodes.values():
