@@ -650,7 +650,6 @@ class Core:
         self.failed = {}           # failed member -> its startup_time
         self.settled = set()       # episodes (_episode) whose failover is done
         self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
-        self.via_plans = {}        # failed member -> VMs wanted because a plan moved them there
         self.job = None
         self.job_seq = 0
         self.uid_seq = 0
@@ -1141,14 +1140,10 @@ class Core:
         moved_to = {}
         for vm, e in self._latest_plans(("planned", "done", "failed", "abandoned")).items():
             moved_to.setdefault(e["to"], set()).add(vm)
-        self.via_plans = {}
         for h, st in self.failed.items():
             if ("failed", h, st) not in self.settled and \
                     self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
-                m = self.members.get(h)
-                sources[h] = set(m.fenced_vms or []) if m and m.startup_time == st else set()
-                self.via_plans[h] = moved_to.get(h, set()) - sources[h]
-                sources[h] |= moved_to.get(h, set())
+                sources[h] = self._fenced_vms(h) | moved_to.get(h, set())
         for m in self.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
                     ("rejoin", m.hostname, m.startup_time) not in self.settled:
@@ -1160,6 +1155,11 @@ class Core:
                 if self.retry_at.get(self._episode(m.hostname), (now, 0))[0] <= now:
                     sources[m.hostname] = set(m.fenced_vms)
         return sources
+
+    def _fenced_vms(self, h):
+        """The fence record of failed member h's failed incarnation."""
+        m = self.members.get(h)
+        return set(m.fenced_vms or []) if m and m.startup_time == self.failed.get(h) else set()
 
     def _episode(self, h):
         """What a failover job for source h handles: its failure, or its rejoin (with a
@@ -1179,9 +1179,9 @@ class Core:
                     hosts.setdefault(h, r)
         left = {h for h, r in hosts.items() if r is None}
         hosts = {h: r for h, r in hosts.items() if r is not None}
-        owners = {}
-        for h, vms in self.via_plans.items():
-            for vm in vms & sources.get(h, set()):
+        owners = {}   # VMs wanted only because a plan moved them to a failed source
+        for h in set(sources) & set(self.failed):
+            for vm in sources[h] - self._fenced_vms(h):
                 owners[vm] = {h} | {x for e in self.plans.values() if e["vm"] == vm
                                     for x in (e["from"], e["to"])}
         self.job_seq += 1
