@@ -4,7 +4,14 @@ Each node is a folder with its config, run/state dirs, a log file and fake host
 commands (tools/fake_host_cmd.py) named in `commands`, so no real zfs, bhyvectl,
 hoster, shutdown or reboot is ever run.  Candidates listen on 127.0.0.1-127.0.0.3,
 workers on 127.0.0.4 and up, all on one port.
+
+Each node's fake host starts as a happy, initialised Hoster host (the default of
+tools/fake_host_cmd.py, with Hoster's init check on and its marker NODE/hoster_init
+present).  Node has helpers for the fake's knobs (its docstring lists them all):
+set_hostname, set_initialised, set_start / clear_start, lock_dataset / unlock_dataset,
+power_off / power_on, and fake / zfs / hoster to run a fake command as a test step.
 """
+import importlib.util
 import json
 import os
 import signal
@@ -16,7 +23,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "hoster_ha.py")
 FAKE = os.path.join(ROOT, "tools", "fake_host_cmd.py")
-FAKE_COMMANDS = ("zfs", "hoster", "bhyvectl", "shutdown", "reboot", "sysctl")
+FAKE_COMMANDS = ("zfs", "hoster", "bhyvectl", "shutdown", "reboot", "sysctl", "hostname",
+                 "power", "vm_supervisor_service")
+_spec = importlib.util.spec_from_file_location("fake_host_cmd", FAKE)
+fake_host_cmd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_host_cmd)
+DATASET = fake_host_cmd.DEFAULT_DATASET
 
 # Short timings that keep the SPEC §2 rule:
 # failover_time >= survival_window + watchdog_timeout + fence_timeout + 2*ping_interval + 5
@@ -75,6 +87,8 @@ class Node:
         self.log_file = os.path.join(self.dir, "hoster_ha.log")
         self.run_dir = os.path.join(self.dir, "run")
         self.state_dir = os.path.join(self.dir, "state")
+        self.init_marker = os.path.join(self.dir, "hoster_init")   # /var/run/hoster_init
+        self.host = fake_host_cmd.FakeHost(self.dir)
         self.proc = None
 
     def cli(self, *args, timeout=30):
@@ -130,8 +144,94 @@ class Node:
         except FileNotFoundError:
             return ""
 
-    def add_vm(self, name, parent=None, production=True, snapshots=(), running=False):
-        d = os.path.join(self.dir, "vms", name)
+    # -- the fake host's knobs (tools/fake_host_cmd.py) ---------------------------------
+
+    def fake(self, cmd, *args, timeout=30):
+        """Run the fake host command `cmd` (a test step: `zfs load-key`, `hoster init`,
+        `hoster vm start-all`, `power on`...); CompletedProcess (text)."""
+        return subprocess.run([os.path.join(self.dir, "bin", cmd), *args], check=False,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def zfs(self, *args):
+        return self.fake("zfs", *args)
+
+    def hoster(self, *args):
+        return self.fake("hoster", *args)
+
+    def set_hostname(self, name):
+        """The host's kern.hostname (what Hoster compares parent_host with); None: back to
+        the default, the agent's configured hostname."""
+        path = os.path.join(self.dir, "hostname")
+        if name is None:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        with open(path, "w") as f:
+            f.write(name + "\n")
+
+    def set_initialised(self, initialised):
+        """Create (`hoster init`) or remove (a reboot) Hoster's init marker."""
+        if initialised:
+            r = self.hoster("init")
+            assert r.returncode == 0, r
+        elif os.path.exists(self.init_marker):
+            os.unlink(self.init_marker)
+
+    def set_start(self, vm="*", appear_after=None, dies_after=None, times=None):
+        """How the next `hoster vm start` of vm (or of every VM: "*") behaves: it returns
+        at once and the VM appears appear_after s later; it vanishes dies_after s after it
+        appeared; for the next `times` starts only (None: until clear_start)."""
+        path = os.path.join(self.dir, "vm_start.json")
+        knobs = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                knobs = json.load(f)
+        entry = {k: v for k, v in (("appear_after", appear_after), ("dies_after", dies_after),
+                                   ("times", times)) if v is not None}
+        knobs[vm] = entry
+        with open(path + ".tmp", "w") as f:
+            json.dump(knobs, f)
+        os.replace(path + ".tmp", path)
+
+    def clear_start(self):
+        path = os.path.join(self.dir, "vm_start.json")
+        if os.path.exists(path):
+            os.unlink(path)
+
+    def lock_dataset(self, dataset=DATASET):
+        """The dataset as after a reboot without `zfs mount -a -l`: unmounted, key unloaded
+        (its VMs' vm_config.json files are gone from disk)."""
+        for args in (("unmount", dataset), ("unload-key", dataset)):
+            r = self.zfs(*args)
+            assert r.returncode == 0, r
+
+    def unlock_dataset(self, dataset=DATASET):
+        """What the operator runs after a reboot: `zfs mount -a -l` (dataset: unused, every
+        dataset is mounted, as the real command does)."""
+        r = self.zfs("mount", "-a", "-l")
+        assert r.returncode == 0, r
+
+    def power_off(self, reason="test"):
+        return self.fake("power", "off", reason)
+
+    def power_on(self):
+        return self.fake("power", "on")
+
+    def supervisors(self):
+        """{pid: vm} of the fake VM supervisors (delayed starts) that still run."""
+        return fake_host_cmd.supervisors(self.host)
+
+    def kill_supervisors(self, vm=None):
+        """SIGKILL the fake supervisors of vm (of every VM: None): a VM not yet there
+        then never appears."""
+        fake_host_cmd.kill_supervisor(self.host, vm)
+
+    def add_vm(self, name, parent=None, production=True, snapshots=(), running=False,
+               dataset=DATASET):
+        """A VM copy on this host, in dataset (mounted or not: the files go where the fake
+        keeps an unmounted dataset's data)."""
+        d = self.host.vm_dir(name, dataset)
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "vm_config.json"), "w") as f:
             json.dump({"parent_host": parent or self.name, "production": production,
@@ -162,6 +262,9 @@ class LocalCluster:
     def _write(self, node):
         for d in ("bin", "vms", "vmm", "run", "state"):
             os.makedirs(os.path.join(node.dir, d), exist_ok=True)
+        with open(os.path.join(node.dir, "hoster_init_path"), "w") as f:
+            f.write(os.path.basename(node.init_marker) + "\n")
+        open(node.init_marker, "w").close()
         commands = {}
         for c in FAKE_COMMANDS:
             link = os.path.join(node.dir, "bin", c)
@@ -241,3 +344,4 @@ class LocalCluster:
                     node.proc.wait(5)
             for which in ("hoster_ha", "ha_watchdog"):
                 node.signal(signal.SIGKILL if which == "hoster_ha" else signal.SIGTERM, which)
+            node.kill_supervisors()
