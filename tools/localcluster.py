@@ -25,10 +25,11 @@ AGENT = os.path.join(ROOT, "hoster_ha.py")
 FAKE = os.path.join(ROOT, "tools", "fake_host_cmd.py")
 FAKE_COMMANDS = ("zfs", "hoster", "bhyvectl", "shutdown", "reboot", "sysctl", "hostname",
                  "power", "vm_supervisor_service")
-_spec = importlib.util.spec_from_file_location("fake_host_cmd", FAKE)
-fake_host_cmd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fake_host_cmd)
-DATASET = fake_host_cmd.DEFAULT_DATASET
+_spec = importlib.util.spec_from_file_location(
+    "fake_host", os.path.join(ROOT, "tools", "fake_host.py"))
+fake_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_host)
+DATASET = fake_host.DEFAULT_DATASET
 
 # Short timings that keep the SPEC §2 rule:
 # failover_time >= survival_window + watchdog_timeout + fence_timeout + 2*ping_interval + 5
@@ -88,7 +89,7 @@ class Node:
         self.run_dir = os.path.join(self.dir, "run")
         self.state_dir = os.path.join(self.dir, "state")
         self.init_marker = os.path.join(self.dir, "hoster_init")   # /var/run/hoster_init
-        self.host = fake_host_cmd.FakeHost(self.dir)
+        self.host = fake_host.FakeHost(self.dir)
         self.proc = None
 
     def cli(self, *args, timeout=30):
@@ -220,12 +221,12 @@ class Node:
 
     def supervisors(self):
         """{pid: vm} of the fake VM supervisors (delayed starts) that still run."""
-        return fake_host_cmd.supervisors(self.host)
+        return fake_host.supervisors(self.host)
 
     def kill_supervisors(self, vm=None):
         """SIGKILL the fake supervisors of vm (of every VM: None): a VM not yet there
         then never appears."""
-        fake_host_cmd.kill_supervisor(self.host, vm)
+        fake_host.kill_supervisor(self.host, vm)
 
     def add_vm(self, name, parent=None, production=True, snapshots=(), running=False,
                dataset=DATASET):
