@@ -768,7 +768,8 @@ def emojlog(h, level, message):
 
 
 def launch_supervisor(h, name, appear, dies, boot):
-    import subprocess   # here: most calls never need it (each call is a new process)
+    # imported here: most calls never need it (each call is a new process)
+    import subprocess
 
     sup = h.path("bin", "vm_supervisor_service")
     if not os.path.lexists(sup):
