@@ -365,6 +365,7 @@ def test_cireset_takes_the_vm_and_refuses_a_running_one(node):
     with open(config(node, "vm1")) as f:
         cfg = json.load(f)
     assert cfg["parent_host"] == "node1" and cfg["production"] is True
+    assert cfg["failover_strategy"] == "change_parent"      # Hoster writes its default
     ok(node.hoster("vm", "start", "vm1"))
     assert error_of(node.hoster("vm", "cireset", "vm1")) == "vm has to be stopped"
     assert error_of(node.hoster("vm", "cireset", "nope")) == "sorry, could not find this VM"

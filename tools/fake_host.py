@@ -886,6 +886,8 @@ def run_hoster(h, args):
                 raise Fail("vm has to be stopped")
             path = os.path.join(vms[name][0], "vm_config.json")
             cfg = dict(vms[name][1], parent_host=h.hostname())
+            if cfg.get("failover_strategy") not in ("cireset", "change_parent"):
+                cfg["failover_strategy"] = "change_parent"   # Hoster's read default
             with open(path + ".tmp", "w") as f:
                 json.dump(cfg, f, indent=2)
             os.replace(path + ".tmp", path)

@@ -28,9 +28,9 @@ of a delayed start), "bhyvectl --destroy --vm=NAME" immediately *after* it is re
 start was asked for and the VM does not exist yet; "refused hoster vm start NAME (why)":
 a start that will never create it.
 
-ZFS (zfs list / get / mount / unmount / load-key / unload-key / set / create)
+ZFS (zfs list / get / mount / unmount / load-key / unload-key / set / inherit / create)
     NODE/zfs.json                  the datasets this host has, written by the fake's own
-                                   zfs commands (or a test):
+                                   zfs commands the first time they change something:
                                    {"datasets": {NAME: {"mountpoint": "/abs/path" | "legacy"
                                    | "none", "mounted": bool, "encryption": "off" |
                                    "aes-256-gcm", "keystatus": "available" | "unavailable",
@@ -57,8 +57,9 @@ ZFS (zfs list / get / mount / unmount / load-key / unload-key / set / create)
     `zfs create [-o mountpoint=|encryption=on|keylocation=|keyformat=] DS` makes a dataset
     (a new top-level one is mounted at NODE/mnt/DS by default).
     zfs list/get honour -H -p -o -t -d -r -s -S (headers and aligned columns without -H,
-    dates without -p); `zfs get -H -p -o name,property,value mounted,keystatus DS...`
-    answers per dataset.  A snapshot of DS/NAME comes from snapshots.json ("NAME" or the
+    dates without -p; options before operands, as FreeBSD's getopt wants);
+    `zfs inherit mountpoint DS/VM` undoes a child's legacy/none;
+    `zfs get -H -p -o name,property,value mounted,keystatus DS...` answers per dataset.  A snapshot of DS/NAME comes from snapshots.json ("NAME" or the
     full dataset name as key); snapshots are listed even of locked datasets, as on ZFS.
 
 Hoster (hoster init / vm start / vm start-all / vm stop / vm cireset)
@@ -89,7 +90,8 @@ Hoster (hoster init / vm start / vm start-all / vm stop / vm cireset)
     start-all [-p|--production-only] [-t|--wait-time N]` starts every VM that is not
     running and not a backup (only production ones with -p: Hoster's start-all without -p
     starts non-production VMs too).  `hoster vm cireset NAME` sets parent_host to this
-    host's name ("vm has to be stopped" if it runs).  `hoster vm stop [-f] [-c] NAME`
+    host's name and writes failover_strategy (change_parent unless it is cireset), as
+    Hoster's rewrite does ("vm has to be stopped" if it runs).  `hoster vm stop [-f] [-c] NAME`
     ("VM is already offline" if not running; -f destroys it; -c kills its supervisor).
     NODE/vm_start.json             how starts behave, per VM or for all ("*"):
                                    {"*" | NAME: {"appear_after": s, "dies_after": s,
