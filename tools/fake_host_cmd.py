@@ -59,8 +59,9 @@ ZFS (zfs list / get / mount / unmount / load-key / unload-key / set / inherit / 
     zfs list/get honour -H -p -o -t -d -r -s -S (headers and aligned columns without -H,
     dates without -p; options before operands, as FreeBSD's getopt wants);
     `zfs inherit mountpoint DS/VM` undoes a child's legacy/none;
-    `zfs get -H -p -o name,property,value mounted,keystatus DS...` answers per dataset.  A snapshot of DS/NAME comes from snapshots.json ("NAME" or the
-    full dataset name as key); snapshots are listed even of locked datasets, as on ZFS.
+    `zfs get -H -p -o name,property,value mounted,keystatus DS...` answers per dataset.
+    A snapshot of DS/NAME comes from snapshots.json ("NAME" or the full dataset name as
+    key); snapshots are listed even of locked datasets, as on ZFS.
 
 Hoster (hoster init / vm start / vm start-all / vm stop / vm cireset)
     NODE/hostname                  this host's kern.hostname: what Hoster compares a VM's
