@@ -6,14 +6,10 @@ named in `commands`): a "reboot" here only writes a line to calls.log.
 import json
 import logging
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+import hoster_ha
+from localcluster import LocalCluster
 
-import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
 
 LOCKED = "__HA_LOCKED_2026-11-25_10-00-00__"
 

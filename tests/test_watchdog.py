@@ -38,14 +38,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+import hoster_ha
+from localcluster import FAST, LocalCluster, our_pids
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import pytest  # noqa: E402
-
-import hoster_ha  # noqa: E402
-from localcluster import FAST, LocalCluster, our_pids  # noqa: E402
 
 CANDIDATES = ("node1", "node2", "node3")
 BE_CAREFUL = ("🔶 BE CAREFUL! This system is running as a part of the HA. Changes applied "
