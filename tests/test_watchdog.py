@@ -274,15 +274,17 @@ class TestProduction:
         assert texts.index("shutdown -r now") > max(texts.index(d) for d in destroys), texts
         assert texts.count("shutdown -r now") == 1 and "reboot -nq" not in texts, texts
         assert not any(vm_running(node, vm) for vm in ("vm-a", "vm-b", "vm-dev"))
-        # the fence record lists the production VMs it was running, and they are locked
+        # the fence record lists the production VMs it was running; every production VM
+        # whose parent is this host is locked, running or not (issue 11 §2.2), and listed
+        # in `locked`
         with open(os.path.join(node.state_dir, "fence.json")) as f:
             record = json.load(f)
         assert sorted(record["vms"]) == ["vm-a", "vm-b"], record
+        assert sorted(record["locked"]) == ["vm-a", "vm-b", "vm-off"], record
         assert isinstance(record["ts"], (int, float)) and str(agent) in record["reason"]
-        for vm in ("vm-a", "vm-b"):
+        for vm in ("vm-a", "vm-b", "vm-off"):
             assert LOCK_RE.match(vm_config(node, vm)["parent_host"]), vm_config(node, vm)
-        for vm in ("vm-dev", "vm-off"):  # not production / not running: left alone
-            assert vm_config(node, vm)["parent_host"] == "worker1"
+        assert vm_config(node, "vm-dev")["parent_host"] == "worker1"  # not production
         # the reason at EMERG, the SIGKILL logged, the event recorded
         reason = f"EMERG: hoster_ha (PID {agent}) is gone, initiating fencing"
         assert [ln for ln in log_lines(node, reason) if f"ha_watchdog[{wd}]" in ln], \
