@@ -385,11 +385,11 @@ def parse_config(data, path="<config>", debug=False):
 #
 # Nothing here reads a clock, opens a socket, runs a command or touches a file.
 # Every method takes `now` (seconds on this node's monotonic clock) and inputs;
-# decisions come back as actions (take_actions()) that the agent, or the test
-# simulator, carries out.  Actions are dicts with a "kind":
-#   event        {"event", "level", "msg", "details"}   log line + events.jsonl
-#   persist_term {"term"}   write state_dir/term (fsync) before the vote is seen
-#   fence        {"reason"} §3.3: lock, destroy, reboot (or log in debug mode)
+# decisions come back as actions (Core.take_actions() says which) that one executor
+# per world carries out: Agent.execute in production, Sim._actions in
+# tests/sim.py.  The host-side rules (what a fence records and locks, what a
+# returning host demotes, the running record) are pure functions at the end of
+# this section; both executors call them.
 # =============================================================================
 
 class Vote:
@@ -461,6 +461,7 @@ INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
+WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (§3.5)
 LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
 
 
@@ -620,7 +621,8 @@ class Core:
         self.answers = {}                                  # candidate -> PingAnswer
         self.arming = False        # we want to be armed (quorum + manager seen)
         self.armed = False         # ... and the watchdog has acknowledged it
-        self.fenced = False
+        self.fenced = False        # we fence(d): nothing is accepted or started any more
+        self.wd_missing = 0        # consecutive watchdog checks that found it gone
         self.left = False          # our leave was acknowledged: we stop, unprotected
         self.seq = 0               # orders our pings and leave requests (§3.7)
         self.leaving = False       # a leave request is out
@@ -660,8 +662,49 @@ class Core:
     # -- actions -------------------------------------------------------------
 
     def take_actions(self):
+        """The core's output: a list of dicts with a "kind", in the order they were decided.
+
+          event               {"event", "level", "msg", "details"}: one log line (syslog level
+                              name) and, for the names in EVENT_NAMES, a line of events.jsonl.
+          persist_term        {"term"}: write state_dir/term (fsync).  Terms only grow.
+          send                {"id", "to", "peer", "method", "name", "body", "timeout"}: a
+                              manager's request; its answer (status None: no answer) goes back
+                              to Core.on_response(id, ...).
+          demote              {"vms": {vm: new parent}, "keep_live"}: §3.6, the local copies of
+                              VMs moved away become backups; the executor applies
+                              demotion_steps() to its local copies, then calls
+                              Core.demote_done() with what it handled.
+          fence               {"reason"}: §3.3 steps 2-4.  The executor applies fence_plan() to
+                              a fresh inventory (write the record, lock, destroy, reboot); the
+                              core is already `fenced` and accepts no failover from now on.
+          clear_fence_record  {}: we armed; the candidates have our fence record (register):
+                              remove state_dir/fence.json (kept in debug mode).
+          record_running      {}: rewrite state_dir/running.json from a fresh inventory by
+                              Core.running_record() (we armed, or were asked to).
+          restart_watchdog    {}: the ha_watchdog companion is gone and we are not armed: start
+                              a new one (Core.check_watchdog).
+
+        Ordering rules (the executor keeps them):
+          1. persist_term before anything another node can see: a ping answer or a request
+             that shows the term.  Production executes persist_term actions before it releases
+             the lock under which the core produced them (Agent.persist_now); every other
+             action may run after.
+          2. The rest in list order.  An event precedes the action it explains (self_fence
+             before fence, armed before clear_fence_record); a fence is the last action a
+             node executes (the process ends in it).
+          3. send and demote run in worker threads (they may block); their results come back
+             through the core's methods under the lock, so their order is not guaranteed.
+        """
         out, self.out = self.out, []
         return out
+
+    def take_persist(self):
+        """Only the persist_term actions, taken out now: the caller writes them before it
+        lets anyone see the core's state (ordering rule 1 of take_actions)."""
+        persist = [a for a in self.out if a["kind"] == "persist_term"]
+        if persist:
+            self.out = [a for a in self.out if a["kind"] != "persist_term"]
+        return persist
 
     def _event(self, event, level, msg, **details):
         self.out.append({"kind": "event", "event": event, "level": level, "msg": msg,
@@ -1010,11 +1053,11 @@ class Core:
             self.armed = True
             self._event("armed", "NOTICE", "armed: quorum reached, manager "
                         f"{self.manager_view(now)[0]}, watchdog acknowledged")
+            self.out.append({"kind": "clear_fence_record"})   # the candidates have it
+            self.out.append({"kind": "record_running"})       # theirs is the old one
 
         if self.armed and not quorum:
-            self.fenced = True
-            self._event("self_fence", "EMERG", EMERG_BELOW_2, reachable=reach)
-            self.out.append({"kind": "fence", "reason": EMERG_BELOW_2})
+            self._fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach)
 
     # -- failover (§3.4): the manager's requests and what it does with the answers --------
     #
@@ -1507,6 +1550,60 @@ class Core:
     def starting(self):
         return {e["vm_name"] for e in self.failovers.values() if e["state"] == "starting"}
 
+    # -- host-side rules that need this node's state (the pure ones follow the class) --
+
+    def _fence(self, msg, why, **details):
+        """Fence now (§3.3): from here on no failover is accepted or started.  msg: the
+        EMERG line; why: the fence record's `reason`."""
+        self.fenced = True
+        self._event("self_fence", "EMERG", msg, **details)
+        self.out.append({"kind": "fence", "reason": why})
+
+    def check_watchdog(self, alive, now, restarting=False, pid=None):
+        """The watchdog-gone rule (§3.5), once per ping_interval: alive is what the agent
+        saw of its ha_watchdog companion (a zombie is gone).  Gone for 3 consecutive
+        checks: an armed node fences; an unarmed one starts a new watchdog (one at a
+        time: `restarting` says one is being started).  Returns nothing: actions."""
+        if self.fenced:
+            return
+        if alive:
+            self.wd_missing = 0
+            return
+        self.wd_missing += 1
+        if self.wd_missing < WATCHDOG_GONE_CHECKS:
+            return
+        if self.armed:
+            self._fence(f"ha_watchdog (PID {pid}) is gone, initiating self fencing",
+                        "ha_watchdog is gone", reason="ha_watchdog gone")
+        elif not restarting:
+            self._event("note", "ERROR", f"ha_watchdog (PID {pid}) is gone; node not armed, "
+                        "starting a new one")
+            self.out.append({"kind": "restart_watchdog"})
+
+    def fence_ours(self, running):
+        """VMs a failover is starting here, or started here and that run (`running`):
+        a fence records and locks them whatever their copy says (fence_plan's `ours`)."""
+        return {e["vm_name"] for e in self.failovers.values()
+                if e["state"] == "starting" or e["state"] == "live" and e["vm_name"] in running}
+
+    def running_record(self, vms=None, started=None, old=()):
+        """What state_dir/running.json must say now (§3.6): ("write", names),
+        ("remove", None) or None (leave the file as it is).
+
+        The record holds the production VMs this host runs as their parent, kept while we
+        are armed: a host that loses power leaves no fence record, and its next agent
+        sends these as `fenced_vms`, so the manager restarts those live nowhere even if
+        the host is back before failover_time.  vms: a fresh inventory (the record :=
+        its production VMs that are live here with parent_host = us); started: a VM a
+        failover has just started here (the record := old + it, at once: the next
+        inventory may come after a power loss).  Not armed (or leaving): untouched,
+        except in maintenance, which removes it (the node is not failed over)."""
+        if not self.armed or self.left or self.leaving:
+            return ("remove", None) if self.maintenance else None
+        if started is not None:
+            return "write", sorted(set(old) | {started})
+        return "write", running_record_names(self.hostname, vms or [])
+
     def status(self, now):
         manager, term = self.manager_view(now)
         role = ("manager" if manager == self.hostname else
@@ -1518,13 +1615,103 @@ class Core:
                 "vote": self.vote.holder if self.vote else None}
 
 
+# -----------------------------------------------------------------------------
+# 2b. Host-side rules (pure)
+#
+# What this host does to its own VMs when it fences, rejoins or records what it
+# runs: the rules that keep a production VM off two hosts.  Each takes the
+# inventory (dicts with vm_name, production, parent_host, live, as Host.inventory
+# returns them) and inputs, and returns a decision; the agent (fence_host,
+# Agent.demote, Agent.record_running) and the simulator carry them out.
+# -----------------------------------------------------------------------------
+
+def is_locked(parent_host):
+    """A parent_host written by a fence (ours or Hoster's): nothing starts that copy."""
+    return isinstance(parent_host, str) and parent_host.startswith(LOCK_PREFIX)
+
+
+def fence_plan(hostname, inventory, running, ours=(), old=None):
+    """What a fence (§3.3 steps 2-4) records, locks and destroys.
+
+    inventory: this host's VM copies; running: the VMs that exist in the kernel now;
+    ours: VMs a failover is starting here, or started here and that run
+    (Core.fence_ours; the inventory may predate their change-parent); old: the fence
+    record already on disk ({"vms", "locked"}, or None): a second fencer of one
+    incident (agent and watchdog both may fence) only extends it.
+    Returns {"vms", "locked", "lock", "destroy"}:
+      vms     the record's VMs (what rejoin may place, §3.6): the production VMs running
+              here as their parent, the `ours` ones, a running copy already locked (the
+              other fencer's), and the old record's;
+      locked  every VM this incident locked (the record's `locked`, restored on rejoin
+              unless moved): every production VM whose parent_host is this host,
+              running or not (Hoster's own fence does the same: a VM the planner may move
+              must be locked on the host it leaves), and the `ours` ones;
+      lock    the inventory entries to lock now (those not locked already);
+      destroy every running VM, production or not."""
+    old = old if isinstance(old, dict) else {}
+    running, ours = set(running), set(ours)
+    prod = [v for v in inventory if v.get("production")]
+    recorded = {v["vm_name"] for v in prod if v["vm_name"] in ours or (
+        v["vm_name"] in running and (v.get("parent_host") == hostname or
+                                     is_locked(v.get("parent_host"))))}
+    mine = [v for v in prod if v["vm_name"] in ours or v.get("parent_host") == hostname]
+    lock = [v for v in mine if not is_locked(v.get("parent_host"))]
+    already = {v["vm_name"] for v in prod
+               if v["vm_name"] in recorded and is_locked(v.get("parent_host"))}
+
+    def listed(key):
+        return {n for n in old.get(key) or [] if valid_vm_name(n)}
+    return {"vms": sorted(recorded | listed("vms")),
+            "locked": sorted({v["vm_name"] for v in lock} | already | listed("locked")),
+            "lock": sorted(lock, key=lambda v: v["vm_name"]),
+            "destroy": sorted(running)}
+
+
+def demotion_steps(local, moved, keep_live):
+    """§3.6: what a returning host does to its copies of VMs the cluster moved away.
+
+    local: {vm: {"parent_host", "live"}} of this host's copies; moved: {vm: new parent};
+    keep_live: we are armed, so a copy live here is ours by the cluster's own rule (we
+    would have fenced otherwise): a lagging plan must never destroy it.
+    Returns [(vm, new parent, step)], sorted by VM, step one of
+      "absent"   no copy here: nothing to do;
+      "done"     already a stopped backup of the new parent;
+      "keep"     live here and keep_live: left running, reported (check by hand);
+      "demote"   rewrite parent_host to the new parent;
+      "destroy"  live here: destroy it, then rewrite parent_host.
+    Every VM is handled (Core.demote_done) once its step succeeded."""
+    steps = []
+    for name, parent in sorted(moved.items()):
+        v = local.get(name)
+        if v is None:
+            step = "absent"
+        elif v.get("parent_host") == parent and not v.get("live"):
+            step = "done"
+        elif v.get("live"):
+            step = "keep" if keep_live else "destroy"
+        else:
+            step = "demote"
+        steps.append((name, parent, step))
+    return steps
+
+
+def running_record_names(hostname, inventory):
+    """The running record's VMs (Core.running_record): production, live here, and
+    this host is their parent."""
+    return sorted(v["vm_name"] for v in inventory if v.get("production") and v.get("live")
+                  and v.get("parent_host") == hostname)
+
+
 # =============================================================================
 # 3. Host: commands, VM inventory, vm_config.json, fencing
 # =============================================================================
 
 NOTICE = 25
-EMERG = 60
+CRIT = logging.CRITICAL   # syslog crit
+ALERT = 55                # syslog alert
+EMERG = 60                # syslog emerg: a wall message, for the fence line alone
 logging.addLevelName(NOTICE, "NOTICE")
+logging.addLevelName(ALERT, "ALERT")
 logging.addLevelName(EMERG, "EMERG")
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
@@ -1701,7 +1888,7 @@ class Host:
                 for fut in concurrent.futures.as_completed(futs):
                     rc, _, err = fut.result()
                     if rc != 0:
-                        self.log.log(EMERG, f"destroy of VM {futs[fut]} failed ({rc}): "
+                        self.log.log(ALERT, f"destroy of VM {futs[fut]} failed ({rc}): "
                                             f"{last_line(err)}")
         while True:
             left = [n for n in names if os.path.exists(os.path.join(self.cfg.vmm_dir, n))]
@@ -1713,45 +1900,43 @@ class Host:
 def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     """SPEC §3.3 steps 2-4: fence record + locks, destroy every VM, reboot.
 
-    The production VMs owned here that run now are recorded and locked, from a fresh
-    inventory (bounded by fence_timeout / 4), else from `cache` (the caller's last
-    one).  `ours`: VMs a failover is starting here, or started here and that run (the
-    cache may predate their change-parent): recorded and locked even if not yet running;
-    a VM that appears while the others are destroyed is destroyed too.  A copy already
-    locked by the other fencer (agent or watchdog: both may fence in one incident)
-    counts as ours, and an existing record is only ever extended, never shrunk.  In
-    debug mode every step is logged as "(DEBUG) would ..." and nothing is changed.
-    Returns after the reboot command (a real reboot never returns)."""
+    Carries out fence_plan() (which says what is recorded and locked) on a fresh
+    inventory (bounded by fence_timeout / 4), else on `cache` (the caller's last one);
+    `ours` as in fence_plan.  The record is written first (an existing one, the other
+    fencer's, is extended, never shrunk), then the locks, then every VM is destroyed;
+    a VM that appears meanwhile (a start under way) is destroyed too.  Only the reboot
+    line is EMERG (a wall message); a lock or record that failed is CRIT, a destroy
+    that failed ALERT.  In debug mode every step is logged as "(DEBUG) would ..." and
+    nothing is changed.  Returns after the reboot command (a real reboot never
+    returns)."""
     t0 = time.monotonic()
     running = host.running_vms()
     inventory, errors = host.inventory(snapshots=False, budget=max(1.0, cfg.fence_timeout / 4))
     if cache and (errors or not inventory):
         fresh = {v["vm_name"] for v in inventory}
         inventory = inventory + [v for v in cache if v["vm_name"] not in fresh]
-    prod = [v for v in inventory if v["production"] and (v["vm_name"] in ours or (
-        v["vm_name"] in running and (v["parent_host"] == cfg.hostname or
-                                     str(v["parent_host"]).startswith(LOCK_PREFIX))))]
     fence_path = os.path.join(cfg.state_dir, "fence.json")
-    names = sorted({v["vm_name"] for v in prod} | set(read_fence_record(fence_path)))
+    plan = fence_plan(cfg.hostname, inventory, running, ours, read_fence_file(fence_path))
     stamp = lock_name(time.time())
-    record = {"ts": time.time(), "reason": reason, "vms": names}
+    record = {"ts": time.time(), "reason": reason, "vms": plan["vms"],
+              "locked": plan["locked"]}
     say = "(DEBUG) would " if debug else ""
-    log.log(NOTICE, f"{say}write fence record {fence_path}: production VMs {names or 'none'}")
+    log.log(NOTICE, f"{say}write fence record {fence_path}: production VMs "
+                    f"{plan['vms'] or 'none'}, locked {plan['locked'] or 'none'}")
     if not debug:
         try:
             os.makedirs(cfg.state_dir, exist_ok=True)
             write_atomic(fence_path, (json.dumps(record) + "\n").encode(), mode=0o600)
         except OSError as e:
-            log.log(EMERG, f"cannot write fence record {fence_path}: {e}")
-    for v in prod:
-        if str(v["parent_host"]).startswith(LOCK_PREFIX):
-            continue
+            log.log(CRIT, f"cannot write fence record {fence_path}: {e}")
+    for v in plan["lock"]:
         log.log(NOTICE, f"{say}lock VM {v['vm_name']}: parent_host = {stamp}")
         if not debug:
             try:
                 host.set_parent(v["config_path"], stamp)
             except (OSError, ValueError) as e:
-                log.log(EMERG, f"cannot lock VM {v['vm_name']}: {e}")
+                log.log(CRIT, f"cannot lock VM {v['vm_name']}: {e}")
+    running = plan["destroy"]
     for n in running:
         log.log(NOTICE, f"{say}destroy VM {n}: {' '.join(cfg.command('vm_destroy', n))}")
     gone = True
@@ -2181,10 +2366,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 # =============================================================================
 
 class SyslogHandler(logging.handlers.SysLogHandler):
-    """SysLogHandler that knows NOTICE and EMERG and keeps a message in one datagram."""
+    """SysLogHandler that knows NOTICE, ALERT and EMERG and keeps a message in one
+    datagram."""
 
     priority_map = dict(logging.handlers.SysLogHandler.priority_map,
-                        NOTICE="notice", EMERG="emerg")
+                        NOTICE="notice", ALERT="alert", EMERG="emerg")
 
     def format(self, record):
         return super().format(record).encode("utf-8")[:1900].decode("utf-8", "ignore")
@@ -2327,15 +2513,24 @@ def read_term(path):
     return int(text)
 
 
-def read_fence_record(path):
-    """Production VMs listed in state_dir/fence.json (our last fence) or running.json
-    (what we ran while armed: a power loss leaves no fence record), or []."""
+def read_fence_file(path):
+    """state_dir/fence.json (our last fence) or running.json (what we ran while armed:
+    a power loss leaves no fence record) as {"vms", "locked"} (lists of VM names; a
+    record written before `locked` existed has none), or None if absent or unreadable."""
     try:
         with open(path, "rb") as f:
             record = json.loads(f.read().decode("utf-8"))
-        return [v for v in record.get("vms", []) if valid_vm_name(v)]
-    except (OSError, ValueError, AttributeError):
-        return []
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {k: [v for v in record.get(k) or [] if valid_vm_name(v)]
+            if isinstance(record.get(k), list) else [] for k in ("vms", "locked")}
+
+
+def read_fence_record(path):
+    """The VMs of read_fence_file(path), or []."""
+    return (read_fence_file(path) or {}).get("vms", [])
 
 
 def watchdog_script():
@@ -2343,7 +2538,37 @@ def watchdog_script():
 
 
 class Agent:
-    """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3)."""
+    """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3).
+
+    The agent owns threads, sockets, files and subprocesses; every decision is the
+    core's (or a host-side rule's), and the agent never writes a core field: it calls
+    core methods and executes their actions (execute).
+
+    Threads: *loop* (run/loop: tick, heartbeat, check_watchdog, ping_round, execute,
+    fence), *http* (one per request: api, vms, failover, maintenance, terminate),
+    *ping* pool (exchange, the inventory refresh job), *work* pool (send, demote,
+    restart_watchdog, leave_then_stop).  Fields, who writes them, what guards them:
+      core               every thread; only with `lock` held (RLock).
+      counters           http, ping: `lock` (count(), exchange).
+      term_on_disk       loop, http: `lock` (persist_now is called with it held).
+      running_record,    ping (record_running), http (note_running), loop (shutdown):
+      running_closed       `running_lock`, taken before `lock` when both are needed.
+      inventory_cache    http (vms, local_copy), ping (refresh job): no lock; one
+                           reference assignment of a complete list, readers accept
+                           an older one.
+      inventory_busy     loop sets it, the ping job clears it: no lock (at worst two
+                           refreshes overlap).
+      wd_pid, wd_proc    loop (start), work (restart_watchdog): no lock; a restart
+                           runs only while unarmed and one at a time (wd_restarting).
+      wd_restarting      loop sets it (execute), work clears it: no lock.
+      wd_armed_ack,      loop only.
+      inflight
+      leaving            loop sets it, work (leave_then_stop) clears it: no lock.
+      stopping,          threading.Event.
+      stop_requested
+      cfg, paths, host, client, events, server, pool, work, nonces, startup_time:
+                         set in __init__, never rebound (events, nonces lock inside).
+    """
 
     ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"},
               "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}, "leave": {"POST"},
@@ -2366,7 +2591,6 @@ class Agent:
         self.inventory_busy = False
         self.wd_pid = None
         self.wd_proc = None
-        self.wd_missing = 0
         self.wd_restarting = False
         self.wd_armed_ack = False
         self.inflight = {}
@@ -2407,7 +2631,7 @@ class Agent:
                 if name == "register":
                     return self.core.handle_register(body, now)
                 answer = self.core.handle_ping(body, now)
-                self.persist_term()  # the answer shows term_seen: it must be on disk first
+                self.persist_now()  # the answer shows term_seen: it must be on disk first
                 return answer
         if name == "members":
             if not self.cfg.is_candidate:
@@ -2613,40 +2837,33 @@ class Agent:
         return None
 
     def demote(self, vms, keep_live=False):
-        """§3.6: local copies of VMs moved away while we were gone become backups.
-
-        keep_live (we are armed): a copy that runs here is left alone and reported."""
+        """§3.6: carry out demotion_steps() on our copies of VMs moved away while we
+        were gone (they become backups), then tell the core what was handled.  A
+        rewrite that fails stops here: the core asks again, and we do not arm."""
         inventory, _ = self.host.inventory()
         local = {v["vm_name"]: v for v in inventory}
         say = "(DEBUG) would " if self.debug else ""
         done = {}
-        for name, parent in sorted(vms.items()):
-            v = local.get(name)
-            if v is None:
-                done[name] = parent
-                continue
-            if v["parent_host"] == parent and not v["live"]:
-                done[name] = parent
-                continue
-            if v["live"] and keep_live:
+        for name, parent, step in demotion_steps(local, vms, keep_live):
+            if step == "keep":
                 self.log.warning(f"VM {name} runs here, but a failover plan says it was moved "
                                  f"to {parent}: left running (the plan is older than its start "
                                  "here, or the cluster lost its guarantee: check by hand)")
-                done[name] = parent   # handled: not asked again (and arming not held up)
-                continue
-            if v["live"]:
+            if step == "destroy":
                 self.log.log(NOTICE, f"{say}destroy VM {name}: it was moved to {parent}")
                 if not self.debug:
                     self.host.destroy_all([name], self.cfg.fence_timeout)
-            self.log.log(NOTICE, f"{say}demote VM {name} to a backup (parent_host = {parent})")
-            if not self.debug:
-                try:
-                    self.host.set_parent(v["config_path"], parent)
-                except (OSError, ValueError) as e:
-                    self.log.error(f"cannot demote VM {name}: {e}; not arming")
-                    return
-            self.events.append("rejoin_demoted", vm_name=name, new_parent=parent,
-                               debug=self.debug)
+            if step in ("destroy", "demote"):
+                self.log.log(NOTICE, f"{say}demote VM {name} to a backup (parent_host = "
+                                     f"{parent})")
+                if not self.debug:
+                    try:
+                        self.host.set_parent(local[name]["config_path"], parent)
+                    except (OSError, ValueError) as e:
+                        self.log.error(f"cannot demote VM {name}: {e}; not arming")
+                        return
+                self.events.append("rejoin_demoted", vm_name=name, new_parent=parent,
+                                   debug=self.debug)
             done[name] = parent
         with self.lock:
             self.core.demote_done(done)
@@ -2770,29 +2987,16 @@ class Agent:
         self.wd_armed_ack = self.read_ack() == ["armed", str(os.getpid()), self.mode]
 
     def check_watchdog(self):
-        if self.watchdog_alive():
-            self.wd_missing = 0
-            return
-        self.wd_missing += 1
-        if self.wd_missing < 3:
-            return
+        """The core's watchdog-gone rule on what we see of the companion (loop thread)."""
+        alive = self.watchdog_alive()
         with self.lock:
-            armed = self.core.armed
-        if armed:
-            self.log.log(EMERG, f"ha_watchdog (PID {self.wd_pid}) is gone, "
-                                "initiating self fencing")
-            self.events.append("self_fence", reason="ha_watchdog gone")
-            self.fence("ha_watchdog is gone")
-        elif not self.wd_restarting:
-            self.log.error(f"ha_watchdog (PID {self.wd_pid}) is gone; node not armed, "
-                           "starting a new one")
-            self.wd_restarting = True
-            self.work.submit(self.restart_watchdog)
+            self.core.check_watchdog(alive, time.monotonic(), self.wd_restarting, self.wd_pid)
+            actions = self.persist_now(self.core.take_actions())
+        self.execute(actions)
 
     def restart_watchdog(self):
         try:
             self.start_watchdog()
-            self.wd_missing = 0
         except (RuntimeError, OSError) as e:
             self.log.error(str(e))
         finally:
@@ -2840,38 +3044,36 @@ class Agent:
         self.pool.submit(job)
 
     def record_running(self, vms):
-        """state_dir/running.json: the production VMs we run as their parent, kept while
-        armed.  A host that loses power leaves no fence record; when its agent starts
-        again it sends these as `fenced_vms`, so the manager restarts those that are live
-        nowhere (§3.6), even if it is back before failover_time.  Rewritten from the
-        inventory while armed (at once when we arm: the candidates have the old one);
-        removed when we stop in order or go into maintenance."""
+        """state_dir/running.json := what Core.running_record decides for a fresh
+        inventory `vms` (worker thread)."""
         with self.running_lock:
             with self.lock:
-                armed = self.core.armed and not (self.core.left or self.core.leaving)
-                maintenance = self.core.maintenance
-            if self.running_closed or not armed:
-                if maintenance and self.running_record is not None:
-                    remove_file(self.paths.running)
-                    self.running_record = None
-                return
-            self._write_running(sorted(v["vm_name"] for v in vms if v["production"] and
-                                       v["live"] and v["parent_host"] == self.cfg.hostname))
+                decision = self.core.running_record(vms)
+            self._apply_running(decision)
 
     def note_running(self, name):
         """A failover has just started VM `name` here: into running.json at once (the next
         inventory may be 10 s away, and a power loss may come first)."""
         with self.running_lock:
+            old = self.running_record
+            if old is None:
+                old = read_fence_record(self.paths.running)
             with self.lock:
-                armed = self.core.armed and not (self.core.left or self.core.leaving)
-            if not self.running_closed and armed:
-                old = self.running_record
-                if old is None:
-                    old = read_fence_record(self.paths.running)
-                self._write_running(sorted(set(old) | {name}))
+                decision = self.core.running_record(started=name, old=old)
+            if decision is not None and decision[0] == "write":
+                self._apply_running(decision)
 
-    def _write_running(self, names):
-        """running.json := names (running_lock held)."""
+    def _apply_running(self, decision):
+        """Carry out a Core.running_record decision (running_lock held); nothing once the
+        agent stops in order (the record is gone for good then)."""
+        if self.running_closed or decision is None:
+            return
+        what, names = decision
+        if what == "remove":
+            if self.running_record is not None:
+                remove_file(self.paths.running)
+                self.running_record = None
+            return
         if names == self.running_record:
             return
         try:
@@ -2884,44 +3086,58 @@ class Agent:
     # -- the control loop ---------------------------------------------------------
 
     def execute(self, actions):
-        for a in actions:
-            if a["kind"] == "event":
+        """The one executor of the core's actions in production (Core.take_actions says
+        what each kind means and in which order).  persist_term actions are normally
+        gone by now (persist_now, under the lock); any left are written first."""
+        for a in self.persist_now(actions):
+            kind = a["kind"]
+            if kind == "event":
                 self.log.log(logging.getLevelName(a["level"]), a["msg"])
                 if a["event"] in EVENT_NAMES:
                     self.events.append(a["event"], **a["details"])
-                if a["event"] == "armed":
-                    if not self.debug:
-                        remove_file(self.paths.fence)  # the candidates have it (register)
-                    self.refresh_inventory()           # rewrites running.json
-            elif a["kind"] == "send":
+            elif kind == "send":
                 self.work.submit(self.send, a)
-            elif a["kind"] == "demote":
+            elif kind == "demote":
                 self.work.submit(self.demote, a["vms"], a.get("keep_live", False))
-            elif a["kind"] == "fence":
+            elif kind == "clear_fence_record":
+                if not self.debug:
+                    remove_file(self.paths.fence)
+            elif kind == "record_running":
+                self.refresh_inventory()           # rewrites running.json
+            elif kind == "restart_watchdog":
+                if not self.wd_restarting:
+                    self.wd_restarting = True
+                    self.work.submit(self.restart_watchdog)
+            elif kind == "fence":
                 self.fence(a["reason"])
 
     def tick(self):
         with self.lock:
             self.core.tick(time.monotonic(), watchdog_armed=self.wd_armed_ack)
-            actions = self.core.take_actions()
-            self.persist_term()  # before any ping answer shows a new vote
+            actions = self.persist_now(self.core.take_actions())  # before any ping answer
         self.execute(actions)
 
-    def persist_term(self):
-        """Write state_dir/term (fsync) when the core's durable term went up; lock held."""
-        term = self.core.persisted_term
-        if term > self.term_on_disk:
-            write_atomic(self.paths.term, f"{term}\n".encode(), mode=0o600)
-            self.term_on_disk = term
+    def persist_now(self, actions=None):
+        """Execute the persist_term actions among `actions` (default: those the core
+        holds), write state_dir/term (fsync) for a term above the one on disk, and
+        return the other actions.  Called with self.lock held, so that no answer shows
+        a term before it is on disk."""
+        if actions is None:
+            actions = self.core.take_persist()
+        rest = []
+        for a in actions:
+            if a["kind"] != "persist_term":
+                rest.append(a)
+            elif a["term"] > self.term_on_disk:
+                write_atomic(self.paths.term, f"{a['term']}\n".encode(), mode=0o600)
+                self.term_on_disk = a["term"]
+        return rest
 
     def fence(self, reason):
-        """§3.3 steps 2-4; the process never continues after this."""
+        """§3.3 steps 2-4 (the core has decided, and is `fenced`); the process never
+        continues after this."""
         with self.lock:
-            self.core.fenced = True   # no failover is accepted or started from now on
-            running = set(self.host.running_vms())
-            ours = {e["vm_name"] for e in self.core.failovers.values()
-                    if e["state"] == "starting" or e["state"] == "live" and
-                    e["vm_name"] in running}
+            ours = self.core.fence_ours(set(self.host.running_vms()))
         fence_host(self.cfg, self.host, self.log, reason, self.debug, self.inventory_cache,
                    ours)
         if self.debug:

@@ -21,13 +21,17 @@ core.handle_failover with its local copy; an accepted start rewrites
 parent_host (change-parent) at once, the VM is live `start_delay` seconds
 later (1-3 s, seeded), and then finish_failover's answer travels back (the
 link may lose it).  `failstart NODE VM` makes the next start of VM there
-fail.  A fence (the core's, or the watchdog's) writes the fence record (the
-production VMs the node runs as their parent), locks those copies
-(parent_host = __HA_LOCKED_...__) and destroys every live VM at most
-fence_timeout later; the record is passed as fenced_vms when the node
-starts again and deleted once it is armed (as the agent does).  A "demote"
-action rewrites parent_host of local copies to the new owner and destroys
-live ones, then calls core.demote_done.
+fail.  The host-side rules are hoster_ha's, never a copy: a fence (the core's,
+or the watchdog's) carries out hoster_ha.fence_plan (the record: the production
+VMs the node runs as their parent and the failover starts under way there; the
+locks, parent_host = __HA_LOCKED_...__: every production VM whose parent is the
+node, running or not) and destroys every live VM at most fence_timeout later;
+the record is passed as fenced_vms when the node starts again and deleted on
+the core's clear_fence_record action (once it is armed).  A "demote" action
+carries out hoster_ha.demotion_steps on the local copies, then calls
+core.demote_done.  A power loss keeps what core.running_record says the
+agent's running record holds.  Sim._actions is the simulator's one executor of
+the core's actions (hoster_ha.Core.take_actions lists them).
 
 A node is running, paused (a hung host: it neither ticks nor answers; its
 watchdog fences it watchdog_timeout after its last heartbeat if it was
@@ -115,7 +119,7 @@ EPS = 1e-9
 
 RUNNING, PAUSED, DOWN, FENCED = "running", "paused", "down", "fenced"
 GIB = 1 << 30
-LOCK_PREFIX = "__HA_LOCKED_"
+LOCK_PREFIX = hoster_ha.LOCK_PREFIX
 
 
 class SimViolation(AssertionError):
@@ -165,6 +169,7 @@ class Node:
         self.vms = {}               # VM copies: name -> {production, parent, snap, live, memory}
         self.mem = 8 * GIB          # free memory with no VM running
         self.fence_record = None    # state_dir/fence.json: [VM names] or None
+        self.fence_locked = []      # ... and the VMs that fence locked (its `locked`)
         self.host_epoch = 0         # bumped when the host's VMs die (fence, power loss)
         self.fence_pending = None   # token of a fence whose VM destruction is still to come
         self.fail_next = set()      # VM names whose next start here fails
@@ -350,31 +355,46 @@ class Sim:
         n.inc += 1          # every pending event of the old incarnation is void
         n.manager_t = None
 
-    def _fence(self, n, who, reason):
+    @staticmethod
+    def _host_inventory(n):
+        """n's VM copies as Host.inventory lists them (the fields the host-side rules read)."""
+        return [{"vm_name": name, "production": v["production"], "parent_host": v["parent"],
+                 "live": v["live"]} for name, v in sorted(n.vms.items())]
+
+    def _fence(self, n, who, reason, agent=False):
         if not n.armed_logged:
             self.violation(f"{n.name} fenced but was never armed in this incarnation ({reason})")
         self._stop(n, FENCED)
         if not n.vms:
             self.emit(who, "FENCE", f"VMs destroyed, host rebooting ({reason})")
             return
-        # SPEC §3.3 steps 2-4: fence record and locks first, then destroy within fence_timeout
-        record = sorted(name for name, v in n.vms.items()
-                        if v["production"] and v["live"] and v["parent"] == n.name)
-        n.fence_record = record
+        # SPEC §3.3 steps 2-4, by hoster_ha.fence_plan: fence record and locks first, then
+        # destroy within fence_timeout.  The agent's fence knows its failover starts
+        # (`ours`); the watchdog's does not.
+        inventory = self._host_inventory(n)
+        running = {v["vm_name"] for v in inventory if v["live"]}
+        ours = n.core.fence_ours(running) if n.core is not None and agent else ()
+        old = None if n.fence_record is None else {"vms": n.fence_record,
+                                                   "locked": n.fence_locked}
+        plan = hoster_ha.fence_plan(n.name, inventory, running, ours, old)
+        record = plan["vms"]
+        n.fence_record, n.fence_locked = record, plan["locked"]
         stamp = LOCK_PREFIX + time.strftime(
             "%Y-%m-%d_%H-%M-%S", time.gmtime(WALL_BASE_MS / 1000 + self.t)) + "__"
-        for name in record:
-            n.vms[name]["parent"] = stamp
+        for v in plan["lock"]:
+            n.vms[v["vm_name"]]["parent"] = stamp
+        also = [x for x in plan["locked"] if x not in record]
         n.host_epoch += 1   # starts in progress never finish
-        live = sorted(name for name, v in n.vms.items() if v["live"])
+        live = plan["destroy"]
         delay = self.fence_delay
         if delay is None:
             delay = self._stream(n.name, n.name, "fence").uniform(0, n.cfg.fence_timeout)
         token = next(self.fence_seq)
         n.fence_pending = token
-        self.emit(who, "FENCE", f"fence record [{', '.join(record)}] (locked), destroying "
-                                f"[{', '.join(live)}] within {delay:.1f} s, host rebooting "
-                                f"({reason})")
+        self.emit(who, "FENCE", f"fence record [{', '.join(record)}] (locked), "
+                                + (f"also locked [{', '.join(also)}], " if also else "")
+                                + f"destroying [{', '.join(live)}] within {delay:.1f} s, "
+                                f"host rebooting ({reason})")
         self.at(self.t + delay / n.rate, "destroy", n.name, token)
 
     def _ev_destroy(self, name, token):
@@ -868,37 +888,39 @@ class Sim:
                                    f"{n.disk.get('term', 0)}")
                 n.disk["term"] = a["term"]
             elif kind == "fence":
-                self._fence(n, n.who, a["reason"])
+                self._fence(n, n.who, a["reason"], agent=True)
             elif kind == "send":
                 if n.state == RUNNING:
                     self._send_action(n, a, now)
             elif kind == "demote":
                 if n.state == RUNNING:
                     self._demote(n, a["vms"], a.get("keep_live", False))
+            elif kind == "clear_fence_record":
+                n.fence_record, n.fence_locked = None, []   # the candidates have it
+            elif kind in ("record_running", "restart_watchdog"):
+                pass    # the running record is exact at a power loss (_cmd_crash); the
+                #         simulated watchdog never dies
             elif (n.name, kind) not in self.unhandled:
                 self.unhandled.add((n.name, kind))
                 self.emit("sim", "WARNING", f"{n.name}: the simulator does not handle "
                           f"actions of kind {kind!r}; ignored")
 
     def _demote(self, n, vms, keep_live=False):
-        """SPEC §3.6: local copies of VMs moved away while we were gone become backups
-        (keep_live, as the agent once armed: a live copy is left alone)."""
+        """SPEC §3.6: hoster_ha.demotion_steps on n's copies of VMs moved away while it was
+        gone (keep_live, once armed: a live copy is left alone and reported)."""
+        local = {v["vm_name"]: v for v in self._host_inventory(n)}
         done = {}
-        for name, parent in sorted(vms.items()):
-            v = n.vms.get(name)
+        for name, parent, step in hoster_ha.demotion_steps(local, vms, keep_live):
             done[name] = parent
-            if v is None or (v["parent"] == parent and not v["live"]):
-                continue
-            if v["live"] and keep_live:
-                del done[name]
+            if step == "keep":
                 self.emit(f"{n.name}/host", "WARNING", f"VM {name} is live here; not demoted "
                                                        f"to {parent}")
-                continue
-            was = v["live"]
-            self._set_live(n, name, False)
-            v["parent"] = parent
-            self.emit(f"{n.name}/host", "INFO", f"demoted VM {name}: parent_host = {parent}"
-                                                + (" (it was live: destroyed)" if was else ""))
+            elif step in ("demote", "destroy"):
+                self._set_live(n, name, False)
+                n.vms[name]["parent"] = parent
+                self.emit(f"{n.name}/host", "INFO", f"demoted VM {name}: parent_host = {parent}"
+                                                    + (" (it was live: destroyed)"
+                                                       if step == "destroy" else ""))
         n.core.demote_done(done)
 
     def _on_event(self, n, a, now):
@@ -908,7 +930,6 @@ class Sim:
             self.vm_events.append((self.t, n.name, ev, d["vm_name"]))
         if ev == "armed":
             n.armed_logged = True
-            n.fence_record = None   # the agent deletes fence.json: the candidates have it
             if self.vm_mode and n.core.fenced_vms:
                 self._on_rejoin(n)
         elif ev == "vote":
@@ -1032,16 +1053,16 @@ class Sim:
 
     def _cmd_crash(self, name):
         """Power loss: the node is down and its VMs are gone at once.  No fence record,
-        but the agent's running record (state_dir/running.json, the production VMs it ran
-        as their parent while armed) survives and is sent like one when it starts again.
+        but the agent's running record (state_dir/running.json, Core.running_record: the
+        production VMs it ran as their parent while armed) survives and is sent like one
+        when it starts again.
         (The agent rewrites it from every inventory, every 10 s, and at once when a
         failover starts a VM there; here it is exact.)"""
         n = self._node(name)
-        if n.alive and n.core is not None and n.core.armed:
-            running = {x for x, v in n.vms.items()
-                       if v["production"] and v["live"] and v["parent"] == n.name}
-            if running:
-                n.fence_record = sorted(set(n.fence_record or []) | running)
+        record = n.core.running_record(self._host_inventory(n)) \
+            if n.alive and n.core is not None else None
+        if record is not None and record[0] == "write" and record[1]:
+            n.fence_record = sorted(set(n.fence_record or []) | set(record[1]))
         if n.alive:
             self._stop(n, DOWN)
         n.host_epoch += 1

@@ -10,13 +10,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+import hoster_ha
+from hoster_ha import ConfigError, kernel_watchdog_seconds, load_config, parse_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import pytest  # noqa: E402
-
-import hoster_ha  # noqa: E402
-from hoster_ha import ConfigError, kernel_watchdog_seconds, load_config, parse_config  # noqa: E402
 
 SECRET = "0123456789abcdef0123"
 

@@ -6,15 +6,10 @@ candidate synchronously (a.outgoing → b.handle_register/handle_ping →
 a.on_register_result/on_ping_result) and then ticks every node.
 """
 
-import os
-import sys
+import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import pytest  # noqa: E402
-
-import hoster_ha  # noqa: E402
-from hoster_ha import Core, PING_ANSWER_FIELDS, check_fields, parse_config  # noqa: E402
+import hoster_ha
+from hoster_ha import Core, PING_ANSWER_FIELDS, check_fields, parse_config
 
 # -- fixtures ------------------------------------------------------------------
 

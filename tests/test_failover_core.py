@@ -11,18 +11,13 @@ hosts at once.
 """
 
 import json
-import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+import pytest
 
-import pytest  # noqa: E402
-
-from hoster_ha import (FAILOVER_FIELDS, PLAN_BODY_FIELDS, Core, check_fields,  # noqa: E402
+from hoster_ha import (FAILOVER_FIELDS, PLAN_BODY_FIELDS, Core, check_fields,
                        check_plan_entry, parse_config, valid_vm_name)
-from test_core import CANDIDATES, SECRET, TIMINGS, deliver, run  # noqa: E402
+from test_core import CANDIDATES, SECRET, TIMINGS, deliver, run
+
 
 # test_core timings: ping_interval 1, ping_timeout 0.5, survival_window 5, vote_lease 3,
 # watchdog_timeout 3, fence_timeout 3, failover_time 20.

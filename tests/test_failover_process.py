@@ -30,17 +30,14 @@ wait has a deadline.
 import json
 import os
 import signal
-import sys
 import time
 import zlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tools"), TESTS]
+import hoster_ha
+import invariants
+from localcluster import LocalCluster
 
-import hoster_ha  # noqa: E402
-import invariants  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NODES = ("node1", "node2", "node3", "worker1", "worker2")
 DEAD = "worker1"

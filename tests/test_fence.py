@@ -6,14 +6,10 @@ named in `commands`): a "reboot" here only writes a line to calls.log.
 import json
 import logging
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+import hoster_ha
+from localcluster import LocalCluster
 
-import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
 
 LOCKED = "__HA_LOCKED_2026-11-25_10-00-00__"
 
@@ -36,7 +32,12 @@ def record(cfg):
         return json.load(f)
 
 
-def test_records_and_locks_running_production_vms_owned_here_from_a_fresh_inventory(tmp_path):
+def test_records_running_and_locks_every_production_vm_owned_here_from_a_fresh_inventory(
+        tmp_path):
+    """Issue 11 §2.2: the record's `vms` are the production VMs it ran as parent (what
+    rejoin places); every production VM whose parent_host is this host is locked,
+    running or not (a stopped one may be moved by the planner), and listed in
+    `locked`."""
     n, cfg, host, log = node(tmp_path)
     n.add_vm("own", running=True)
     n.add_vm("stopped")
@@ -44,10 +45,14 @@ def test_records_and_locks_running_production_vms_owned_here_from_a_fresh_invent
     n.add_vm("dev", production=False, running=True)
     # the caller's cache predates "own": the fresh inventory finds it anyway
     hoster_ha.fence_host(cfg, host, log, "test", debug=False, cache=[])
-    assert record(cfg)["vms"] == ["own"]
+    rec = record(cfg)
+    assert rec["vms"] == ["own"]
+    assert rec["locked"] == ["own", "stopped"]
+    assert rec["reason"] == "test" and isinstance(rec["ts"], float)
     assert vm_cfg(n, "own")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
-    assert vm_cfg(n, "stopped")["parent_host"] == "worker1"
+    assert vm_cfg(n, "stopped")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
     assert vm_cfg(n, "guest")["parent_host"] == "node1"
+    assert vm_cfg(n, "dev")["parent_host"] == "worker1"
     assert not os.listdir(os.path.join(n.dir, "vmm")), "every VM destroyed"
     calls = n.calls()
     assert "shutdown -r now" in calls and "reboot -nq" not in calls
@@ -62,9 +67,13 @@ def test_second_fence_of_one_incident_keeps_the_first_record(tmp_path):
     n.add_vm("b", running=True)
     os.makedirs(cfg.state_dir, exist_ok=True)
     with open(os.path.join(cfg.state_dir, "fence.json"), "w") as f:
-        json.dump({"ts": 1, "reason": "agent", "vms": ["a", "gone-already"]}, f)
+        json.dump({"ts": 1, "reason": "agent", "vms": ["a", "gone-already"],
+                   "locked": ["a", "s"]}, f)
+    n.add_vm("s", parent=LOCKED)                           # the first fence locked it
     hoster_ha.fence_host(cfg, host, log, "watchdog", debug=False)
     assert record(cfg)["vms"] == ["a", "b", "gone-already"]
+    assert record(cfg)["locked"] == ["a", "b", "s"]
+    assert vm_cfg(n, "s")["parent_host"] == LOCKED
     assert vm_cfg(n, "a")["parent_host"] == LOCKED, "an existing lock is kept as it is"
     assert vm_cfg(n, "b")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
 
@@ -91,12 +100,15 @@ def test_cache_is_used_when_the_fresh_inventory_fails(tmp_path):
 def test_debug_changes_nothing(tmp_path, caplog):
     n, cfg, host, log = node(tmp_path)
     n.add_vm("own", running=True)
+    n.add_vm("stopped")
     with caplog.at_level(logging.INFO, logger="test_fence"):
         hoster_ha.fence_host(cfg, host, log, "test", debug=True)
     text = caplog.text
     assert "(DEBUG) would write fence record" in text and "(DEBUG) would lock VM own" in text
+    assert "(DEBUG) would lock VM stopped" in text
     assert "(DEBUG) would reboot" in text
     assert vm_cfg(n, "own")["parent_host"] == "worker1"
+    assert vm_cfg(n, "stopped")["parent_host"] == "worker1"
     assert os.listdir(os.path.join(n.dir, "vmm")) == ["own"]
     assert not os.path.exists(os.path.join(cfg.state_dir, "fence.json"))
     assert "shutdown" not in n.calls() and "bhyvectl" not in n.calls()
@@ -124,3 +136,27 @@ def test_vm_being_started_by_a_failover_is_locked_and_one_that_appears_is_destro
     assert not os.listdir(os.path.join(n.dir, "vmm"))
     calls = n.calls()
     assert "bhyvectl --destroy --vm=arriving" in calls and "shutdown -r now" in calls
+
+
+def test_only_the_reboot_line_is_emerg(tmp_path, caplog):
+    """Issue 11 §9: EMERG is a wall message, for the fence line alone; a destroy that
+    failed is ALERT, a lock that failed CRIT."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    cache, _ = host.inventory()
+    cache.append({"vm_name": "ghost", "production": True, "parent_host": "worker1",
+                  "live": False, "config_path": os.path.join(n.dir, "no", "vm_config.json")})
+    cfg.commands["zfs"] = [os.path.join(n.dir, "bin", "no-such-zfs")]   # the cache is used
+    cfg.commands["vm_destroy"] = ["false"]
+    cfg.fence_timeout = 1
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False, cache=cache)
+    levels = {r.levelname: r.getMessage() for r in caplog.records}
+    emerg = [r.getMessage() for r in caplog.records if r.levelno == hoster_ha.EMERG]
+    assert len(emerg) == 1 and emerg[0].startswith("reboot: "), emerg
+    assert "not confirmed gone" in emerg[0], emerg
+    assert levels["ALERT"].startswith("destroy of VM own failed"), levels
+    assert levels["CRITICAL"].startswith("cannot lock VM ghost"), levels
+    assert record(cfg)["locked"] == ["ghost", "own"]
+    assert hoster_ha.SyslogHandler.priority_map["ALERT"] == "alert"
+    assert hoster_ha.SyslogHandler.priority_map["CRITICAL"] == "critical"

@@ -38,14 +38,11 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import pytest
 
-import pytest  # noqa: E402
+import hoster_ha
+from localcluster import LocalCluster
 
-import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
 
 API = "/api/v1/ha/"
 NAMES = ("node1", "node2", "node3")

@@ -12,21 +12,16 @@ module ever got a 5xx.
 import http.client
 import json
 import math
-import os
 import re
 import secrets
 import socket
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import pytest
 
-import pytest  # noqa: E402
+import hoster_ha
+from localcluster import LocalCluster
 
-import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
 
 API = "/api/v1/ha/"
 TIMEOUT = 5.0

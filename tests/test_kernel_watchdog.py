@@ -18,15 +18,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import pytest
 
-import pytest  # noqa: E402
+import ha_watchdog
+import hoster_ha
+from localcluster import LocalCluster
 
-import ha_watchdog  # noqa: E402
-import hoster_ha  # noqa: E402
-from localcluster import LocalCluster  # noqa: E402
 
 WDIOCPATPAT = 0x8004572A
 WD_ACTIVE = 0x8000000

@@ -34,14 +34,10 @@ import warnings
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (HERE, os.path.join(ROOT, "tools")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+import invariants
+import netns
 
-import invariants  # noqa: E402
-import netns  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 REASON = netns.unavailable()
 if REASON:

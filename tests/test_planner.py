@@ -5,15 +5,11 @@ clean_inventory(answer) are pure functions: no Core, no clock, no network.
 """
 
 import functools
-import os
 import random
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest
 
-import pytest  # noqa: E402
-
-from hoster_ha import clean_inventory, plan_failover  # noqa: E402
+from hoster_ha import clean_inventory, plan_failover
 
 GB = 1 << 30
 

@@ -19,17 +19,13 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import pytest
 
-import pytest  # noqa: E402
+import hoster_ha
+from localcluster import FAST, LocalCluster, our_pids
 
-import hoster_ha  # noqa: E402
-from localcluster import FAST, LocalCluster, our_pids  # noqa: E402
 
 NAMES = ("node1", "node2", "node3")
 EMERG_LINE = "EMERG: candidatesRegistered has gone below 2, initiating self fencing"

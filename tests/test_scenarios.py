@@ -13,15 +13,12 @@ readable diff.  To accept a change, rewrite the golden files and review them:
 import difflib
 import json
 import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import sim
 
-import sim  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SCENARIOS = os.path.join(HERE, "scenarios")
 NAMES = sorted(d for d in os.listdir(SCENARIOS)

@@ -54,16 +54,13 @@ More seeds: SIM_VM_SEEDS=5000 (a count) or SIM_VM_SEEDS=1000-2000 (a range).
 
 import json
 import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import hoster_ha
+import sim
 
-import hoster_ha  # noqa: E402
-import sim  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 TICK = 1.0
 

@@ -18,15 +18,11 @@ More seeds: SIM_SEEDS=5000 (a count) or SIM_SEEDS=1000-2000 (a range).
 """
 
 import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import sim
 
-import sim  # noqa: E402
 
 TICK = 1.0      # the control-loop tick of the random runs (coarse, for speed)
 # A falling manager term is a violation (test_acting_manager_term_never_falls below).

@@ -13,12 +13,13 @@ Rules kept by every test here:
   * every wait has a deadline (cluster.wait_for); no fixed sleeps beyond small polls; a
     negative check ("nothing happens for T s") is a bounded wait for the bad thing.
 
-Clusters (6, plus one stand-alone watchdog; about 85 s in all on a 2-core machine):
+Clusters (7, plus one stand-alone watchdog; about 90 s in all on a 2-core machine):
   TestProduction   3 candidates + 2 workers, production: status text, second start,
                    kill -9 of an armed agent, SIGSTOP of an armed agent;
   TestDebug        3 candidates, --ha-debug: status text, kill -9 of an armed agent,
                    kill -9 of an armed node's watchdog;
-  lone candidate   production, never armed: its agent's death is only logged;
+  lone candidate   production, never armed: its agent's death is only logged; (another)
+                   its watchdog killed, the agent starts a new one and fences nothing;
   lingering        a debug watchdog left by a dead unarmed debug agent must not serve a
                    production agent started next on the same run_dir;
   stop             3 candidates + 2 workers, production: `stop` leaves, nobody fences,
@@ -38,14 +39,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+import hoster_ha
+from localcluster import FAST, LocalCluster, our_pids
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import pytest  # noqa: E402
-
-import hoster_ha  # noqa: E402
-from localcluster import FAST, LocalCluster, our_pids  # noqa: E402
 
 CANDIDATES = ("node1", "node2", "node3")
 BE_CAREFUL = ("🔶 BE CAREFUL! This system is running as a part of the HA. Changes applied "
@@ -276,15 +275,17 @@ class TestProduction:
         assert texts.index("shutdown -r now") > max(texts.index(d) for d in destroys), texts
         assert texts.count("shutdown -r now") == 1 and "reboot -nq" not in texts, texts
         assert not any(vm_running(node, vm) for vm in ("vm-a", "vm-b", "vm-dev"))
-        # the fence record lists the production VMs it was running, and they are locked
+        # the fence record lists the production VMs it was running; every production VM
+        # whose parent is this host is locked, running or not (issue 11 §2.2), and listed
+        # in `locked`
         with open(os.path.join(node.state_dir, "fence.json")) as f:
             record = json.load(f)
         assert sorted(record["vms"]) == ["vm-a", "vm-b"], record
+        assert sorted(record["locked"]) == ["vm-a", "vm-b", "vm-off"], record
         assert isinstance(record["ts"], (int, float)) and str(agent) in record["reason"]
-        for vm in ("vm-a", "vm-b"):
+        for vm in ("vm-a", "vm-b", "vm-off"):
             assert LOCK_RE.match(vm_config(node, vm)["parent_host"]), vm_config(node, vm)
-        for vm in ("vm-dev", "vm-off"):  # not production / not running: left alone
-            assert vm_config(node, vm)["parent_host"] == "worker1"
+        assert vm_config(node, "vm-dev")["parent_host"] == "worker1"  # not production
         # the reason at EMERG, the SIGKILL logged, the event recorded
         reason = f"EMERG: hoster_ha (PID {agent}) is gone, initiating fencing"
         assert [ln for ln in log_lines(node, reason) if f"ha_watchdog[{wd}]" in ln], \
@@ -464,6 +465,39 @@ def test_unarmed_agent_death_is_logged_and_nothing_is_fenced(tmp_path):
         assert r.stdout.splitlines() == ["🔴 API Server IS NOT running",
                                          f"🟢 HA Watchdog service is running as PID {wd}"], \
             r.stdout
+    finally:
+        c.teardown()
+
+
+def test_unarmed_agent_restarts_a_watchdog_that_is_gone_once(tmp_path):
+    """§3.5, the watchdog-gone rule (Core.check_watchdog) as the agent executes it: node1
+    alone never arms; its watchdog killed, the agent starts a new one after 3 checks
+    (restart_watchdog action), logs that once, and fences nothing."""
+    c = Cluster(tmp_path, debug=False)
+    node = c["node1"]
+    node.add_vm("vm-u", snapshots=[SNAP], running=True)
+    pi = c.timings["ping_interval"]
+    try:
+        node.start()
+        assert c.wait_for(lambda: log_lines(node, "NOTICE: watching hoster_ha (PID")
+                          and c.http("node1"), 15, interval=0.05), node.log()
+        wd = node.pid("ha_watchdog")
+        assert wd and c.http("node1")["armed"] is False
+        os.kill(wd, signal.SIGKILL)
+        gone = f"ERROR: ha_watchdog (PID {wd}) is gone; node not armed, starting a new one"
+        assert c.wait_for(lambda: log_lines(node, gone), 4 * pi + 5, interval=0.05), \
+            node.log()[-2000:]
+        assert c.wait_for(lambda: node.pid("ha_watchdog") not in (None, wd), 15,
+                          interval=0.05), node.log()[-2000:]
+        new = node.pid("ha_watchdog")
+        assert c.wait_for(lambda: log_lines(node, f"started ha_watchdog (PID {new})"), 5,
+                          interval=0.05), node.log()[-2000:]
+        # the new one is seen alive: no second restart, no fence
+        again = c.wait_for(lambda: len(log_lines(node, "is gone; node not armed")) > 1 or
+                           fence_calls(node), 4 * pi, interval=0.05)
+        assert not again, (node.log()[-2000:], node.calls())
+        assert hoster_ha.pid_alive(new) and node.proc.poll() is None
+        assert vm_running(node, "vm-u") and fence_calls(node) == []
     finally:
         c.teardown()
 
