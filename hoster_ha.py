@@ -417,6 +417,28 @@ class Member:
         self.seq = -1              # the member's last applied ping/leave sequence number
         self.last_ping = now
 
+    SAVED = FIELDS + ("armed", "maintenance", "left", "seq")
+
+    def saved(self):
+        """The record as written to state_dir/members.json (no ping times: after a restart
+        a member's silence counts from the candidate's own start, SPEC §3.4)."""
+        return {k: getattr(self, k) for k in self.SAVED}
+
+    @classmethod
+    def load(cls, rec, now):
+        """A record read back from members.json, or None if it is not a valid one."""
+        if check_fields(rec, REGISTER_FIELDS) is not None or \
+                not valid_hostname(rec["hostname"]):
+            return None
+        m = cls(rec, now)
+        m.last_ping = -math.inf   # not heard in this incarnation: not alive for a vote;
+        #                           its silence counts from our start (members_view)
+        m.armed, m.maintenance, m.left = (rec.get(k) is True for k in
+                                          ("armed", "maintenance", "left"))
+        seq = rec.get("seq")
+        m.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+        return m
+
 
 class PingAnswer:
     """What a candidate answered to one of our pings, and when we sent that ping."""
@@ -522,7 +544,7 @@ def clean_inventory(answer):
 # -- failover placement (§3.4 step 2-3): a pure function ---------------------------
 
 def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
-                  owners=None, skipped=None):
+                  owners=None, skipped=None, last_ran=None):
     """Decide which VMs to restart where.
 
     sources:     {host: set of VM names from its fence record} for every failed member
@@ -535,7 +557,11 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
     owners:      {vm: hosts} for VMs wanted only because a failover plan moved them to a
                  failed source: such a VM is not moved if a copy names another parent_host
                  (it was moved on since, e.g. by the operator);
-    skipped:     a list that gets (vm, from_host, reason) for VMs left alone by those rules.
+    skipped:     a list that gets (vm, from_host, reason) for VMs left alone by those rules;
+    last_ran:    {vm: host} where the latest done failover plan of a VM started it: a VM
+                 last started on a member that left is never moved (SPEC §3.4 step 1; a
+                 left member is not asked for its inventory, and replicas may still name
+                 an older parent_host).
     Returns (moves, unplaced): moves = [(vm, from_host, [targets, best first])],
     unplaced = [(vm, from_host, reason)], both sorted by VM name.
     """
@@ -566,13 +592,18 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
             continue
         parents = {v.get("parent_host") for _, v in copies.get(name, [])}
         gone = sorted(p for p in parents & left if isinstance(p, str))
+        ran = (last_ran or {}).get(name)
+        if ran in left and ran not in gone:
+            gone.append(ran)
         other = sorted(p for p in parents if isinstance(p, str) and
                        not p.startswith(LOCK_PREFIX)) if name in owners else []
         other = [p for p in other if p not in owners.get(name, ())]
         if gone or other:
             if skipped is not None:
-                skipped.append((name, src, f"its parent_host is {gone[0]}, which left the "
-                                "cluster" if gone else f"a copy names {', '.join(other)} as "
+                skipped.append((name, src, (f"its parent_host is {gone[0]}" if gone[0] in
+                                            parents else f"its latest failover plan started "
+                                            f"it on {gone[0]}") + ", which left the cluster"
+                                if gone else f"a copy names {', '.join(other)} as "
                                 "its parent_host (moved since)"))
             continue
         targets = []
@@ -604,7 +635,10 @@ class Core:
     """
 
     def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
-                 fenced_vms=()):
+                 fenced_vms=(), members_state=None, plans_state=None):
+        """persisted_term None: state_dir/term was lost (SPEC §3.2: no vote until the other
+        two candidates' terms are known).  members_state, plans_state: the contents of
+        state_dir/members.json and plans.json (the "persist" actions' data), or None."""
         self.cfg = cfg
         self.hostname = cfg.hostname
         self.candidates = cfg.candidate_names
@@ -634,10 +668,20 @@ class Core:
         # as a candidate: the membership table and our vote
         self.members = {}
         self.vote = None
+        # a candidate that lost its term file learns the others' terms before it votes
+        self.term_known = persisted_term is not None or not cfg.is_candidate
+        self.term_heard = set()
+        persisted_term = persisted_term or 0
         self.persisted_term = persisted_term
         self.max_term_seen = persisted_term
         self.announced = {}        # candidate -> (term, received_at) of "I am manager"
         self.plans = {}            # uid -> failover plan entry (replicated by the manager)
+        # vm -> its latest done plan, plus "froms": every host a done plan moved it from.
+        # One entry per VM, kept for good (not capped like self.plans): where a VM last
+        # ran (SPEC §3.4).  Written to state_dir/plans.json with self.plans.
+        self.book = {}
+        self.saved = {}            # file -> the data last handed out in a "persist" action
+        self.plans_dirty = False
         # rejoin (§3.6): our fence record, and VMs the cluster moved away while we were gone
         self.fenced_vms = list(fenced_vms)
         self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
@@ -645,6 +689,11 @@ class Core:
         self.demote_asked = {}
         # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
         self.failovers = {}
+        self.refused = set()       # uids a check found unknown here: refused for good
+        # our pings said left or maintenance (at that send time): we arm only once 2
+        # candidates have answered a later ping that says neither (SPEC §3.4, §3.7)
+        self.flag_at = None
+        self.clear_acks = set()
         # as the manager
         self.pending = {}          # request id -> purpose
         self.next_id = 0
@@ -658,6 +707,7 @@ class Core:
         self.plan_targets = {}     # uid -> next best targets (one retry)
         self.next_manager_round = now
         self.said = set()
+        self._load(members_state, plans_state, now)
 
     # -- actions -------------------------------------------------------------
 
@@ -667,6 +717,8 @@ class Core:
           event               {"event", "level", "msg", "details"}: one log line (syslog level
                               name) and, for the names in EVENT_NAMES, a line of events.jsonl.
           persist_term        {"term"}: write state_dir/term (fsync).  Terms only grow.
+          persist             {"file", "data"}: write state_dir/FILE (members.json, plans.json;
+                              JSON, atomically): a candidate's table and plan book.
           send                {"id", "to", "peer", "method", "name", "body", "timeout"}: a
                               manager's request; its answer (status None: no answer) goes back
                               to Core.on_response(id, ...).
@@ -685,10 +737,10 @@ class Core:
                               a new one (Core.check_watchdog).
 
         Ordering rules (the executor keeps them):
-          1. persist_term before anything another node can see: a ping answer or a request
-             that shows the term.  Production executes persist_term actions before it releases
-             the lock under which the core produced them (Agent.persist_now); every other
-             action may run after.
+          1. persist_term and persist before anything another node can see: a ping answer
+             or a request that shows the term, an answer that acknowledges a register, leave
+             or plan.  Production executes them before it releases the lock under which the
+             core produced them (Agent.persist_now); every other action may run after.
           2. The rest in list order.  An event precedes the action it explains (self_fence
              before fence, armed before clear_fence_record); a fence is the last action a
              node executes (the process ends in it).
@@ -699,12 +751,57 @@ class Core:
         return out
 
     def take_persist(self):
-        """Only the persist_term actions, taken out now: the caller writes them before it
-        lets anyone see the core's state (ordering rule 1 of take_actions)."""
-        persist = [a for a in self.out if a["kind"] == "persist_term"]
+        """Only the persist_term and persist actions, taken out now: the caller writes them
+        before it lets anyone see the core's state (ordering rule 1 of take_actions)."""
+        kinds = ("persist_term", "persist")
+        persist = [a for a in self.out if a["kind"] in kinds]
         if persist:
-            self.out = [a for a in self.out if a["kind"] != "persist_term"]
+            self.out = [a for a in self.out if a["kind"] not in kinds]
         return persist
+
+    # -- state kept in state_dir (SPEC §3.4, §4.5): the agent writes it, we decide ------
+
+    def _load(self, members_state, plans_state, now):
+        if not self.is_candidate:
+            return
+        if isinstance(members_state, dict):
+            for rec in members_state.get("members") or []:
+                m = Member.load(rec, now)
+                if m is not None:
+                    self.members[m.hostname] = m
+        if isinstance(plans_state, dict):
+            for e in plans_state.get("plans") or []:
+                if check_plan_entry(e) is None:
+                    self.plans[e["uid"]] = {k: e[k] for k in PLAN_FIELDS}
+            for e in plans_state.get("book") or []:
+                self._store_book(e)
+        self.saved["members.json"] = self._members_data()
+        self.saved["plans.json"] = self._plans_data()
+        self.plans_dirty = False
+
+    def _members_data(self):
+        return {"members": [m.saved() for _, m in sorted(self.members.items())]}
+
+    def _plans_data(self):
+        plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0), e["uid"]))
+        return {"plans": [dict(e) for e in plans],
+                "book": [dict(e, froms=list(e["froms"])) for _, e in sorted(self.book.items())]}
+
+    def _persist(self, name, data):
+        """Ask the agent to write state_dir/NAME (atomically, fsync) if it changed.  The
+        agent writes it before it answers the request that changed it."""
+        if self.saved.get(name) != data:
+            self.saved[name] = data
+            self.out.append({"kind": "persist", "file": name, "data": data})
+
+    def _persist_members(self):
+        if self.is_candidate:
+            self._persist("members.json", self._members_data())
+
+    def _persist_plans(self):
+        if self.is_candidate and self.plans_dirty:
+            self.plans_dirty = False
+            self._persist("plans.json", self._plans_data())
 
     def _event(self, event, level, msg, **details):
         self.out.append({"kind": "event", "event": event, "level": level, "msg": msg,
@@ -724,6 +821,7 @@ class Core:
                         f"member {h} registered (startup_time {body['startup_time']}"
                         f"{', new incarnation' if old else ''})",
                         member=h, startup_time=body["startup_time"])
+        self._persist_members()
         return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.moved_vms(h)}
 
     def handle_ping(self, body, now):
@@ -736,8 +834,11 @@ class Core:
             return 409, {"error": f"{h} is not registered here; register first"}
         m.last_ping = now
         if self._newer(m, body):
+            flags = (m.armed, m.maintenance, m.left)
             m.armed, m.maintenance = body["armed"], body["maintenance"]
             m.left = body.get("left") is True or (m.left and "left" not in body)
+            if flags != (m.armed, m.maintenance, m.left):
+                self._persist_members()
         self._see_term(body["term"])
         if body["manager"] and h in self.candidates:
             self.announced[h] = (body["term"], now)
@@ -764,6 +865,8 @@ class Core:
 
         A later grant of ours is then above every term we acknowledged, across restarts."""
         self.max_term_seen = max(self.max_term_seen, term)
+        if not self.term_known:
+            return   # the term file is written once _learn_term knows the highest term
         if self.max_term_seen > self.persisted_term:
             self.persisted_term = self.max_term_seen
             self.out.append({"kind": "persist_term", "term": self.persisted_term})
@@ -794,11 +897,14 @@ class Core:
             m.left = True
             self._event("left", "NOTICE", f"member {m.hostname} left the cluster (orderly stop); "
                         "it is not failed over until it registers again", member=m.hostname)
+            self._persist_members()   # written before the acknowledgement leaves
         return 200, {"ok": True, "known": True}
 
     def set_maintenance(self, on, now):
-        """`maintenance on` takes effect once 2 candidates have had a ping saying so;
-        `off` at once (the node re-arms by the normal rule)."""
+        """`maintenance on` takes effect once 2 candidates have had a ping saying so (then
+        the node disarms).  `off`: our pings say so at once, but the node arms again only
+        once 2 candidates have answered such a ping (flags_clear), so that it never arms
+        while 2 views may still say it must not be failed over (SPEC §3.4)."""
         if on and not self.maintenance:
             self.maintenance_asked_at, self.maintenance_acks = now, set()
         elif not on:
@@ -806,23 +912,47 @@ class Core:
             if self.maintenance:
                 self.maintenance = False
                 self._event("maintenance", "NOTICE", "maintenance off: the node arms again "
-                            "by the normal rule", on=False)
+                            "once 2 candidates have acknowledged it", on=False)
+
+    def _flagged(self):
+        """Our pings say left or maintenance."""
+        return self.left or self.leaving or self.maintenance or \
+            self.maintenance_asked_at is not None
+
+    def flags_clear(self):
+        """True once 2 candidates have answered a ping sent after the last one that said
+        left or maintenance (and we are neither): no 2 views say we may not be failed."""
+        return not self._flagged() and (self.flag_at is None or len(self.clear_acks) >= 2)
 
     def leave_body(self):
         """A leave request; our pings say `left` from now on (a ping built between this
         and the acknowledgements must not undo the leave), until leave_refused()."""
         self.leaving = True
         self.seq += 1
+        self.flag_at, self.clear_acks = math.inf, set()   # the leave itself is a flag
         return {"hostname": self.hostname, "startup_time": self.startup_time, "seq": self.seq}
 
+    def leave_result(self, acks):
+        """The candidates that acknowledged our leave.  2 or more: we have left (disarmed:
+        our VMs are not protected from now on; we stop).  Fewer: the leave is refused.
+        Returns whether we left."""
+        if len(acks) >= 2:
+            self.left = True
+            return True
+        self.leave_refused()
+        return False
+
     def leave_refused(self):
+        """A candidate may have marked us left: we arm again only once 2 candidates have
+        answered a later ping (flags_clear)."""
         self.leaving = False
 
     def members_answer(self, now):
         """GET members: our table, and the failover plans we hold (for a new manager)."""
         plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0)))
         return {"hostname": self.hostname, "members": self.members_view(now),
-                "plans": [{k: e[k] for k in PLAN_FIELDS} for e in plans[-MAX_PLANS:]]}
+                "plans": [{k: e[k] for k in PLAN_FIELDS} for e in plans[-MAX_PLANS:]],
+                "book": [dict(b, froms=list(b["froms"])) for _, b in sorted(self.book.items())]}
 
     def members_view(self, now):
         return [{"hostname": m.hostname, "startup_time": m.startup_time,
@@ -845,6 +975,10 @@ class Core:
         """Our ping.  A manager sends its term at once (voters persist it), but announces
         itself (manager: true) only once a majority has acknowledged that term."""
         self.seq += 1
+        if self._flagged():
+            self.flag_at, self.clear_acks = now, set()
+        elif self.flag_at == math.inf:   # a leave was sent, and refused: pings from now on
+            self.flag_at = now - 1e-9    # (sent at >= now) clear it
         return {"hostname": self.hostname, "startup_time": self.startup_time,
                 "seq": self.seq, "left": self.left or self.leaving, "armed": self.armed,
                 "maintenance": self.maintenance or self.maintenance_asked_at is not None,
@@ -900,9 +1034,27 @@ class Core:
         self.reach[cand] = sent_at
         if self.maintenance_asked_at is not None and sent_at >= self.maintenance_asked_at:
             self.maintenance_acks.add(cand)  # that ping told cand we are in maintenance
+        if self.flag_at is not None and sent_at > self.flag_at:
+            self.clear_acks.add(cand)        # that ping told cand we are neither
         self.max_term_seen = max(self.max_term_seen, a.term, a.vote_term)
+        if not self.term_known and cand != self.hostname:
+            self._learn_term(cand, a)
         if a.manager is not None:
             self.max_manager_term = max(self.max_manager_term, a.term)
+
+    def _learn_term(self, cand, a):
+        """Our term file was lost: learn the terms the other two candidates persisted
+        (term_seen) before we vote.  An acting manager's term was persisted by 2 of the 3
+        voters, so one of the other two holds it; then our grants are above it again."""
+        self.term_heard.add(cand)
+        self.max_term_seen = max(self.max_term_seen, a.term_seen)
+        if self.term_heard >= set(self.candidates) - {self.hostname}:
+            self.term_known = True
+            self.persisted_term = max(self.persisted_term, self.max_term_seen)
+            self.out.append({"kind": "persist_term", "term": self.persisted_term})
+            self._event("note", "NOTICE", f"term file was lost: learnt term "
+                        f"{self.persisted_term} from {', '.join(sorted(self.term_heard))}; "
+                        "voting again")
 
     # -- votes, leases, terms (§3.2) --------------------------------------------
 
@@ -964,6 +1116,8 @@ class Core:
     def _update_vote(self, now):
         if now - self.start < self.cfg.vote_lease:
             return  # we may have voted before we restarted: let that lease run out
+        if not self.term_known:
+            return  # our term file was lost: no vote before _learn_term
         alive = {self.hostname: self.startup_time}
         for c in self.candidates:
             m = self.members.get(c)
@@ -1018,6 +1172,7 @@ class Core:
         elif now >= self.next_manager_round:
             self.next_manager_round = now + self.cfg.ping_interval
             self._manager_round(now)
+        self._persist_plans()
 
         reach = self.reachable(now)
         quorum = len(reach) >= 2
@@ -1045,10 +1200,16 @@ class Core:
             # Once armed, a live copy here is ours by the cluster's own rule (we would have
             # fenced otherwise): a lagging plan must never destroy it.
             self.out.append({"kind": "demote", "vms": todo, "keep_live": self.armed})
+        if self.flag_at is not None and self.flags_clear() and self.flag_at != math.inf:
+            self.flag_at = None
+            self._event("note", "NOTICE", "no candidate records this node as left or in "
+                        f"maintenance any more (acknowledged by "
+                        f"{', '.join(sorted(self.clear_acks))}): it may arm")
         if self.maintenance or self.left:
             self.arming = self.armed = False
         elif not self.armed:
-            self.arming = quorum and self.manager_view(now)[0] is not None and not todo
+            self.arming = quorum and self.manager_view(now)[0] is not None and not todo \
+                and self.flags_clear()
         if self.arming and watchdog_armed and not self.armed:
             self.armed = True
             self._event("armed", "NOTICE", "armed: quorum reached, manager "
@@ -1083,6 +1244,7 @@ class Core:
         purpose = self.pending.pop(rid, None)
         if purpose is not None:
             getattr(self, "_on_" + purpose[0])(purpose, status, answer, now)
+            self._persist_plans()
 
     def _manager_round(self, now):
         t = self.cfg
@@ -1109,6 +1271,9 @@ class Core:
         for e in plans if isinstance(plans, list) else []:
             if check_plan_entry(e) is None:
                 self._store_plan(e)
+        book = answer.get("book")
+        for b in book if isinstance(book, list) else []:
+            self._store_book(b)
 
     def _fresh_views(self, now):
         own = {m["hostname"]: m for m in self.members_view(now)}
@@ -1123,10 +1288,16 @@ class Core:
             silent = [r for r in reports if r["silence"] >= r["failover_time"]]
             if len(silent) < 2:
                 continue
-            st = max(r["startup_time"] for r in silent)
-            why = ("it left" if any(r["left"] for r in reports) else
-                   "it is in maintenance" if any(r["maintenance"] for r in reports) else
-                   "it was not armed" if any(not r["armed"] for r in reports) else None)
+            # 2 silent views that report it armed, not left, not in maintenance suffice: a
+            # real leave or maintenance has 2 acknowledgements, so it shows in any 2 views,
+            # and one candidate's stale flag must not veto (SPEC §3.4)
+            ok = [r for r in silent if r["armed"] and not r["left"] and not r["maintenance"]]
+            st = max(r["startup_time"] for r in (ok if len(ok) >= 2 else silent))
+            why = None if len(ok) >= 2 else (
+                "it left" if sum(r["left"] for r in silent) >= 2 else
+                "it is in maintenance" if sum(r["maintenance"] for r in silent) >= 2 else
+                "it was not armed" if sum(not r["armed"] for r in silent) >= 2 else
+                "fewer than 2 candidates report it armed, not left and not in maintenance")
             if why:
                 self._once(("not_failed", h, st), "NOTICE",
                            f"member {h} is silent for {silent[0]['silence']:.0f} s, but {why}: "
@@ -1225,8 +1396,10 @@ class Core:
         owners = {}   # VMs wanted only because a plan moved them to a failed source
         for h in set(sources) & set(self.failed):
             for vm in sources[h] - self._fenced_vms(h):
+                b = self.book.get(vm)
                 owners[vm] = {h} | {x for e in self.plans.values() if e["vm"] == vm
-                                    for x in (e["from"], e["to"])}
+                                    for x in (e["from"], e["to"])} | \
+                    (set(b["froms"]) | {b["to"]} if b else set())
         self.job_seq += 1
         self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
                     "left": left, "owners": owners,
@@ -1260,8 +1433,10 @@ class Core:
         eligible = {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
                     for h, r in job["members"].items()}
         skipped = []
+        last_ran = {vm: e["to"] for vm, e in self._latest_plans(("done",)).items()}
         moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
-                                        job["failed"], job["left"], job["owners"], skipped)
+                                        job["failed"], job["left"], job["owners"], skipped,
+                                        last_ran)
         for vm, src, reason in skipped:
             self._once(("skipped", vm, self._episode(src)), "NOTICE",
                        f"VM {vm} of {src} is not failed over: {reason}")
@@ -1290,6 +1465,7 @@ class Core:
         e = {"vm": vm, "from": src, "to": targets[0], "term": term, "uid": uid,
              "state": "planned", "seq": self.uid_seq}
         self.plans[uid] = e
+        self.plans_dirty = True
         self.plan_targets[uid] = targets[1:]
         self._event("failover_planned", "NOTICE",
                     f"plan: VM {vm} of {src} -> {targets[0]} (uid {uid}, term {term})",
@@ -1297,6 +1473,10 @@ class Core:
         return uid
 
     def _replicate(self, entries, purpose):
+        for e in entries:
+            self._book(e)
+        self.plans_dirty = True
+        self._persist_plans()   # our own copy is on disk before any other candidate's
         body = {"term": max([e["term"] for e in entries] + [self.max_manager_term]),
                 "entries": [{k: e[k] for k in PLAN_FIELDS} for e in entries]}
         others = [c for c in self.candidates if c != self.hostname]
@@ -1323,6 +1503,7 @@ class Core:
                         "nothing is started, retrying next round")
             for uid in job["queue"]:
                 self.plans[uid]["state"] = "abandoned"
+            self.plans_dirty = True
             self.job = None
 
     def _pump(self, now):
@@ -1459,11 +1640,35 @@ class Core:
         rank = {"planned": 0, "abandoned": 1, "failed": 1, "done": 2}
         if old is None or rank.get(entry["state"], 0) > rank.get(old["state"], 0):
             self.plans[entry["uid"]] = {k: entry.get(k, 0) for k in PLAN_FIELDS}
+            self.plans_dirty = True
+            self._book(entry)
         if len(self.plans) > MAX_PLANS:
             done = sorted((e["term"], e["seq"], u) for u, e in self.plans.items()
                           if e["state"] != "planned")
             for _, _, u in done[:len(self.plans) - MAX_PLANS]:
                 del self.plans[u]
+
+    def _book(self, e):
+        """A done plan goes into the book (where its VM last ran)."""
+        if e["state"] == "done":
+            self._store_book(dict({k: e[k] for k in PLAN_FIELDS}, froms=[e["from"]]))
+
+    def _store_book(self, b):
+        """Merge one book entry (a done plan with "froms"): the newest plan (term, seq) of
+        its VM wins; the hosts it was moved from accumulate."""
+        froms = b.get("froms") if isinstance(b, dict) else None
+        if check_plan_entry(b) is not None or b["state"] != "done" or \
+                not isinstance(froms, list) or not all(valid_hostname(h) for h in froms):
+            return
+        old = self.book.get(b["vm"])
+        new = dict({k: b[k] for k in PLAN_FIELDS}, froms=sorted(set(froms)))
+        if old is not None:
+            if (old["term"], old["seq"]) > (b["term"], b["seq"]):
+                new = dict(old)
+            new["froms"] = sorted(set(old["froms"]) | set(froms))
+        if new != old:
+            self.book[b["vm"]] = new
+            self.plans_dirty = True
 
     def handle_plan(self, body, now):
         if not self.is_candidate:
@@ -1474,12 +1679,15 @@ class Core:
         self.max_manager_term = body["term"]
         for e in body["entries"]:
             self._store_plan(e)
+        self._persist_plans()   # written before the acknowledgement leaves
         return 200, {"ok": True, "stored": len(body["entries"])}
 
     def _latest_plans(self, states):
-        """{vm: the newest plan (by term, seq) among those in `states`}."""
+        """{vm: the newest plan (by term, seq) among those in `states`}; done plans include
+        the book's (kept for good, across restarts)."""
         latest = {}
-        for e in self.plans.values():
+        book = list(self.book.values()) if "done" in states else []
+        for e in list(self.plans.values()) + book:
             if e["state"] in states:
                 old = latest.get(e["vm"])
                 if old is None or (e["term"], e.get("seq", 0)) > (old["term"], old.get("seq", 0)):
@@ -1495,6 +1703,7 @@ class Core:
         start, so any 2 candidates' answers include its entry."""
         latest = self._latest_plans(("done", "planned"))
         left = {e["vm"] for e in self.plans.values() if e["state"] == "done" and e["from"] == host}
+        left |= {vm for vm, b in self.book.items() if host in b["froms"]}
         return [{"vm_name": vm, "new_parent": latest[vm]["to"] if latest[vm]["state"] == "done"
                  else None, "term": latest[vm]["term"], "seq": latest[vm].get("seq", 0)}
                 for vm in sorted(left)]
@@ -1515,7 +1724,11 @@ class Core:
         self.max_manager_term = term
         known = self.failovers.get(uid)
         if body.get("check"):
+            if known is None:
+                self.refused.add(uid)   # "unknown" is final: a late request is refused
             return 200, dict(known or {}, uid=uid, known=known is not None)
+        if uid in self.refused:
+            return 409, {"error": f"uid {uid} was reported unknown here and is refused"}
         if known is not None:
             if known["state"] == "failed":
                 return 409, {"error": known.get("error", "start failed"), "uid": uid}
@@ -1524,6 +1737,11 @@ class Core:
         name = body["vm_name"]
         if self.cfg.debug:
             return 409, {"error": "this node runs in debug mode and never starts a VM"}
+        if self.maintenance or self.maintenance_asked_at is not None:
+            return 409, {"error": "this node is in maintenance"}
+        if not self.armed or self.left or self.leaving:
+            return 409, {"error": "this node is not armed" + (
+                " (it is leaving the cluster)" if self.left or self.leaving else "")}
         if local is None:
             return 409, {"error": f"no copy of VM {name} here"}
         if local["live"] or name in self.starting():
@@ -2462,6 +2680,8 @@ class Paths:
         self.running = os.path.join(cfg.state_dir, "running.json")
         self.maintenance = os.path.join(cfg.state_dir, "maintenance")
         self.events = os.path.join(cfg.state_dir, "events.jsonl")
+        self.members = os.path.join(cfg.state_dir, "members.json")
+        self.plans = os.path.join(cfg.state_dir, "plans.json")
 
 
 class EventLog:
@@ -2501,16 +2721,35 @@ class EventLog:
 
 
 def read_term(path):
+    """The persisted term, or None if state_dir/term does not exist."""
     try:
         with open(path) as f:
             text = f.read().strip()
     except FileNotFoundError:
-        return 0
+        return None
     if not text.isdigit():
         raise RuntimeError(f"{path} is corrupt ({text[:40]!r}); refusing to vote with an "
                            "unknown term: restore it or remove it after every candidate has "
                            "restarted")
     return int(text)
+
+
+def read_state(path):
+    """A state_dir JSON file written from a "persist" action (members.json, plans.json), or
+    None if there is none.  A corrupt one stops the start: forgetting members or where VMs
+    were moved is unsafe (SPEC §3.4)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{path} is unreadable or corrupt ({e}); restore it, or remove "
+                           "it while the other two candidates run") from None
+    if not isinstance(data, dict):
+        raise RuntimeError(f"{path} is corrupt (not a JSON object); restore it, or remove it "
+                           "while the other two candidates run")
+    return data
 
 
 def read_fence_file(path):
@@ -2602,12 +2841,23 @@ class Agent:
             max_workers=cfg.max_parallel_starts + 8, thread_name_prefix="ha-work")
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.run_dir, exist_ok=True)
-        term = self.term_on_disk = read_term(self.paths.term)
+        term = read_term(self.paths.term)
+        p = self.paths
+        if term is None and not any(os.path.exists(x) for x in (
+                p.events, p.members, p.plans, p.fence, p.running, p.maintenance)):
+            term = 0   # a new state_dir: no term file yet is no loss (SPEC §3.2, §4.5)
+            write_atomic(p.term, b"0\n", mode=0o600)
+        elif term is None:
+            log.warning(f"{p.term} is missing although {cfg.state_dir} was used before: this "
+                        "candidate votes only once it has learnt the other two candidates' "
+                        "terms")
+        self.term_on_disk = -1 if term is None else term
         self.startup_time = int(time.time() * 1000)
         self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
                          maintenance=os.path.exists(self.paths.maintenance),
                          fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
-                                           set(read_fence_record(self.paths.running))))
+                                           set(read_fence_record(self.paths.running))),
+                         members_state=read_state(p.members), plans_state=read_state(p.plans))
         self.running_record = None
         self.running_lock = threading.Lock()
         self.running_closed = False
@@ -2629,9 +2879,10 @@ class Agent:
                 return 400, {"error": why}
             with self.lock:
                 if name == "register":
-                    return self.core.handle_register(body, now)
-                answer = self.core.handle_ping(body, now)
-                self.persist_now()  # the answer shows term_seen: it must be on disk first
+                    answer = self.core.handle_register(body, now)
+                else:
+                    answer = self.core.handle_ping(body, now)
+                self.persist_now()  # the answer shows term_seen / acknowledges: on disk first
                 return answer
         if name == "members":
             if not self.cfg.is_candidate:
@@ -2645,7 +2896,9 @@ class Agent:
             if why is not None:
                 return 400, {"error": why}
             with self.lock:
-                return self.core.handle_plan(body, now)
+                answer = self.core.handle_plan(body, now)
+                self.persist_now()     # an acknowledged plan is on disk
+                return answer
         if name == "failover":
             why = check_fields(body, FAILOVER_FIELDS)
             if why is None and not valid_vm_name(body["vm_name"]):
@@ -2664,7 +2917,9 @@ class Agent:
             if why is not None:
                 return 400, {"error": why}
             with self.lock:
-                return self.core.handle_leave(body, now)
+                answer = self.core.handle_leave(body, now)
+                self.persist_now()     # an acknowledged leave is on disk
+                return answer
         if name == "terminate":
             return self.terminate()
         if name == "maintenance":
@@ -2689,10 +2944,7 @@ class Agent:
         acks = self.leave()
         with self.lock:
             armed = self.core.armed
-            if len(acks) >= 2:
-                self.core.left = True  # disarm: our VMs are not protected from now on
-            else:
-                self.core.leave_refused()
+            self.core.leave_result(acks)  # 2 acks: disarmed, our VMs are not protected
         if len(acks) >= 2:
             msg = f"left the cluster (acknowledged by {', '.join(acks)})"
             self.log.log(NOTICE, msg)
@@ -2740,9 +2992,17 @@ class Agent:
                 return 409, {"error": "maintenance not acknowledged by 2 candidates in time; "
                                       "still armed"}
             write_atomic(self.paths.maintenance, b"on\n", mode=0o644)
-        else:
-            remove_file(self.paths.maintenance)
-        return 200, {"ok": True, "maintenance": on}
+            return 200, {"ok": True, "maintenance": on}
+        remove_file(self.paths.maintenance)
+        # off: the node arms again only once 2 candidates know (SPEC §3.4)
+        deadline = time.monotonic() + 3 * self.cfg.ping_interval + self.cfg.ping_timeout + 1
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.core.flags_clear():
+                    return 200, {"ok": True, "maintenance": on}
+            time.sleep(0.05)
+        return 200, {"ok": True, "maintenance": on, "note": "not acknowledged by 2 "
+                     "candidates yet; the node arms once they have"}
 
     def vms(self):
         """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live."""
@@ -3118,20 +3378,28 @@ class Agent:
         self.execute(actions)
 
     def persist_now(self, actions=None):
-        """Execute the persist_term actions among `actions` (default: those the core
-        holds), write state_dir/term (fsync) for a term above the one on disk, and
-        return the other actions.  Called with self.lock held, so that no answer shows
-        a term before it is on disk."""
+        """Execute the persist_term and persist actions among `actions` (default: those
+        the core holds): write state_dir/term (fsync) for a term above the one on disk,
+        and state_dir/members.json, plans.json; return the other actions.  Called with
+        self.lock held, so that no answer shows a term or acknowledges a change before
+        it is on disk."""
         if actions is None:
             actions = self.core.take_persist()
         rest = []
         for a in actions:
-            if a["kind"] != "persist_term":
+            if a["kind"] == "persist":
+                self.write_state(a)
+            elif a["kind"] != "persist_term":
                 rest.append(a)
             elif a["term"] > self.term_on_disk:
                 write_atomic(self.paths.term, f"{a['term']}\n".encode(), mode=0o600)
                 self.term_on_disk = a["term"]
         return rest
+
+    def write_state(self, a):
+        if a["file"] in ("members.json", "plans.json"):
+            write_atomic(os.path.join(self.cfg.state_dir, a["file"]),
+                         json.dumps(a["data"], sort_keys=True).encode(), mode=0o600)
 
     def fence(self, reason):
         """§3.3 steps 2-4 (the core has decided, and is `fenced`); the process never

@@ -150,7 +150,8 @@ class Node:
         self.state = DOWN
         self.inc = 0                # event epoch: bumped on start, stop, resume; stale events are void
         self.incarnation = 0        # process incarnation: bumped on start only
-        self.disk = {}              # what survives restarts: {"term": n}
+        self.disk = {}              # state_dir, what survives restarts: {"term": n,
+        #                             "members.json": .., "plans.json": .., "maintenance": 1}
         self.startup_time = 0
         self.start_local = None
         self.armed_logged = False   # an "armed" event was seen in this incarnation
@@ -246,6 +247,7 @@ class Sim:
         self.requests = []              # inventory and failover requests of managers
         self.failed_starts = set()      # VMs whose start failed (failstart)
         self.last_manager = None        # what @manager stood for in the last command
+        self.leaves = {}                # (node, inc) -> a `leave` waiting for its answers
         rates, offsets = rates or {}, offsets or {}
         for name in list(CANDIDATES) + [n for n in (nodes or ()) if n not in CANDIDATES]:
             self.add_node(name, rates.get(name, 1.0), offsets.get(name, 0.0))
@@ -340,13 +342,18 @@ class Sim:
         n.stash = []
         if n.fence_pending is not None:     # the host rebooted: its fence has ended
             self._destroy_all(n, "the fence ended before the reboot")
-        persisted = n.disk.get("term", 0)
+        if not n.disk:                      # a new state_dir: the agent writes term 0
+            n.disk["term"] = 0
+        persisted = n.disk.get("term")      # None: the term file was lost (losetermfile)
         fenced = list(n.fence_record or [])
         n.core = hoster_ha.Core(n.cfg, n.startup_time, now, persisted_term=persisted,
-                                fenced_vms=fenced)
+                                fenced_vms=fenced, maintenance=bool(n.disk.get("maintenance")),
+                                members_state=n.disk.get("members.json"),
+                                plans_state=n.disk.get("plans.json"))
         self.emit(n.who, "INFO", f"agent started (incarnation {n.incarnation}, persisted term "
-                                 f"{persisted}" + (f", fence record: {', '.join(fenced)}"
-                                                   if fenced else "") + ")")
+                                 f"{'lost' if persisted is None else persisted}"
+                                 + (f", fence record: {', '.join(fenced)}"
+                                    if fenced else "") + ")")
         self.at(self.t, "round", n.name, n.inc)
         self.at(self.t, "tick", n.name, n.inc)
 
@@ -498,6 +505,8 @@ class Sim:
             return self._failover(d, msg, dnow)
         if name == "status":
             return 200, core.status(dnow)
+        if name == "leave":
+            return core.handle_leave(body, dnow)
         return 404, {"error": f"unknown path {name}"}
 
     # -- the host side of failover (SPEC §3.4, §4.3) -------------------------------
@@ -613,6 +622,8 @@ class Sim:
             n.core.on_register_result(msg.dst, status, answer, now)
         elif msg.kind == "ping":
             n.core.on_ping_result(msg.dst, msg.sent_at, status, answer, now)
+        elif msg.kind == "leave":
+            self._leave_answer(n, msg, status)
         else:
             n.core.on_response(msg.rid, status, answer, now)
         self._actions(n)
@@ -774,8 +785,8 @@ class Sim:
         why = None
         if not records:
             why = "no candidate has a record of it"
-        elif any(not m.armed or m.maintenance or m.left for m in records):
-            why = "a candidate records it as unarmed, in maintenance or left"
+        elif sum(m.armed and not m.maintenance and not m.left for m in records) < 2:
+            why = "fewer than 2 candidates record it armed, not in maintenance and not left"
         names = {}
         for x in self.nodes.values():
             for name, v in x.vms.items():
@@ -882,8 +893,10 @@ class Sim:
             kind = a["kind"]
             if kind == "event":
                 self._on_event(n, a, now)
+            elif kind == "persist":
+                n.disk[a["file"]] = json.loads(json.dumps(a["data"]))
             elif kind == "persist_term":
-                if a["term"] <= n.disk.get("term", 0):
+                if a["term"] <= n.disk.get("term", -1):
                     self.violation(f"{n.name} persisted term {a['term']} after "
                                    f"{n.disk.get('term', 0)}")
                 n.disk["term"] = a["term"]
@@ -1110,6 +1123,77 @@ class Sim:
 
     def _cmd_failstart(self, node, name):
         self._node(node).fail_next.add(name)
+
+    def _cmd_leave(self, name):
+        """`hoster_ha.py stop` (SPEC §3.7): POST leave (core.leave_body) to the 3 candidates,
+        each with the agent's timeout; with 2 acknowledgements (core.leave_result) the
+        agent stands its watchdog down and exits, its VMs running on, unprotected; with
+        fewer it refuses and runs on."""
+        n = self._node(name)
+        if n.state != RUNNING:
+            return
+        body = n.core.leave_body()
+        timeout = max(2.0, 2 * n.cfg.ping_timeout)
+        self.leaves[(name, n.inc)] = {"acks": [], "open": len(CANDIDATES)}
+        for c in CANDIDATES:
+            self._transmit(Msg(name, n.inc, c, "leave", body, n.now(self.t),
+                               self.t + timeout / n.rate))
+
+    def _leave_answer(self, n, msg, status):
+        op = self.leaves.get((n.name, msg.inc))
+        if op is None:
+            return
+        op["open"] -= 1
+        if status == 200:
+            op["acks"].append(msg.dst)
+        if op["open"]:
+            return
+        del self.leaves[(n.name, msg.inc)]
+        acks = sorted(op["acks"])
+        if n.core.leave_result(acks):
+            self.emit(n.who, "NOTICE", f"left the cluster (acknowledged by {', '.join(acks)}); "
+                                       "watchdog stood down, agent stopped")
+            n.hb_armed = False
+            self._stop(n, DOWN)
+        else:
+            self.emit(n.who, "ERROR", f"refusing to stop: leave acknowledged by {len(acks)} of "
+                                      "3 candidates; 2 are needed")
+
+    def _cmd_maintenance(self, name, state):
+        """`hoster_ha.py maintenance on|off` (SPEC §3.7) through core.set_maintenance: `on`
+        is given up (set_maintenance(False)) if 2 candidates have not acknowledged it
+        within the agent's deadline; either way state_dir/maintenance follows."""
+        n = self._node(name)
+        if state not in ("on", "off"):
+            raise ValueError(f"maintenance {name} {state!r}: on or off")
+        if n.state != RUNNING:
+            return
+        n.core.set_maintenance(state == "on", n.now(self.t))
+        self._actions(n)
+        if state == "off":
+            n.disk.pop("maintenance", None)
+            return
+        c = n.cfg
+        self.at(self.t + (3 * c.ping_interval + c.ping_timeout + 1) / n.rate,
+                "maintenance_deadline", name, n.incarnation)
+
+    def _ev_maintenance_deadline(self, name, incarnation):
+        n = self.nodes[name]
+        if n.incarnation != incarnation or n.state != RUNNING:
+            return
+        if n.core.maintenance:
+            n.disk["maintenance"] = 1
+            return
+        n.core.set_maintenance(False, n.now(self.t))
+        self._actions(n)
+        self.emit(n.who, "ERROR", "maintenance not acknowledged by 2 candidates in time; "
+                                  "still armed")
+
+    def _cmd_losetermfile(self, name):
+        """state_dir/term is lost (disk replaced, fsync lost); the rest of state_dir stays."""
+        n = self._node(name)
+        n.disk.pop("term", None)
+        n.disk.setdefault("lost", 1)     # the state_dir is not a new one
 
     def _cmd_restart(self, name):
         n = self._node(name)

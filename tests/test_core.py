@@ -863,3 +863,92 @@ def test_successive_acting_managers_have_strictly_increasing_terms():
     assert b.can_act(t)
     t2 = b.manager_term(t)
     assert t2 > t1, f"new manager b has term {t2}, not above the previous manager's {t1}"
+
+
+# -- safety under an honest fault model (issue 12) ----------------------------------------------
+
+def test_maintenance_off_takes_effect_only_with_two_acknowledgements():
+    """Finding 5, the reverse: a node leaving maintenance arms only once 2 candidates have
+    had a ping saying so; before that, 2 views may still say it may not be failed."""
+    cores = make_cluster()
+    w = make_core("w", maintenance=True)
+    cores["w"] = w
+    run(cores, 0.0, 8.0, acks={"w": True})
+    assert not w.armed
+    w.set_maintenance(False, 8.5)
+    cut = {("w", "a"), ("w", "b")}          # only c hears it (for less than survival_window)
+    run(cores, 9.0, 12.0, cut=cut, acks={"w": True})
+    assert len(w.reachable(12.0)) == 3
+    assert not w.armed, "armed while a and b still record it in maintenance"
+    assert cores["a"].members["w"].maintenance and cores["b"].members["w"].maintenance
+    run(cores, 13.0, 15.0, acks={"w": True})
+    assert w.armed
+
+
+def test_refused_leave_rearms_only_with_two_acknowledgements():
+    """Finding 5, the reverse: a leave that reached one candidate was refused; the node
+    (not armed yet) arms only once 2 candidates have had a ping that says it has not left."""
+    cores = make_cluster()
+    w = make_core("w")
+    cores["w"] = w
+    run(cores, 0.0, 5.0, acks={})
+    assert not w.armed and w.arming
+    body = w.leave_body()
+    assert cores["a"].handle_leave(body, 5.2)[0] == 200
+    w.leave_refused()
+    cut = {("w", "b"), ("w", "c")}
+    run(cores, 6.0, 9.0, cut=cut, acks={"w": True})
+    assert not w.armed, "armed after a refused leave that only one candidate has cleared"
+    run(cores, 10.0, 12.0, acks={"w": True})
+    assert w.armed and not any(cores[c].members["w"].left for c in "abc")
+
+
+def test_leave_acknowledged_by_two_disarms_through_the_core():
+    cores, w = _armed_worker()
+    body = w.leave_body()
+    acks = [c for c in "ab" if cores[c].handle_leave(body, 6.0)[0] == 200]
+    assert w.leave_result(acks) is True
+    assert w.left
+    w.tick(6.5, watchdog_armed=True)
+    assert not w.armed and not w.arming
+    w2 = make_core("w", startup=4001)
+    w2.leave_body()
+    assert w2.leave_result(["a"]) is False and not w2.left and not w2.leaving
+
+
+def test_voter_without_term_file_votes_only_after_hearing_both_other_candidates():
+    """Finding 8: a candidate whose state_dir/term is lost (persisted_term None) grants no
+    vote before it has heard term_seen from both other candidates: the highest term an
+    acting manager used was persisted by 2 voters, so one of the other two holds it."""
+    b = make_core("b", persisted_term=None)
+    c = make_core("c", persisted_term=3)
+    cores = {"b": b, "c": c}
+    run(cores, 0.0, 10.0)
+    assert b.vote is None, "voted without knowing a's term"
+    a = make_core("a", now=10.0, persisted_term=7)
+    cores["a"] = a
+    run(cores, 10.0, 20.0)
+    assert b.vote is not None and b.vote.term > 7
+    assert b.persisted_term >= b.vote.term
+
+
+def test_members_are_persisted_on_register_and_flag_changes_only():
+    """Finding 6: the candidate asks for state_dir/members.json to be written when its
+    table changes (register, armed/maintenance/left), not on every ping."""
+    a = make_core("a")
+    w = make_core("w")
+    deliver(w, a, 1.0)
+    first = [x for x in actions(a) if x["kind"] == "persist"]
+    assert len(first) == 1 and first[0]["file"] == "members.json"
+    rec, = first[0]["data"]["members"]
+    assert rec["hostname"] == "w" and rec["startup_time"] == w.startup_time
+    deliver(w, a, 2.0)
+    assert [x for x in actions(a) if x["kind"] == "persist"] == []
+    w.armed = True
+    deliver(w, a, 3.0)
+    acts = [x for x in actions(a) if x["kind"] == "persist"]
+    assert len(acts) == 1 and acts[0]["data"]["members"][0]["armed"] is True
+    a2 = make_core("a", now=50.0, startup=1001, members_state=acts[0]["data"])
+    m = a2.members["w"]
+    assert (m.armed, m.startup_time) == (True, w.startup_time)
+    assert a2.members_view(58.0)[0]["silence"] == 8.0       # counted from a2's start

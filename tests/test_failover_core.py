@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from hoster_ha import (FAILOVER_FIELDS, PLAN_BODY_FIELDS, Core, check_fields,
+from hoster_ha import (FAILOVER_FIELDS, MAX_PLANS, PLAN_BODY_FIELDS, Core, check_fields,
                        check_plan_entry, parse_config, valid_vm_name)
 from test_core import CANDIDATES, SECRET, TIMINGS, deliver, run
 
@@ -359,7 +359,8 @@ def test_unarmed_maintenance_or_left_member_is_never_failed_over(how):
         w1.maintenance = True
     net.run(6.0, 8.0)
     if how == "left":
-        net.cores["b"].members["w1"].left = True     # one candidate's report is enough
+        for c in "bc":       # a leave is acknowledged by 2 candidates (one is not enough:
+            net.cores[c].members["w1"].left = True   # see the stale-flag test below)
     last = kill_w1(net, 9.0)
     net.run(9.0, last + FAILOVER_TIME + 40)
     assert net.events(event="member_failed") == []
@@ -543,6 +544,13 @@ def test_unplaced_vm_reported_once():
 
 # -- the target: idempotent by uid, term-checked -----------------------------------------------
 
+def armed_target(host="w2", **kw):
+    """A target core that is armed (SPEC §3.4: only an armed node accepts failover starts)."""
+    w = Core(cfg(host, **kw), 4100, 0.0)
+    w.armed = True
+    return w
+
+
 def fo(uid="u1", term=5, name="vm1", check=False):
     body = {"vm_name": name, "from_host": "w1", "term": term, "uid": uid}
     if check:
@@ -551,7 +559,7 @@ def fo(uid="u1", term=5, name="vm1", check=False):
 
 
 def test_repeated_uid_returns_the_first_result_and_starts_once():
-    w = Core(cfg("w2"), 4100, 0.0)
+    w = armed_target()
     status, entry = w.handle_failover(fo(), 1.0, {"live": False})
     assert status == "start" and entry["state"] == "starting"
     assert w.starting() == {"vm1"}
@@ -575,14 +583,14 @@ def test_repeated_uid_returns_the_first_result_and_starts_once():
 
 
 def test_second_uid_while_starting_is_refused():
-    w = Core(cfg("w2"), 4100, 0.0)
+    w = armed_target()
     assert w.handle_failover(fo(), 1.0, {"live": False})[0] == "start"
     status, ans = w.handle_failover(fo(uid="u2"), 1.1, {"live": False})
     assert status == 409
 
 
 def test_lower_term_than_highest_seen_is_refused():
-    w = Core(cfg("w2"), 4100, 0.0)
+    w = armed_target()
     assert w.handle_failover(fo(uid="u1", term=7), 1.0, {"live": False})[0] == "start"
     status, ans = w.handle_failover(fo(uid="u2", term=6, name="vm2"), 1.0, {"live": False})
     assert status == 409 and "stale term" in ans["error"]
@@ -591,13 +599,13 @@ def test_lower_term_than_highest_seen_is_refused():
     assert w.handle_failover(fo(uid="u1", term=6), 1.0, {"live": False})[0] == 409
     assert w.handle_failover(fo(uid="u1", term=6, check=True), 1.0, None)[0] == 409
     # the term learnt from ping answers counts too
-    w2 = Core(cfg("w2"), 4100, 0.0)
+    w2 = armed_target()
     w2.max_manager_term = 9
     assert w2.handle_failover(fo(term=8), 1.0, {"live": False})[0] == 409
 
 
 def test_check_for_unknown_uid_raises_the_targets_term():
-    w = Core(cfg("w2"), 4100, 0.0)
+    w = armed_target()
     status, ans = w.handle_failover(fo(uid="old", term=9, check=True), 1.0, None)
     assert status == 200 and ans["known"] is False and ans["uid"] == "old"
     assert w.max_manager_term == 9
@@ -1020,3 +1028,171 @@ def test_fencing_node_refuses_failovers():
                                         "uid": "u1"}, 1.0, {"live": False})
     assert status == 409 and "fencing" in answer["error"]
     assert w.failovers == {}
+
+
+# -- safety under an honest fault model (issue 12) -------------------------------------------
+
+def test_unarmed_or_maintenance_target_refuses_failover_starts():
+    """Finding 4: a node that is not armed, or is (going) in maintenance, refuses a start."""
+    w = Core(cfg("w2"), 4100, 0.0)
+    assert not w.armed
+    status, ans = w.handle_failover(fo(), 1.0, {"live": False})
+    assert status == 409 and "not armed" in ans["error"]
+    assert w.failovers == {} and w.starting() == set()
+    w.armed = True
+    w.maintenance = True
+    status, ans = w.handle_failover(fo(uid="u2"), 2.0, {"live": False})
+    assert status == 409 and "maintenance" in ans["error"]
+    w.maintenance = False
+    w.set_maintenance(True, 3.0)          # asked, not acknowledged yet: still armed
+    status, ans = w.handle_failover(fo(uid="u3"), 3.0, {"live": False})
+    assert status == 409 and "maintenance" in ans["error"]
+    w.set_maintenance(False, 4.0)
+    assert w.handle_failover(fo(uid="u4"), 5.0, {"live": False})[0] == "start"
+    # a check is still answered by an unarmed node
+    u = Core(cfg("w3"), 4200, 0.0)
+    status, ans = u.handle_failover(fo(uid="x", check=True), 1.0, None)
+    assert status == 200 and ans["known"] is False
+
+
+def test_check_for_an_unknown_uid_refuses_that_uid_for_good():
+    """Finding 2: once a target has answered "unknown" for a uid, a request for that uid
+    that comes later (a slow handler, the same term) never starts the VM."""
+    w = armed_target()
+    status, ans = w.handle_failover(fo(uid="u1", term=5, check=True), 1.0, None)
+    assert status == 200 and ans["known"] is False
+    status, ans = w.handle_failover(fo(uid="u1", term=5), 2.0, {"live": False})
+    assert status == 409 and "u1" in ans["error"]
+    assert w.failovers == {} and w.starting() == set()
+    # asked again: still unknown (the manager re-plans on that answer)
+    status, ans = w.handle_failover(fo(uid="u1", term=5, check=True), 3.0, None)
+    assert status == 200 and ans["known"] is False
+    # other uids are not affected
+    assert w.handle_failover(fo(uid="u2", term=5), 4.0, {"live": False})[0] == "start"
+
+
+def test_delayed_failover_request_after_a_check_said_unknown_never_starts_a_second_copy():
+    """Finding 2, the whole story: the manager's POST failover to w2 is stuck in a slow
+    handler; the manager times out, asks w2 about the uid ("unknown"), abandons the plan
+    and re-plans (replication has meanwhile made c's copy the newest); then the stuck
+    request is handled, with the same term."""
+    net, t = make_net()
+    a = net.cores["a"]
+    state = {}
+
+    def policy(net, src, act, now):
+        if act["name"] == "failover" and not act["body"].get("check") and "uid" not in state:
+            state["uid"] = act["body"]["uid"]
+            return "hold"
+        return None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 5, until=lambda t: "uid" in state)
+    (item,) = net.held
+    a.on_response(item[1]["id"], None, None, t)     # the manager's request timed out
+    net.copy("w2", "vm1")["latest_snapshot"]["creation"] = 150
+    t = net.run(t + 1, t + 30, until=lambda t: net.live_on("vm1") != [])
+    assert a.plans[state["uid"]]["state"] == "abandoned"
+    assert net.live_on("vm1") == ["c"]
+    status, ans = net.release(item, t + 1)
+    assert status == 409
+    assert net.live_on("vm1") == ["c"] and len(net.starts_of("vm1")) == 1
+
+
+@pytest.mark.parametrize("stale", ["a", "b", "c"])
+@pytest.mark.parametrize("flag", ["left", "maintenance", "unarmed"])
+def test_one_candidates_stale_flag_does_not_veto_a_failure(flag, stale):
+    """Finding 5: a leave or maintenance that reached one candidate only (refused), then a
+    crash: the 2 other views report w1 armed, not left, not in maintenance: it is failed."""
+    net, t = make_net()
+    kill_w1(net, 9.0)
+    m = net.cores[stale].members["w1"]
+    if flag == "unarmed":
+        m.armed = False
+    else:
+        setattr(m, flag, True)
+    net.run(9.0, 8.0 + FAILOVER_TIME + 6)
+    assert failed_at(net) is not None
+    assert net.live_on("vm1") == ["w2"]
+
+
+def test_vm_whose_latest_done_plan_names_a_left_member_is_never_moved():
+    """Finding 1: vm1 moved w1 -> w2; w1 came back and demoted its copy; w2 left (stop:
+    vm1 runs on there, unprotected); w1 fails again.  w3's replica still names w1 as its
+    parent, and w2 (left) is not asked for its inventory: only the done plan says where
+    vm1 runs.  It must not be started on w3."""
+    invs = standard_invs()
+    invs["w3"] = host_inv("w3", vm("vm1", "w1", creation=250))
+    net, t = make_net(workers=("w1", "w2", "w3"), invs=invs)
+    a = net.cores["a"]
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 5)
+    assert net.live_on("vm1") == ["w2"]
+    # w1 comes back (new incarnation): its copy is demoted to a backup of w2
+    net.dead.discard("w1")
+    net.cores["w1"] = Core(cfg("w1"), 9000, net.now)
+    net.run(net.now + 1, net.now + 3)
+    assert net.cores["w1"].demote_asked == {"vm1": "w2"}
+    net.copy("w1", "vm1").update(parent_host="w2", live=False, state="stopped")
+    net.cores["w1"].demote_done({"vm1": "w2"})
+    net.run(net.now + 1, net.now + 5)
+    assert net.cores["w1"].armed
+    # w2 leaves in order (2 acknowledgements), then stops; vm1 keeps running there
+    body = net.cores["w2"].leave_body()
+    for c in "abc":
+        assert net.cores[c].handle_leave(body, net.now)[0] == 200
+    net.dead.add("w2")                      # its agent is gone; its VMs are not
+    net.run(net.now + 1, net.now + 3)
+    assert all(net.cores[c].members["w2"].left for c in "abc")
+    net.kill("w1")
+    since = len(net.log)
+    net.run(net.now + 1, net.now + FAILOVER_TIME + 20)
+    assert "w1" in a.failed
+    assert [s[0] for s in net.starts_of("vm1")] == ["w2"]
+    notes = [x["msg"] for _, n, x in net.log[since:] if n == "a" and x["kind"] == "event"]
+    assert any("VM vm1 of w1 is not failed over" in m and "w2" in m for m in notes), notes
+
+
+def test_where_a_vm_last_ran_does_not_depend_on_the_plan_cap():
+    """Finding 7: vm1 moved w1 -> w2; then many other failovers push its plan out of the
+    capped plan list (MAX_PLANS).  w2 fails: vm1 must still be moved (no copy names w2)."""
+    net, t = make_net()
+    a = net.cores["a"]
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 5)
+    assert net.live_on("vm1") == ["w2"]
+    term = a.manager_term(net.now)
+    others = [{"vm": f"x{i}", "from": "w9", "to": "w8", "term": term, "uid": f"other-{i}",
+               "state": "done", "seq": 1000 + i} for i in range(MAX_PLANS + 20)]
+    for c in "abc":
+        assert net.cores[c].handle_plan({"term": term, "entries": others}, net.now)[0] == 200
+        assert all(e["vm"] != "vm1" for e in net.cores[c].plans.values())
+    net.kill("w2")
+    net.run(net.now + 1, net.now + FAILOVER_TIME + 20)
+    assert "w2" in a.failed
+    assert net.live_on("vm1") == ["c"]
+    assert a.moved_vms("w1")[0]["vm_name"] == "vm1"
+
+
+def _persisted(net, node, name):
+    acts = [x for _, n, x in net.log if n == node and x["kind"] == "persist"
+            and x["file"] == name]
+    return acts[-1]["data"] if acts else None
+
+
+def test_candidate_restart_keeps_members_and_where_vms_ran():
+    """Findings 6 and 7: the membership table and the plans are written to state_dir
+    (a "persist" action, the agent writes the file) and read back at start."""
+    net, t = make_net()
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 5)
+    assert net.live_on("vm1") == ["w2"]
+    members, plans = _persisted(net, "b", "members.json"), _persisted(net, "b", "plans.json")
+    assert members is not None and plans is not None
+    b2 = Core(cfg("b"), 7000, 100.0, members_state=wire(members), plans_state=wire(plans))
+    view = {m["hostname"]: m for m in b2.members_view(100.0)}
+    assert set(view) == set(net.cores["b"].members)
+    assert view["w2"]["armed"] is True and view["w2"]["silence"] == 0
+    assert b2.moved_vms("w1") == net.cores["b"].moved_vms("w1") != []
+    assert [e["uid"] for e in b2._latest_plans(("done",)).values()] == \
+        [e["uid"] for e in net.cores["b"]._latest_plans(("done",)).values()]

@@ -15,7 +15,6 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 from localcluster import DATASET, LocalCluster, our_pids  # noqa: E402
 
 LIST_FS = ["list", "-H", "-p", "-o", "name,mountpoint", "-t", "filesystem", "-d", "1"]
