@@ -9,13 +9,11 @@ import json
 import os
 import re
 import stat
-import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from localcluster import DATASET, LocalCluster, our_pids  # noqa: E402
+from localcluster import DATASET, LocalCluster, our_pids
 
 LIST_FS = ["list", "-H", "-p", "-o", "name,mountpoint", "-t", "filesystem", "-d", "1"]
 LIST_SNAPS = ["list", "-H", "-p", "-t", "snapshot", "-o", "name,creation,guid", "-s",
