@@ -1523,8 +1523,10 @@ class Core:
 # =============================================================================
 
 NOTICE = 25
+ALERT = 55   # syslog LOG_ALERT: severe, but not the fence (EMERG is a wall message)
 EMERG = 60
 logging.addLevelName(NOTICE, "NOTICE")
+logging.addLevelName(ALERT, "ALERT")
 logging.addLevelName(EMERG, "EMERG")
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
@@ -2181,10 +2183,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 # =============================================================================
 
 class SyslogHandler(logging.handlers.SysLogHandler):
-    """SysLogHandler that knows NOTICE and EMERG and keeps a message in one datagram."""
+    """SysLogHandler that knows NOTICE, ALERT and EMERG and keeps a message in one datagram."""
 
     priority_map = dict(logging.handlers.SysLogHandler.priority_map,
-                        NOTICE="notice", EMERG="emerg")
+                        NOTICE="notice", ALERT="alert", EMERG="emerg")
 
     def format(self, record):
         return super().format(record).encode("utf-8")[:1900].decode("utf-8", "ignore")
