@@ -96,6 +96,7 @@ DEFAULT_COMMANDS = {
     "reboot_now": ["reboot", "-nq"],
     "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
     "zfs": ["zfs"],
+    "hostname": ["sysctl", "-n", "kern.hostname"],  # the name Hoster compares parent_host with
 }
 
 STRATEGIES = {
@@ -103,12 +104,23 @@ STRATEGIES = {
     "change_parent": "change-parent", "cireset": "cireset", "ci-reset": "cireset",
 }
 
-CANDIDATE_KEYS = {"hostname", "protocol", "address", "port", "user", "password"}
-TOP_KEYS = set(TIMINGS) | {
+# Keys of Hoster's own ha_config.json that mean nothing here: accepted and ignored
+# (HosterCore internal/app/rest_api_v2/pkg/config/get_ha_config.go).
+HOSTER_TOP_KEYS = {"node_type", "startup_time"}
+HOSTER_CANDIDATE_KEYS = {"user", "password", "failover_strategy", "failover_time", "backup_node",
+                         "startup_time", "registered", "times_failed"}
+CANDIDATE_KEYS = {"hostname", "protocol", "address", "port"} | HOSTER_CANDIDATE_KEYS
+TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
+    "hoster_config_dir", "hoster_init_file",
 }
+# Where Hoster looks for its config files, first match wins (HosterCore
+# internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
+HOSTER_CONFIG_DIRS = ("/opt/hoster-core/config_files", "/opt/hoster/config_files",
+                      "/usr/local/etc/hoster", "/etc/hoster", "/root/hoster/config_files")
+DEFAULT_DATASETS = ["zroot/vm-encrypted", "zroot/vm-unencrypted"]  # Hoster's installer's
 
 
 class ConfigError(Exception):
@@ -137,6 +149,38 @@ class Config:
 
     def command(self, key, vm=None):
         return [a.replace("{vm}", vm) if vm is not None else a for a in self.commands[key]]
+
+    def hoster_file(self, name):
+        """Path of Hoster's config file `name` (host_config.json, restapi_config.json), or
+        None: in hoster_config_dir if set, else in the first of Hoster's own folders."""
+        return hoster_file(self.hoster_config_dir, name)
+
+
+def hoster_file(folder, name):
+    for d in ([folder] if folder else HOSTER_CONFIG_DIRS):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def hoster_datasets(folder):
+    """(datasets, where they come from, whether that is worth a warning): Hoster's
+    active_datasets (host_config.json), else the installer's defaults."""
+    path = hoster_file(folder, "host_config.json")
+    where = folder or ", ".join(HOSTER_CONFIG_DIRS)
+    if path is None:
+        return list(DEFAULT_DATASETS), f"defaults: no Hoster host_config.json in {where}", False
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return list(DEFAULT_DATASETS), f"defaults: cannot read {path}: {str(e)[:200]}", True
+    ds = data.get("active_datasets") if isinstance(data, dict) else None
+    if not (isinstance(ds, list) and ds and all(
+            isinstance(d, str) and d and not d.startswith("-") and "\0" not in d for d in ds)):
+        return list(DEFAULT_DATASETS), f"defaults: {path} has no valid active_datasets", True
+    return list(ds), f"Hoster's active_datasets in {path}", False
 
 
 def kernel_watchdog_seconds(watchdog_timeout):
@@ -333,9 +377,16 @@ def parse_config(data, path="<config>", debug=False):
     if any(c["protocol"] == "https" for c in candidates) and tls is None:
         raise ConfigError(f"{path}: key 'tls': required when a candidate uses protocol https")
 
-    datasets = data.get("vm_datasets", ["zroot/vm-encrypted", "zroot/vm-unencrypted"])
-    if not isinstance(datasets, list) or not all(isinstance(d, str) and d for d in datasets):
-        raise ConfigError(f"{path}: key 'vm_datasets': expected a list of dataset names")
+    hoster_dir = data.get("hoster_config_dir")
+    if hoster_dir is not None and (not isinstance(hoster_dir, str) or not hoster_dir):
+        raise ConfigError(f"{path}: key 'hoster_config_dir': expected a path")
+    if "vm_datasets" in data:
+        datasets = data["vm_datasets"]
+        if not isinstance(datasets, list) or not all(isinstance(d, str) and d for d in datasets):
+            raise ConfigError(f"{path}: key 'vm_datasets': expected a list of dataset names")
+        ds_source, ds_warn = f"vm_datasets in {path}", False
+    else:
+        datasets, ds_source, ds_warn = hoster_datasets(hoster_dir)
 
     commands = dict(DEFAULT_COMMANDS)
     cmds = data.get("commands", {})
@@ -369,6 +420,10 @@ def parse_config(data, path="<config>", debug=False):
         failover_strategy=STRATEGIES[strategy],
         backup_node=get("backup_node", "bool", False),
         vm_datasets=datasets,
+        vm_datasets_source=ds_source,
+        vm_datasets_warn=ds_warn,
+        hoster_config_dir=hoster_dir,
+        hoster_init_file=get("hoster_init_file", "str", "/var/run/hoster_init"),
         vmm_dir=get("vmm_dir", "str", "/dev/vmm"),
         commands=commands,
         run_dir=get("run_dir", "str", "/var/run"),
