@@ -252,6 +252,9 @@ class Watchdog:
         if debug:
             self.log.log(ha.NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
         self.stand_down(disarm=False)  # a fence that hangs is still reset by the kernel
+        # Blocked again: heartbeats of a newcomer (debug mode leaves it alive) must not kill
+        # us with their default action while the interpreter exits.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         return 1
 
     def stand_down(self, disarm=True):
