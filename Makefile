@@ -50,7 +50,14 @@ lint:
 
 # The rc.d script names the interpreter and the agent by absolute path
 # (/usr/local/...): rewrite them for $(PREFIX) / $(INSTALL_PYTHON).
+# A warning (not an error: a staging DESTDIR may be built elsewhere) when the
+# interpreter named in the scripts does not exist here.
 install:
+	@if [ ! -x "$(INSTALL_PYTHON)" ]; then \
+		echo "warning: INSTALL_PYTHON $(INSTALL_PYTHON) does not exist: the installed" \
+		    "scripts name it on their first line (pkg install python3 provides" \
+		    "/usr/local/bin/python3; python311 alone does not)" >&2; \
+	fi
 	install -d $(SBINDIR) $(RCDIR) $(ETCDIR) $(MAN8DIR)
 	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' hoster_ha.py > $(SBINDIR)/hoster_ha.py
 	chmod 755 $(SBINDIR)/hoster_ha.py

@@ -12,12 +12,16 @@ means the agent can no longer be trusted: the watchdog SIGKILLs it (a paused
 manager must never resume), logs the reason at EMERG, writes the fence record,
 locks and destroys the running VMs and reboots -- or, with --ha-debug, logs each
 step as "(DEBUG) would ..." and exits 1.  SIGTERM is an orderly stand-down.
+A new agent is never adopted while the node is armed: if the armed agent's PID
+is gone, the heartbeat of its successor does not save the host from the fence.
+An unarmed agent's death is logged at ALERT (EMERG is the fence's alone).
 
 It reads the same config file and shares the fencing code of hoster_ha.py, which
 lies beside it.
 """
 
 import argparse
+import errno
 import math
 import os
 import platform
@@ -26,6 +30,7 @@ import struct
 import sys
 import time
 
+sys.dont_write_bytecode = True  # installed in sbin: no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import hoster_ha as ha  # noqa: E402  (the agent module beside this file)
 
@@ -36,6 +41,7 @@ SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 WDIOCPATPAT = 0x8004572A
 WD_ACTIVE = 0x8000000
 FIDO = "/dev/fido"
+WATCHDOGD_PID = "watchdogd.pid"  # in run_dir: watchdogd(8) writes /var/run/watchdogd.pid
 
 
 def patpat_arg(n):
@@ -55,13 +61,15 @@ class KernelWatchdog:
     """FreeBSD watchdog(4), armed while the node is armed and patted on every heartbeat.
 
     FreeBSD 15 replaced WDIOCPATPAT; there the watchdog(8) command does the work.  The
-    device, ioctl and command runner are parameters so the encoding can be tested."""
+    device, ioctl, command runner and watchdogd(8)'s pid file are parameters so the
+    encoding and the checks can be tested without a real /dev/fido."""
 
     def __init__(self, watchdog_timeout, log, device=FIDO, ioctl=None, opener=os.open,
-                 release=None, run=ha.run_cmd):
+                 release=None, run=ha.run_cmd, watchdogd_pidfile="/var/run/" + WATCHDOGD_PID):
         self.n, self.seconds = ha.kernel_watchdog_seconds(watchdog_timeout)
         self.whole = math.ceil(watchdog_timeout + 5)  # watchdog(8) -t takes whole seconds
         self.log, self.device, self.run = log, device, run
+        self.watchdogd_pidfile = watchdogd_pidfile
         self.use_command = freebsd_major(release) >= 15
         if ioctl is None:
             import fcntl
@@ -71,10 +79,45 @@ class KernelWatchdog:
         self.armed = False
 
     def check(self):
-        """Raise RuntimeError (a clear message) if watchdog(4) cannot be used here."""
+        """Raise RuntimeError (one clear line) if watchdog(4) cannot be used here.
+
+        watchdogd(8) must not run (it pats the device with its own timeout, overriding
+        ours); then the device is armed once with our timeout, by the mechanism pat()
+        uses (the ioctl, or watchdog(8) on FreeBSD 15), and disarmed at once: /dev/fido
+        exists whenever the watchdog module is loaded, even with no driver, and only
+        arming tells (EOPNOTSUPP)."""
+        other = ha.read_pid(self.watchdogd_pidfile)
+        if other is not None:
+            raise RuntimeError(
+                f"kernel_watchdog is on but watchdogd(8) runs (PID {other}, "
+                f"{self.watchdogd_pidfile}): it pats {self.device} with its own timeout and "
+                "overrides ours; stop it (service watchdogd stop; sysrc watchdogd_enable=NO) "
+                "or set kernel_watchdog to false")
         if not os.path.exists(self.device):
             raise RuntimeError(f"kernel_watchdog is on but {self.device} does not exist (no "
                                "watchdog(4) driver: load ichwd, amdsbwd or ipmi)")
+        try:
+            self._set(self.n)
+        except OSError as e:
+            raise RuntimeError(self._refusal(e))
+        error = None
+        for _ in range(3):  # armed now: it must not stay armed while we refuse to start
+            try:
+                self._set(0)
+                return
+            except OSError as e:
+                error = e
+        raise RuntimeError(f"kernel watchdog {self.device} was armed for a test and could not "
+                           f"be disarmed ({error}): the host may reset in {self.seconds:g} s")
+
+    def _refusal(self, e):
+        how = "/usr/sbin/watchdog -t" if self.use_command else "WDIOCPATPAT"
+        if getattr(e, "errno", None) == errno.EOPNOTSUPP or "not supported" in str(e):
+            return (f"kernel_watchdog is on but watchdog(4) has no driver on this host ({how} "
+                    f"on {self.device}: Operation not supported): load one (kldload ichwd, "
+                    "amdsbwd or ipmi) or set kernel_watchdog to false")
+        return (f"kernel_watchdog is on but the kernel watchdog cannot be armed ({how} on "
+                f"{self.device}: {e}); set kernel_watchdog to false if this host has none")
 
     def _set(self, n):
         if self.use_command:
@@ -109,15 +152,25 @@ class Watchdog:
         self.armed = False
         self.last_beat = time.monotonic()
         self.acked = None
+        self.newcomer = None       # an agent that beat while the armed one was watched
+        self.ignored = None        # the last PID whose heartbeat was ignored (warned once)
+        self.kernel_error = None   # the kernel watchdog's last error, logged once
 
     def heartbeat(self, pid, armed, now):
         if pid != self.agent_pid:
             if ha.read_pid(self.paths.pid) != pid:
-                self.log.warning(f"ignoring a heartbeat from PID {pid}: not the agent in "
-                                 f"{self.paths.pid}")
+                self.ignore(pid, f"not the agent in {self.paths.pid}")
+                return
+            if self.agent_pid is not None and self.armed:
+                # The armed agent we watch has been replaced.  Never adopt its successor:
+                # if the old one is gone, check() fences (the candidates still count the
+                # armed incarnation); if it lives, the newcomer is a second agent.
+                self.newcomer = pid
+                self.ignore(pid, f"the node is armed by hoster_ha PID {self.agent_pid}; a new "
+                                 "agent is not adopted while armed")
                 return
             self.log.log(ha.NOTICE, f"watching hoster_ha (PID {pid})")
-            self.agent_pid = pid
+            self.agent_pid, self.newcomer = pid, None
         if armed != self.armed:
             self.log.log(ha.NOTICE, f"node {'armed' if armed else 'disarmed'} by hoster_ha "
                                     f"(PID {pid})")
@@ -126,6 +179,11 @@ class Watchdog:
         if self.acked != (pid, armed):
             self.write_ack(armed, pid)
             self.acked = (pid, armed)
+
+    def ignore(self, pid, why):
+        if pid != self.ignored:  # once per PID, not on every heartbeat
+            self.ignored = pid
+            self.log.warning(f"ignoring a heartbeat from PID {pid}: {why} (not logged again for it)")
 
     def write_ack(self, armed, pid):
         """run_dir/ha_watchdog.ack: "armed|unarmed AGENT_PID DEBUG|PRODUCTION"."""
@@ -140,7 +198,13 @@ class Watchdog:
         try:
             self.kernel.pat() if armed else self.kernel.disarm()
         except OSError as e:
-            self.log.log(ha.EMERG, f"kernel watchdog: {e}")
+            if self.kernel_error is None:  # once, at ERR: not on every heartbeat
+                self.log.error(f"kernel watchdog: {e} (not logged again until it works)")
+            self.kernel_error = str(e)
+            return
+        if self.kernel_error is not None:
+            self.log.log(ha.NOTICE, "kernel watchdog works again")
+            self.kernel_error = None
 
     def check(self, now):
         """The reason to fence, or None."""
@@ -149,11 +213,14 @@ class Watchdog:
         alive = ha.pid_alive(self.agent_pid)
         if not self.armed:
             if not alive:
-                self.log.log(ha.EMERG, f"hoster_ha (PID {self.agent_pid}) is gone; the node "
+                self.log.log(ha.ALERT, f"hoster_ha (PID {self.agent_pid}) is gone; the node "
                                        "was not armed, so nothing else is done")
                 self.agent_pid = None
             return None
         if not alive:
+            if self.newcomer is not None:
+                return (f"hoster_ha (PID {self.agent_pid}) is gone and PID {self.newcomer} "
+                        "took its place while the node was armed")
             return f"hoster_ha (PID {self.agent_pid}) is gone"
         if now - self.last_beat >= self.cfg.watchdog_timeout:
             return (f"no heartbeat from hoster_ha (PID {self.agent_pid}) for "
@@ -168,19 +235,26 @@ class Watchdog:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         debug = self.cfg.debug
         say = "(DEBUG) would " if debug else ""
-        self.log.log(ha.NOTICE if debug else ha.EMERG,
-                     f"{say}SIGKILL hoster_ha (PID {self.agent_pid})")
-        if not debug:
-            try:
-                os.kill(self.agent_pid, signal.SIGKILL)
-            except OSError:
-                pass
+        # The agent, and a newcomer that claims its pid file: neither may act any more.
+        pids = [self.agent_pid]
+        if self.newcomer is not None and ha.read_pid(self.paths.pid) == self.newcomer:
+            pids.append(self.newcomer)
+        for pid in pids:
+            self.log.log(ha.NOTICE if debug else ha.ALERT, f"{say}SIGKILL hoster_ha (PID {pid})")
+            if not debug:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         self.log.log(ha.EMERG, f"{reason}, initiating fencing")
         ha.EventLog(self.paths.events, self.cfg.hostname).append("watchdog_fence", reason=reason)
         ha.fence_host(self.cfg, ha.Host(self.cfg, self.log), self.log, reason, debug)
         if debug:
             self.log.log(ha.NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
         self.stand_down(disarm=False)  # a fence that hangs is still reset by the kernel
+        # Blocked again: heartbeats of a newcomer (debug mode leaves it alive) must not kill
+        # us with their default action while the interpreter exits.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         return 1
 
     def stand_down(self, disarm=True):
@@ -231,13 +305,16 @@ def main(argv=None):
         if cfg.debug:
             log.log(ha.NOTICE, "(DEBUG) would arm the kernel watchdog (/dev/fido) while armed")
         else:
-            kernel = KernelWatchdog(cfg.watchdog_timeout, log)
+            kernel = KernelWatchdog(cfg.watchdog_timeout, log, watchdogd_pidfile=os.path.join(
+                cfg.run_dir, WATCHDOGD_PID))
             try:
                 kernel.check()
             except RuntimeError as e:
                 log.error(str(e))
                 print(f"ha_watchdog: {e}", file=sys.stderr)
                 return 1
+            log.log(ha.NOTICE, f"kernel watchdog {kernel.device} works (armed for a test and "
+                               "disarmed); armed while the node is")
     os.makedirs(cfg.run_dir, exist_ok=True)
     watchdog = Watchdog(cfg, log, kernel)
     watchdog.write_ack(False, 0)  # our mode, before the pid file announces us

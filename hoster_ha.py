@@ -9,7 +9,8 @@ may safely restart its production VMs elsewhere.
 
     hoster_ha.py start [--config PATH] [--ha-debug] [--foreground]
     hoster_ha.py stop | status [--json] | members [--json] | vms [--json] | events [--json]
-    hoster_ha.py maintenance on|off | terminate | check-config [--config PATH] | gen-secret
+    hoster_ha.py maintenance on|off | terminate | check-config [--config PATH] [--ha-debug]
+    hoster_ha.py doctor [--config PATH] [--json] | gen-secret
 
 The contract (behaviour, timings, CLI, config, HTTP API, files) is SPEC.md.
 The file reads top to bottom:
@@ -25,6 +26,8 @@ The file reads top to bottom:
 
 import argparse
 import concurrent.futures
+import email.utils
+import errno
 import hashlib
 import hmac
 import http.client
@@ -37,6 +40,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -96,6 +100,7 @@ DEFAULT_COMMANDS = {
     "reboot_now": ["reboot", "-nq"],
     "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
     "zfs": ["zfs"],
+    "hostname": ["sysctl", "-n", "kern.hostname"],  # the name Hoster compares parent_host with
 }
 
 STRATEGIES = {
@@ -103,12 +108,23 @@ STRATEGIES = {
     "change_parent": "change-parent", "cireset": "cireset", "ci-reset": "cireset",
 }
 
-CANDIDATE_KEYS = {"hostname", "protocol", "address", "port", "user", "password"}
-TOP_KEYS = set(TIMINGS) | {
+# Keys of Hoster's own ha_config.json that mean nothing here: accepted and ignored
+# (HosterCore internal/app/rest_api_v2/pkg/config/get_ha_config.go).
+HOSTER_TOP_KEYS = {"node_type", "startup_time"}
+HOSTER_CANDIDATE_KEYS = {"user", "password", "failover_strategy", "failover_time", "backup_node",
+                         "startup_time", "registered", "times_failed"}
+CANDIDATE_KEYS = {"hostname", "protocol", "address", "port"} | HOSTER_CANDIDATE_KEYS
+TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
+    "hoster_config_dir", "hoster_init_file",
 }
+# Where Hoster looks for its config files, first match wins (HosterCore
+# internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
+HOSTER_CONFIG_DIRS = ("/opt/hoster-core/config_files", "/opt/hoster/config_files",
+                      "/usr/local/etc/hoster", "/etc/hoster", "/root/hoster/config_files")
+DEFAULT_DATASETS = ["zroot/vm-encrypted", "zroot/vm-unencrypted"]  # Hoster's installer's
 
 
 class ConfigError(Exception):
@@ -137,6 +153,38 @@ class Config:
 
     def command(self, key, vm=None):
         return [a.replace("{vm}", vm) if vm is not None else a for a in self.commands[key]]
+
+    def hoster_file(self, name):
+        """Path of Hoster's config file `name` (host_config.json, restapi_config.json), or
+        None: in hoster_config_dir if set, else in the first of Hoster's own folders."""
+        return hoster_file(self.hoster_config_dir, name)
+
+
+def hoster_file(folder, name):
+    for d in ([folder] if folder else HOSTER_CONFIG_DIRS):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def hoster_datasets(folder):
+    """(datasets, where they come from, whether that is worth a warning): Hoster's
+    active_datasets (host_config.json), else the installer's defaults."""
+    path = hoster_file(folder, "host_config.json")
+    where = folder or ", ".join(HOSTER_CONFIG_DIRS)
+    if path is None:
+        return list(DEFAULT_DATASETS), f"defaults: no Hoster host_config.json in {where}", False
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return list(DEFAULT_DATASETS), f"defaults: cannot read {path}: {str(e)[:200]}", True
+    ds = data.get("active_datasets") if isinstance(data, dict) else None
+    if not (isinstance(ds, list) and ds and all(
+            isinstance(d, str) and d and not d.startswith("-") and "\0" not in d for d in ds)):
+        return list(DEFAULT_DATASETS), f"defaults: {path} has no valid active_datasets", True
+    return list(ds), f"Hoster's active_datasets in {path}", False
 
 
 def kernel_watchdog_seconds(watchdog_timeout):
@@ -333,9 +381,16 @@ def parse_config(data, path="<config>", debug=False):
     if any(c["protocol"] == "https" for c in candidates) and tls is None:
         raise ConfigError(f"{path}: key 'tls': required when a candidate uses protocol https")
 
-    datasets = data.get("vm_datasets", ["zroot/vm-encrypted", "zroot/vm-unencrypted"])
-    if not isinstance(datasets, list) or not all(isinstance(d, str) and d for d in datasets):
-        raise ConfigError(f"{path}: key 'vm_datasets': expected a list of dataset names")
+    hoster_dir = data.get("hoster_config_dir")
+    if hoster_dir is not None and (not isinstance(hoster_dir, str) or not hoster_dir):
+        raise ConfigError(f"{path}: key 'hoster_config_dir': expected a path")
+    if "vm_datasets" in data:
+        datasets = data["vm_datasets"]
+        if not isinstance(datasets, list) or not all(isinstance(d, str) and d for d in datasets):
+            raise ConfigError(f"{path}: key 'vm_datasets': expected a list of dataset names")
+        ds_source, ds_warn = f"vm_datasets in {path}", False
+    else:
+        datasets, ds_source, ds_warn = hoster_datasets(hoster_dir)
 
     commands = dict(DEFAULT_COMMANDS)
     cmds = data.get("commands", {})
@@ -369,6 +424,10 @@ def parse_config(data, path="<config>", debug=False):
         failover_strategy=STRATEGIES[strategy],
         backup_node=get("backup_node", "bool", False),
         vm_datasets=datasets,
+        vm_datasets_source=ds_source,
+        vm_datasets_warn=ds_warn,
+        hoster_config_dir=hoster_dir,
+        hoster_init_file=get("hoster_init_file", "str", "/var/run/hoster_init"),
         vmm_dir=get("vmm_dir", "str", "/dev/vmm"),
         commands=commands,
         run_dir=get("run_dir", "str", "/var/run"),
@@ -3486,6 +3545,341 @@ class Agent:
 
 
 # =============================================================================
+# 5b. Host checks: what start, check-config and doctor verify on this host
+#
+# Each check returns a Check: ok True (passed), False (failed; `fix` says what to do)
+# or None (skipped, with the reason).  Every host path read here comes from the config
+# (hoster_config_dir, hoster_init_file, vmm_dir, run_dir) or a host command, so tests
+# point them at fakes.
+# =============================================================================
+
+SYSLOG_SOCKETS = ("/var/run/log", "/dev/log")  # the sockets setup_logging() tries
+CLOCK_LIMIT = 10.0  # s: a larger offset to a candidate fails doctor (requests: ±60 s)
+
+
+class Check:
+    MARKS = {True: "✓", False: "✗", None: "–"}
+
+    def __init__(self, name, ok, detail, fix=None):
+        self.name, self.ok, self.detail, self.fix = name, ok, detail, fix
+
+    def line(self):
+        text = f"{self.MARKS[self.ok]} {self.name}: {self.detail}"
+        return text + (f" — fix: {self.fix}" if self.ok is False and self.fix else "")
+
+    def refusal(self):
+        """One line for `start` / `check-config` to refuse with."""
+        return f"{self.name}: {self.detail}" + (f"; {self.fix}" if self.fix else "")
+
+    def as_dict(self):
+        return {"check": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
+
+
+def check_identity(cfg):
+    """Our hostname must be the kernel's: Hoster compares parent_host with kern.hostname."""
+    argv = cfg.command("hostname")
+    rc, out, err = run_cmd(argv, 10)
+    name = out.strip()
+    if rc != 0 or not name or "\n" in name:
+        return Check("hostname", False, f"cannot read the kernel's hostname ({' '.join(argv)}: "
+                                        f"exit {rc}: {last_line(err or out) or 'no output'})",
+                     "fix commands.hostname in the config")
+    if name != cfg.hostname:
+        return Check("hostname", False,
+                     f"hostname {cfg.hostname!r} in {cfg.path} is not the kernel's hostname "
+                     f"{name!r} ({' '.join(argv)}), the name Hoster compares parent_host with",
+                     f"set \"hostname\": \"{name}\" (or remove the key), or rename the host")
+    return Check("hostname", True, f"{name} (the kernel's hostname, as Hoster sees it)")
+
+
+def check_hoster_ha(cfg):
+    """Hoster's own HA (restapi_config.json ha_mode) must be off: two HA systems would
+    lock, start and fence the same VMs."""
+    path = cfg.hoster_file("restapi_config.json")
+    if path is None:
+        return Check("Hoster's HA", True, "off (no restapi_config.json in "
+                     f"{cfg.hoster_config_dir or ', '.join(HOSTER_CONFIG_DIRS)})")
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return Check("Hoster's HA", True, f"off: {path} cannot be read ({str(e)[:100]}), so "
+                                          "Hoster's REST API cannot run with it either")
+    if isinstance(data, dict) and data.get("ha_mode") is True:
+        return Check("Hoster's HA", False,
+                     f"Hoster's own HA is enabled (ha_mode: true in {path}): two HA systems "
+                     "would act on the same VMs",
+                     f"set \"ha_mode\": false in {path} and restart Hoster's REST API")
+    return Check("Hoster's HA", True, f"off (ha_mode is not true in {path})")
+
+
+def check_port(cfg):
+    """The agent's port must be free (Hoster's REST API listens on 3000 by default)."""
+    pid = read_pid(Paths(cfg).pid)
+    if pid is not None:
+        return Check("port", True, f"{cfg.port} is in use by this agent (PID {pid})")
+    family = socket.AF_INET6 if ":" in cfg.listen_address else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent's server
+        s.bind((cfg.listen_address, cfg.port))
+        s.listen(1)
+    except OSError as e:
+        where = f"{cfg.listen_address}:{cfg.port}"
+        if e.errno == errno.EADDRINUSE:
+            hoster = " (Hoster's REST API listens on 3000 by default)" if cfg.port == 3000 else ""
+            return Check("port", False, f"port {cfg.port} is taken ({where}: another process "
+                                        f"listens there){hoster}",
+                         f"choose a free port for every node (\"port\" of the candidates and "
+                         f"workers); sockstat -l -p {cfg.port} shows who has it")
+        return Check("port", False, f"cannot listen on {where}: {e.strerror or e}",
+                     "check listen_address and port")
+    finally:
+        s.close()
+    return Check("port", True, f"{cfg.port} is free on {cfg.listen_address}")
+
+
+def check_kernel_watchdog(cfg, make_kernel=None):
+    """With kernel_watchdog: watchdogd(8) not running, and watchdog(4) arms and disarms.
+    Not probed while our ha_watchdog runs: the probe would disarm the armed device."""
+    name = "kernel watchdog"
+    if not cfg.kernel_watchdog:
+        return Check(name, None, "kernel_watchdog is off (a whole-host stall is not covered)")
+    wd = read_pid(Paths(cfg).wd_pid)
+    if wd is not None:
+        return Check(name, True, f"in use by ha_watchdog (PID {wd}); not probed")
+    if make_kernel is None:
+        sys.dont_write_bytecode = True  # ha_watchdog.py lies beside us, in sbin
+        import ha_watchdog
+
+        def make_kernel(cfg):
+            return ha_watchdog.KernelWatchdog(
+                cfg.watchdog_timeout, logging.getLogger("hoster_ha.checks"),
+                watchdogd_pidfile=os.path.join(cfg.run_dir, ha_watchdog.WATCHDOGD_PID))
+    kernel = make_kernel(cfg)
+    try:
+        kernel.check()
+    except RuntimeError as e:
+        return Check(name, False, str(e))
+    return Check(name, True, f"{kernel.device} works (armed for a test with "
+                             f"{kernel.seconds:g} s, then disarmed)")
+
+
+def preflight(cfg, make_kernel=None):
+    """The host checks `start` and `check-config` refuse on (SPEC-level: README, hoster_ha.8)."""
+    checks = [check_identity(cfg), check_hoster_ha(cfg), check_port(cfg)]
+    if not cfg.debug:  # in debug mode ha_watchdog never arms watchdog(4)
+        checks.append(check_kernel_watchdog(cfg, make_kernel))
+    return checks
+
+
+def refusals(cfg, checks):
+    """(lines that refuse, lines that only warn).  In debug mode only a port that cannot be
+    bound refuses (the agent could not run at all); the rest is a warning."""
+    bad = [c for c in checks if c.ok is False]
+    if not cfg.debug:
+        return [c.refusal() for c in bad], []
+    return ([c.refusal() for c in bad if c.name == "port"],
+            [c.refusal() for c in bad if c.name != "port"])
+
+
+def check_python():
+    """The interpreter named on our first line (make install writes INSTALL_PYTHON there)."""
+    script = os.path.realpath(__file__)
+    try:
+        with open(script, encoding="utf-8", errors="replace") as f:
+            first = f.readline().strip()
+    except OSError as e:
+        return Check("python", False, f"cannot read {script}: {e.strerror}")
+    argv = first[2:].split() if first.startswith("#!") else []
+    if argv[:1] == ["/usr/bin/env"] and len(argv) == 2:
+        interp = shutil.which(argv[1]) or argv[1]
+    else:
+        interp = argv[0] if argv else sys.executable
+    fix = "pkg install python3 (only that package creates /usr/local/bin/python3)"
+    if not (os.path.isfile(interp) and os.access(interp, os.X_OK)):
+        return Check("python", False, f"{interp}, named on the first line of {script}, does "
+                                      "not exist", fix)
+    rc, out, err = run_cmd([interp, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           10)
+    version = out.strip()
+    if rc != 0 or not re.fullmatch(r"\d+\.\d+", version):
+        return Check("python", False, f"{interp} does not run ({last_line(err) or rc})", fix)
+    if tuple(int(x) for x in version.split(".")) < (3, 9):
+        return Check("python", False, f"{interp} is Python {version}; 3.9 or later is needed",
+                     fix)
+    return Check("python", True, f"{interp} (Python {version})")
+
+
+def check_secret(path):
+    """The secret must not be readable by group or others, wherever it is."""
+    name = "secret"
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+        mode = os.stat(path).st_mode & 0o777
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return Check(name, None, "skipped: the config cannot be read")
+    if not isinstance(data, dict):
+        return Check(name, None, "skipped: the config is not a JSON object")
+    secret_file = data.get("secret_file")
+    if isinstance(secret_file, str) and secret_file:
+        try:
+            fmode = os.stat(secret_file).st_mode & 0o777
+        except OSError as e:
+            return Check(name, False, f"secret_file {secret_file}: {e.strerror}",
+                         f"hoster_ha.py gen-secret > {secret_file}; chmod 600 {secret_file} "
+                         "(the same secret on every host)")
+        if fmode & 0o077:
+            return Check(name, False, f"{secret_file} is mode {fmode:o}: group or others can "
+                                      "read it", f"chmod 600 {secret_file}")
+        return Check(name, True, f"{secret_file} is mode {fmode:o}")
+    if "secret" in data:
+        if mode & 0o077:
+            return Check(name, False, f"the secret is written in {path}, which group or others "
+                                      f"can read (mode {mode:o})",
+                         f"chmod 600 {path}, or move the secret to a secret_file")
+        return Check(name, True, f"in {path} (mode {mode:o})")
+    return Check(name, False, "no secret or secret_file in the config",
+                 "hoster_ha.py gen-secret > /usr/local/etc/hoster_ha/secret; chmod 600 it; "
+                 "set secret_file")
+
+
+def check_hoster_init(cfg):
+    """`hoster init` (after every reboot) writes the init marker and loads vmm.ko."""
+    missing = [p for p in (cfg.hoster_init_file, cfg.vmm_dir) if not os.path.exists(p)]
+    if missing:
+        return Check("Hoster initialised", False, f"no: {' and '.join(missing)} missing",
+                     "zfs mount -a -l, then hoster init (both after every reboot)")
+    return Check("Hoster initialised", True, f"yes ({cfg.hoster_init_file} and {cfg.vmm_dir} "
+                                             "exist)")
+
+
+def check_datasets(cfg):
+    """One check per VM dataset: it exists, is mounted and its key is loaded."""
+    checks = [Check("VM datasets", True, f"{', '.join(cfg.vm_datasets) or 'none'} "
+                                         f"({cfg.vm_datasets_source})")]
+    for ds in cfg.vm_datasets:
+        name = f"dataset {ds}"
+        argv = cfg.commands["zfs"] + ["get", "-H", "-p", "-o", "name,property,value",
+                                      "mounted,keystatus", ds]
+        rc, out, err = run_cmd(argv, 30)
+        if rc != 0:
+            checks.append(Check(name, False, f"zfs get failed (exit {rc}): "
+                                             f"{last_line(err or out) or 'no output'}",
+                                "check vm_datasets (or Hoster's active_datasets): zfs list"))
+            continue
+        props = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[0] == ds:
+                props[parts[1]] = parts[2]
+        mounted, key = props.get("mounted"), props.get("keystatus", "-")
+        if key == "unavailable":
+            checks.append(Check(name, False, "locked (keystatus unavailable): its VMs are "
+                                             "invisible", "zfs mount -a -l (asks for the "
+                                                          "passphrase), then hoster init"))
+        elif mounted != "yes":
+            checks.append(Check(name, False, f"not mounted (mounted {mounted or 'unknown'}): "
+                                             "its VMs are invisible", "zfs mount -a -l"))
+        else:
+            checks.append(Check(name, True, "mounted, " + ("key loaded" if key == "available"
+                                                           else "not encrypted")))
+    return checks
+
+
+def check_syslog():
+    """A syslog socket that accepts a datagram, as setup_logging() needs."""
+    errors = []
+    for path in SYSLOG_SOCKETS:
+        if not os.path.exists(path):
+            continue
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.connect(path)
+        except OSError as e:
+            errors.append(f"{path}: {e.strerror or e}")
+            continue
+        finally:
+            s.close()
+        return Check("syslog", True, f"{path} accepts messages")
+    return Check("syslog", False, "no syslog socket accepts messages ("
+                 + ("; ".join(errors) or f"none of {', '.join(SYSLOG_SOCKETS)} exists") + ")",
+                 "service syslogd start (until then only log_file, if set, has the lines)")
+
+
+def clock_offset(cfg, cand, timeout=3.0):
+    """(seconds the candidate's clock is ahead of ours, None) from the Date of its signed
+    answer to GET status, or (None, error).  Date has whole seconds: ±0.5 s plus half the
+    round trip."""
+    target = API + "status"
+    headers = signed_headers(cfg.secret, "GET", target, b"")
+    if cand["protocol"] == "https":
+        conn = _HTTPSConnection(cand["address"], cand["port"], [cand["hostname"], cand["address"]],
+                                timeout=timeout, context=client_ssl_context(cfg.tls))
+    else:
+        conn = http.client.HTTPConnection(cand["address"], cand["port"], timeout=timeout)
+    try:
+        t0 = time.time()
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read(MAX_ANSWER + 1)
+        t1 = time.time()
+        if not hmac.compare_digest(resp.getheader("X-HA-Answer-Signature") or "", sign_answer(
+                cfg.secret, cand["hostname"], headers["X-HA-Signature"], resp.status, raw)):
+            return None, "the answer is not signed by its agent (another service on that port?)"
+        date = email.utils.parsedate_to_datetime(resp.getheader("Date") or "")
+        return date.timestamp() + 0.5 - (t0 + t1) / 2, None
+    except (OSError, http.client.HTTPException, ssl.SSLError, TypeError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
+def check_clocks(cfg, offset=clock_offset):
+    if read_pid(Paths(cfg).pid) is None:
+        return [Check("clock offset", None, "skipped: the agent is not running here (start it "
+                                            "and the candidates, then run doctor again)")]
+    checks = []
+    for cand in cfg.candidates:
+        if cand["hostname"] == cfg.hostname:
+            continue
+        name = f"clock offset to {cand['hostname']}"
+        off, error = offset(cfg, cand)
+        if error:
+            checks.append(Check(name, False, f"no answer ({error})",
+                                "check that its agent runs and the network between us"))
+        elif abs(off) >= CLOCK_LIMIT:
+            checks.append(Check(name, False, f"{off:+.1f} s (more than {CLOCK_LIMIT:g} s; "
+                                             f"requests are refused beyond "
+                                             f"±{SIGNATURE_WINDOW} s)",
+                                "run ntpd on every host (sysrc ntpd_enable=YES; service ntpd "
+                                "start)"))
+        else:
+            checks.append(Check(name, True, f"{off:+.1f} s (±0.5 s)"))
+    return checks
+
+
+def doctor(path, make_kernel=None, offset=clock_offset):
+    """Every check of this host, in order; [Check].  Runs whatever the config allows."""
+    checks = [check_python()]
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        checks += [Check("config", False, str(e), "edit the file (check-config says the same)"),
+                   check_secret(path), check_syslog(),
+                   Check("the other checks", None, "skipped: they need a valid config")]
+        return checks
+    role = "candidate" if cfg.is_candidate else "worker"
+    checks += [Check("config", True, f"{cfg.path} ({cfg.hostname} is a {role})"),
+               check_secret(path), check_identity(cfg), check_hoster_init(cfg)]
+    checks += check_datasets(cfg)
+    checks += [check_port(cfg), check_hoster_ha(cfg), check_syslog(),
+               check_kernel_watchdog(cfg, make_kernel)]
+    return checks + check_clocks(cfg, offset)
+
+
+# =============================================================================
 # 6. CLI
 # =============================================================================
 
@@ -3515,6 +3909,13 @@ def cmd_start(cfg, args):
     if pid is not None:
         return die(f"already running as PID {pid} ({paths.pid}); "
                    "use 'hoster_ha.py stop' first", 1)
+    refuse, warn = refusals(cfg, preflight(cfg))
+    for line in warn:
+        print(f"hoster_ha: warning (debug mode): {line}", file=sys.stderr)
+    if refuse:
+        for line in refuse:
+            print(f"hoster_ha: cannot start: {line}", file=sys.stderr)
+        return 2
     if args.foreground:
         return run_agent(cfg, stderr=sys.stderr.isatty())
     child = os.fork()
@@ -3550,6 +3951,8 @@ def run_agent(cfg, stderr):
     os.environ["PATH"] = os.pathsep.join([p for p in path if p] +
                                          [p for p in SYSTEM_PATH if p not in path])
     log = setup_logging(cfg, "hoster_ha", stderr=stderr)
+    log.log(logging.WARNING if cfg.vm_datasets_warn else NOTICE,
+            f"VM datasets: {', '.join(cfg.vm_datasets) or 'none'} ({cfg.vm_datasets_source})")
     try:
         agent = Agent(cfg, log)
     except (OSError, RuntimeError) as e:
@@ -3767,10 +4170,35 @@ def cmd_events(cfg, args):
 
 
 def cmd_check_config(cfg, args):
+    """The config, then the host checks `start` refuses on (exit 2 with one line each)."""
+    checks = preflight(cfg)
+    refuse, warn = refusals(cfg, checks)
+    for line in warn:
+        print(f"hoster_ha: warning (debug mode): {line}", file=sys.stderr)
+    if refuse:
+        for line in refuse:
+            print(f"hoster_ha: {line}", file=sys.stderr)
+        return 2
     role = "candidate" if cfg.is_candidate else "worker"
     print(f"{cfg.path}: OK ({cfg.hostname} is a {role}; candidates "
           f"{', '.join(cfg.candidate_names)}; failover_time {cfg.failover_time:g} s)")
+    print(f"VM datasets: {', '.join(cfg.vm_datasets) or 'none'} ({cfg.vm_datasets_source})")
+    for c in checks:
+        print(c.line())
     return 0
+
+
+def cmd_doctor(path, args):
+    checks = doctor(path)
+    ok = all(c.ok is not False for c in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [c.as_dict() for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(c.line())
+        failed = sum(c.ok is False for c in checks)
+        print("all checks passed" if ok else f"{failed} check{'s' * (failed > 1)} failed")
+    return 0 if ok else 1
 
 
 def build_parser():
@@ -3809,7 +4237,13 @@ def build_parser():
              "never failed over; off: arm again")
     sp.add_argument("state", choices=["on", "off"])
     add("terminate", "orderly stop of every member of the cluster (run on a candidate)")
-    add("check-config", "validate the config file and exit")
+    sp = add("check-config", "validate the config file and the host checks start refuses on "
+             "(hostname, Hoster's HA, port, kernel watchdog) and exit")
+    sp.add_argument("--ha-debug", action="store_true",
+                    help="check as for start --ha-debug (only the port refuses)")
+    add("doctor", "check this host, one line each with the fix: python, secret, config, "
+        "hostname, Hoster initialised, datasets, port, Hoster's HA, syslog, kernel watchdog, "
+        "clocks", json_flag=True)
     sub.add_parser("gen-secret", help="print a new random cluster secret",
                    description="print a new random cluster secret")
     return p
@@ -3826,6 +4260,8 @@ def main(argv=None):
         print(secrets.token_hex(32))
         return 0
     path = find_config_path(args.config)
+    if args.command == "doctor":  # runs (and says so) whatever the config's problems
+        return cmd_doctor(path, args)
     try:
         cfg = load_config(path, debug=getattr(args, "ha_debug", False))
     except ConfigError as e:

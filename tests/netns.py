@@ -469,14 +469,16 @@ class NetCluster:
                     "reboot": [f"{b}/shutdown", "-r", "now"],
                     "reboot_now": [f"{b}/reboot", "-nq"],
                     "free_memory": [f"{b}/sysctl", "-n", "vm.stats.vm.v_free_count",
-                                    "hw.pagesize"]}
+                                    "hw.pagesize"],
+                    "hostname": ["echo", h.name]}  # the kernel's name = the host's
         cfg = {"hostname": h.name, "secret": SECRET,
                "candidates": [{"hostname": c, "protocol": "http",
                                "address": self.net.address[c], "port": PORT}
                               for c in self.candidates],
                "listen_address": h.address, "vm_datasets": [DATASET],
                "vmm_dir": h.path("vmm"), "commands": commands,
-               "run_dir": h.run_dir, "state_dir": h.state_dir, "log_file": h.log_file}
+               "run_dir": h.run_dir, "state_dir": h.state_dir, "log_file": h.log_file,
+               "hoster_config_dir": h.path()}  # Hoster's files (none): never the machine's
         if not h.candidate:
             cfg.update(address=h.address, port=PORT)
         cfg.update(self.timings)

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 AGENT = os.path.join(ROOT, "hoster_ha.py")
 SECRET = "0123456789abcdef0123456789abcdef"
-COMMANDS = ("start", "stop", "status", "members", "events", "check-config", "gen-secret")
+COMMANDS = ("start", "stop", "status", "members", "events", "check-config", "doctor",
+            "gen-secret")
 
 
 def free_port():
@@ -40,8 +41,11 @@ def good_config(tmp_path, **over):
         "state_dir": str(tmp_path / "state"),
         "ping_interval": 0.5, "ping_timeout": 0.4, "survival_window": 2.5, "vote_lease": 1.5,
         "watchdog_timeout": 2, "fence_timeout": 2, "failover_time": 13,
+        "hoster_config_dir": str(tmp_path / "hoster"),  # never this machine's Hoster files
     }
     cfg.update(over)
+    # the kernel's hostname, as the host-command layer reports it: the node's own
+    cfg.setdefault("commands", {}).setdefault("hostname", ["echo", cfg["hostname"]])
     return cfg
 
 
@@ -359,3 +363,160 @@ def test_usage_errors_exit_2(args):
     assert r.returncode == 2, r
     assert "usage" in r.stderr.lower()
     assert "Traceback" not in r.stderr
+
+
+# -- the host checks start and check-config refuse on (issue 11, items 5 and 7) -------------
+
+def assert_refused(r, *words):
+    """Exit 2, one line on stderr holding every word, nothing on stdout, no traceback."""
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip("\n").split("\n")
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert r.stdout == "", r.stdout
+
+
+def test_production_start_refuses_a_hostname_that_is_not_the_kernels(tmp_path):
+    """Hoster compares parent_host with kern.hostname: an agent called otherwise would
+    lock, demote and start VMs under a name Hoster does not know."""
+    path = write(tmp_path, good_config(tmp_path, commands={"hostname": ["echo", "hoster-7"]}))
+    for args in (("check-config",), ("start", "--foreground"), ("start",)):
+        r = run(*args, "--config", path)
+        assert_refused(r, "'node1'", "'hoster-7'", "kernel's hostname", "parent_host")
+    assert not os.path.exists(tmp_path / "run" / "hoster_ha.pid")
+
+
+def test_a_hostname_command_that_fails_refuses_too(tmp_path):
+    path = write(tmp_path, good_config(tmp_path, commands={
+        "hostname": [sys.executable, "-c", "import sys; sys.exit('no kern.hostname here')"]}))
+    r = run("check-config", "--config", path)
+    assert_refused(r, "cannot read the kernel's hostname", "no kern.hostname here")
+
+
+def test_debug_mode_only_warns_about_the_hostname(tmp_path):
+    path = write(tmp_path, good_config(tmp_path, commands={"hostname": ["echo", "hoster-7"]}))
+    r = run("check-config", "--ha-debug", "--config", path)
+    assert r.returncode == 0, r
+    assert "warning (debug mode)" in r.stderr and "'hoster-7'" in r.stderr, r.stderr
+    assert "OK" in r.stdout
+
+
+def hoster_files(tmp_path, **files):
+    d = tmp_path / "hoster"
+    d.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (d / f"{name}.json").write_text(json.dumps(content))
+    return d
+
+
+def test_hosters_own_ha_enabled_is_refused(tmp_path):
+    d = hoster_files(tmp_path, restapi_config={"bind": "0.0.0.0", "port": 3000,
+                                               "ha_mode": True, "ha_debug": False})
+    path = write(tmp_path, good_config(tmp_path))
+    for args in (("check-config",), ("start", "--foreground")):
+        r = run(*args, "--config", path)
+        assert_refused(r, "Hoster's own HA is enabled", "ha_mode", str(d / "restapi_config.json"))
+    assert not os.path.exists(tmp_path / "run" / "hoster_ha.pid")
+    hoster_files(tmp_path, restapi_config={"port": 3000, "ha_mode": False})
+    r = run("check-config", "--config", path)
+    assert r.returncode == 0, r
+    assert "✓ Hoster's HA: off" in r.stdout, r.stdout
+
+
+def test_a_taken_port_is_refused_naming_it(tmp_path):
+    port = free_port()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(1)
+    try:
+        cands = [{"hostname": f"node{i}", "address": f"127.0.0.{i}", "port": port}
+                 for i in (1, 2, 3)]
+        path = write(tmp_path, good_config(tmp_path, candidates=cands))
+        for args in (("check-config",), ("start", "--foreground"), ("start",),
+                     ("check-config", "--ha-debug")):
+            r = run(*args, "--config", path)
+            assert_refused(r, f"port {port} is taken", f"127.0.0.1:{port}")
+    finally:
+        s.close()
+    r = run("check-config", "--config", path)
+    assert r.returncode == 0, r
+    assert f"✓ port: {port} is free on 127.0.0.1" in r.stdout, r.stdout
+
+
+def test_check_config_says_where_the_vm_datasets_come_from(tmp_path):
+    d = hoster_files(tmp_path, host_config={"active_datasets": ["tank/vm-a", "tank/vm-b"]})
+    path = write(tmp_path, good_config(tmp_path))
+    r = run("check-config", "--config", path)
+    assert r.returncode == 0, r
+    assert (f"VM datasets: tank/vm-a, tank/vm-b (Hoster's active_datasets in "
+            f"{d / 'host_config.json'})") in r.stdout.splitlines(), r.stdout
+    path = write(tmp_path, good_config(tmp_path, vm_datasets=["zroot/x"]))
+    r = run("check-config", "--config", path)
+    assert f"VM datasets: zroot/x (vm_datasets in {path})" in r.stdout.splitlines(), r.stdout
+
+
+def test_check_config_accepts_hosters_ha_config_keys(tmp_path):
+    cfg = good_config(tmp_path, node_type="candidate", startup_time=1700000000)
+    for c in cfg["candidates"]:
+        c.update(failover_strategy="cireset", failover_time=60, backup_node=False,
+                 startup_time=0, registered=False, times_failed=0, user="u", password="p")
+    r = run("check-config", "--config", write(tmp_path, cfg))
+    assert r.returncode == 0, r
+
+
+def test_example_config_does_not_use_hosters_rest_api_port(tmp_path):
+    """Hoster's REST API listens on 3000; an agent on the same port cannot start beside it."""
+    with open(os.path.join(ROOT, "ha_config.json.example")) as f:
+        example = json.load(f)
+    ports = {int(c["port"]) for c in example["candidates"]}
+    assert 3000 not in ports, ports
+    assert "port" not in example or int(example["port"]) != 3000
+    # and it loads once its secret file exists (hostname pinned to a candidate)
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    os.chmod(secret, 0o600)
+    example.update(secret_file=str(secret), hostname=example["candidates"][0]["hostname"],
+                   hoster_config_dir=str(tmp_path))
+    sys.path.insert(0, ROOT)
+    import hoster_ha
+    cfg = hoster_ha.load_config(write(tmp_path, example))
+    assert cfg.port in ports
+
+
+# -- install (issue 11, item 10) -------------------------------------------------------------
+
+def test_installed_scripts_write_no_pycache(tmp_path):
+    """ha_watchdog.py imports hoster_ha.py from its own folder (sbin when installed): that
+    must not leave a __pycache__ there."""
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    for f in ("hoster_ha.py", "ha_watchdog.py"):
+        (sbin / f).write_bytes(open(os.path.join(ROOT, f), "rb").read())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    for argv in (["ha_watchdog.py", "--help"], ["hoster_ha.py", "--version"]):
+        r = subprocess.run([sys.executable, str(sbin / argv[0]), *argv[1:]], env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r
+    assert sorted(os.listdir(sbin)) == ["ha_watchdog.py", "hoster_ha.py"], os.listdir(sbin)
+
+
+@pytest.mark.parametrize("make", ["make", "bmake"])
+def test_make_install_warns_when_install_python_is_missing(tmp_path, make):
+    import shutil
+    if shutil.which(make) is None:
+        pytest.skip(f"{make} is not installed")
+    missing = str(tmp_path / "no" / "python3")
+    r = subprocess.run([make, "-s", "install", f"DESTDIR={tmp_path / 'stage'}",
+                        f"INSTALL_PYTHON={missing}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r
+    assert "warning" in r.stderr and missing in r.stderr and "pkg install python3" in r.stderr, \
+        r.stderr
+    r = subprocess.run([make, "-s", "install", f"DESTDIR={tmp_path / 'stage2'}",
+                        f"INSTALL_PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r
+    assert "warning" not in r.stderr, r.stderr

@@ -18,6 +18,7 @@ from hoster_ha import ConfigError, kernel_watchdog_seconds, load_config, parse_c
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SECRET = "0123456789abcdef0123"
+HOSTERS_FOLDERS = hoster_ha.HOSTER_CONFIG_DIRS  # before the fixture below replaces them
 
 # Hoster's own ha_config.json, as shipped (user/password per candidate, ports as strings).
 HOSTER_EXAMPLE = textwrap.dedent("""\
@@ -53,6 +54,13 @@ HOSTER_EXAMPLE = textwrap.dedent("""\
         "backup_node": false
     }
     """)
+
+
+@pytest.fixture(autouse=True)
+def no_real_hoster_files(tmp_path_factory, monkeypatch):
+    """Never read this machine's Hoster config files: Hoster's folders point to an empty one."""
+    monkeypatch.setattr(hoster_ha, "HOSTER_CONFIG_DIRS",
+                        (str(tmp_path_factory.mktemp("no-hoster")),))
 
 
 def base(**over):
@@ -162,7 +170,11 @@ def test_defaults():
         "reboot_now": ["reboot", "-nq"],
         "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
         "zfs": ["zfs"],
+        "hostname": ["sysctl", "-n", "kern.hostname"],
     }
+    assert cfg.hoster_config_dir is None
+    assert cfg.hoster_init_file == "/var/run/hoster_init"
+    assert cfg.vm_datasets_source.startswith("defaults: no Hoster host_config.json in ")
     assert cfg.command("vm_destroy", "web1") == ["bhyvectl", "--destroy", "--vm=web1"]
     assert cfg.command("vm_start", "web1") == ["hoster", "vm", "start", "web1"]
     # a candidate's identity comes from its candidates entry
@@ -256,6 +268,10 @@ def test_unknown_key_in_commands_and_tls():
     ("secret", 1234567890123456789),
     ("tls", "yes"),
     ("hostname", 5),
+    ("hoster_config_dir", ""),
+    ("hoster_config_dir", ["/opt/hoster-core/config_files"]),
+    ("hoster_init_file", ""),
+    ("hoster_init_file", 1),
 ])
 def test_wrong_types(key, value):
     msg = config_error(base(**{key: value}))
@@ -264,6 +280,7 @@ def test_wrong_types(key, value):
 
 @pytest.mark.parametrize("key,value", [
     ("reboot", "shutdown -r now"), ("reboot", []), ("vm_start", ["hoster", 1]),
+    ("hostname", "hostname"), ("hostname", []),
 ])
 def test_wrong_command_types(key, value):
     msg = config_error(base(commands={key: value}))
@@ -653,3 +670,97 @@ def test_unknown_key_error_via_load_config_names_file(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_config(path)
     assert path in str(ei.value) and "secrets" in str(ei.value)
+
+
+# -- Hoster's own files: ha_config.json keys, host_config.json datasets (issue 11, 6 and 7) ----
+
+def test_hosters_own_ha_config_keys_are_accepted_and_ignored():
+    """Hoster's ha_config.json may carry node_type and startup_time, and per candidate
+    failover_strategy, failover_time, backup_node, startup_time, registered, times_failed
+    (HosterCore rest_api_v2/pkg/config/get_ha_config.go): not fatal, and not used."""
+    d = base(node_type="candidate", startup_time=1700000000)
+    for c in d["candidates"]:
+        c.update(failover_strategy="cireset", failover_time=5, backup_node=True,
+                 startup_time=1700000000, registered=True, times_failed=3, user="admin",
+                 password="x")
+    cfg = parse_config(d, "<t>")
+    assert cfg.failover_strategy == "change-parent" and cfg.failover_time == 60
+    assert cfg.backup_node is False
+    assert all(set(c) == {"hostname", "address", "port", "protocol"} for c in cfg.candidates)
+    assert not hasattr(cfg, "node_type") and not hasattr(cfg, "startup_time")
+    assert "unknown key" in config_error(base(node_kind="x"))  # any other key still fails
+
+
+def hoster_dir(tmp_path, host_config=None, raw=None):
+    d = tmp_path / "hoster"
+    d.mkdir(exist_ok=True)
+    if raw is not None:
+        (d / "host_config.json").write_text(raw)
+    elif host_config is not None:
+        (d / "host_config.json").write_text(json.dumps(host_config))
+    return str(d)
+
+
+def test_vm_datasets_come_from_hosters_active_datasets(tmp_path):
+    d = hoster_dir(tmp_path, {"public_vm_image_server": "https://images.yari.pw/",
+                              "active_datasets": ["tank/vm-encrypted", "tank/vm-plain"]})
+    cfg = parse_config(base(hoster_config_dir=d), "<t>")
+    assert cfg.vm_datasets == ["tank/vm-encrypted", "tank/vm-plain"]
+    assert cfg.vm_datasets_source == f"Hoster's active_datasets in {d}/host_config.json"
+    assert cfg.vm_datasets_warn is False
+    assert cfg.hoster_config_dir == d
+
+
+def test_vm_datasets_in_the_config_win_over_hosters(tmp_path):
+    d = hoster_dir(tmp_path, {"active_datasets": ["tank/vm"]})
+    cfg = parse_config(base(hoster_config_dir=d, vm_datasets=["zroot/mine"]), "/x/ha.json")
+    assert cfg.vm_datasets == ["zroot/mine"]
+    assert cfg.vm_datasets_source == "vm_datasets in /x/ha.json"
+
+
+@pytest.mark.parametrize("content", [
+    '{"active_datasets": []}', '{"active_datasets": "tank/vm"}', '{"active_datasets": [1]}',
+    '{"active_datasets": ["-o"]}', '{"tags": []}', "[]", "{broken",
+])
+def test_a_bad_host_config_falls_back_to_the_defaults_with_a_warning(tmp_path, content):
+    d = hoster_dir(tmp_path, raw=content)
+    cfg = parse_config(base(hoster_config_dir=d), "<t>")
+    assert cfg.vm_datasets == ["zroot/vm-encrypted", "zroot/vm-unencrypted"]
+    assert cfg.vm_datasets_source.startswith("defaults: ") and d in cfg.vm_datasets_source
+    assert cfg.vm_datasets_warn is True
+
+
+def test_no_host_config_falls_back_to_the_defaults_quietly(tmp_path):
+    d = hoster_dir(tmp_path)
+    cfg = parse_config(base(hoster_config_dir=d), "<t>")
+    assert cfg.vm_datasets == ["zroot/vm-encrypted", "zroot/vm-unencrypted"]
+    assert cfg.vm_datasets_source == f"defaults: no Hoster host_config.json in {d}"
+    assert cfg.vm_datasets_warn is False
+
+
+def test_without_hoster_config_dir_hosters_folders_are_searched_in_order(tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (second / "host_config.json").write_text(json.dumps({"active_datasets": ["b/vm"]}))
+    monkeypatch.setattr(hoster_ha, "HOSTER_CONFIG_DIRS", (str(first), str(second)))
+    assert parse_config(base(), "<t>").vm_datasets == ["b/vm"]
+    (first / "host_config.json").write_text(json.dumps({"active_datasets": ["a/vm"]}))
+    cfg = parse_config(base(), "<t>")
+    assert cfg.vm_datasets == ["a/vm"] and str(first) in cfg.vm_datasets_source
+    assert cfg.hoster_file("host_config.json") == str(first / "host_config.json")
+    assert cfg.hoster_file("restapi_config.json") is None
+
+
+def test_hoster_searches_the_folders_hoster_itself_uses():
+    """HosterCore internal/pkg/hoster/locations/locations.go, GetConfigFolders()."""
+    assert HOSTERS_FOLDERS == (
+        "/opt/hoster-core/config_files", "/opt/hoster/config_files", "/usr/local/etc/hoster",
+        "/etc/hoster", "/root/hoster/config_files")
+
+
+def test_hostname_command_and_init_file_can_be_set():
+    cfg = parse_config(base(commands={"hostname": ["/bin/echo", "a"]},
+                            hoster_init_file="/tmp/x/hoster_init"), "<t>")
+    assert cfg.command("hostname") == ["/bin/echo", "a"]
+    assert cfg.hoster_init_file == "/tmp/x/hoster_init"

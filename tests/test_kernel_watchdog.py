@@ -11,6 +11,7 @@ uint32 WD_ACTIVE (0x8000000) | N, the timeout being 2**N ns, with N the smallest
 (`-t 0` disarms).
 """
 
+import errno
 import logging
 import os
 import struct
@@ -85,12 +86,14 @@ def make_log(name):
     return log, h
 
 
-def kernel(timeout=10, release="14.2-RELEASE", device="/nonexistent/fido", runner=None):
+def kernel(timeout=10, release="14.2-RELEASE", device="/nonexistent/fido", runner=None,
+           watchdogd_pidfile="/nonexistent/watchdogd.pid"):
     dev = FakeDevice()
     log, logs = make_log("kernel")
     k = ha_watchdog.KernelWatchdog(timeout, log, device=device, ioctl=dev.ioctl,
                                    opener=dev.opener, release=release,
-                                   run=runner or FakeRunner())
+                                   run=runner or FakeRunner(),
+                                   watchdogd_pidfile=watchdogd_pidfile)
     return k, dev, logs
 
 
@@ -253,12 +256,92 @@ def test_check_missing_device_raises_a_clear_runtime_error(tmp_path):
     assert "kernel_watchdog" in msg  # names the setting that asked for it
 
 
-def test_check_existing_device_passes(tmp_path):
+def test_check_existing_device_arms_once_and_disarms(tmp_path):
+    """/dev/fido exists whenever the watchdog module is loaded, even with no driver: only
+    arming tells.  check() arms with the real timeout, by the ioctl pat() uses, then
+    disarms at once."""
     present = tmp_path / "fido"
     present.write_bytes(b"")
     k, dev, _ = kernel(10, device=str(present))
     k.check()
-    assert dev.opens == [] and dev.ioctls == []  # check() does not arm
+    assert dev.opens == [(str(present), os.O_RDWR)]
+    assert dev.args() == [WD_ACTIVE | 34, 0]
+    assert not k.armed  # the node arms it later, on the first armed heartbeat
+
+
+def test_check_refuses_when_the_driver_is_missing_eopnotsupp(tmp_path):
+    """No hardware driver: WDIOCPATPAT fails with EOPNOTSUPP (sys/dev/watchdog/watchdog.c)."""
+    present = tmp_path / "fido"
+    present.write_bytes(b"")
+    k, dev, _ = kernel(10, device=str(present))
+
+    def no_driver(fd, req, arg):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    k.ioctl = no_driver
+    with pytest.raises(RuntimeError) as e:
+        k.check()
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "no driver" in msg and "kernel_watchdog" in msg and str(present) in msg, msg
+    assert "Operation not supported" in msg and "kldload" in msg, msg
+
+
+def test_check_freebsd_15_probes_with_the_command_it_will_use(tmp_path):
+    present = tmp_path / "fido"
+    present.write_bytes(b"")
+    runner = FakeRunner()
+    k, dev, _ = kernel(10, release="15.0-RELEASE", device=str(present), runner=runner)
+    k.check()
+    assert [argv for argv, _ in runner.calls] == [["/usr/sbin/watchdog", "-t", "15"],
+                                                  ["/usr/sbin/watchdog", "-t", "0"]]
+    assert dev.ioctls == []
+
+
+def test_check_freebsd_15_command_failure_is_refused(tmp_path):
+    present = tmp_path / "fido"
+    present.write_bytes(b"")
+    runner = FakeRunner(rc=1, err="watchdog: patting the dog: Operation not supported\n")
+    k, _, _ = kernel(10, release="15.0-RELEASE", device=str(present), runner=runner)
+    with pytest.raises(RuntimeError) as e:
+        k.check()
+    assert "no driver" in str(e.value) and "/usr/sbin/watchdog" in str(e.value), str(e.value)
+    assert len(runner.calls) == 1  # nothing was armed: nothing to disarm
+
+
+def test_check_refuses_when_watchdogd_runs(tmp_path):
+    """watchdogd(8) pats /dev/fido with its own timeout (128 s by default) and overrides ours.
+    Its pid file (here a stand-in naming a live process: this test) is looked up first; the
+    device is not touched."""
+    present = tmp_path / "fido"
+    present.write_bytes(b"")
+    pidfile = tmp_path / "watchdogd.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    k, dev, _ = kernel(10, device=str(present), watchdogd_pidfile=str(pidfile))
+    with pytest.raises(RuntimeError) as e:
+        k.check()
+    msg = str(e.value)
+    assert "watchdogd" in msg and str(os.getpid()) in msg and "kernel_watchdog" in msg, msg
+    assert dev.opens == [] and dev.ioctls == []
+    pidfile.write_text("999999999\n")  # a stale pid file (no such process) is no obstacle
+    k.check()
+    assert dev.args() == [WD_ACTIVE | 34, 0]
+
+
+def test_check_that_cannot_disarm_says_so(tmp_path):
+    present = tmp_path / "fido"
+    present.write_bytes(b"")
+    k, dev, _ = kernel(10, device=str(present))
+    calls = []
+
+    def arm_only(fd, req, arg):
+        calls.append(struct.unpack("I", arg)[0])
+        if calls[-1] == 0:
+            raise OSError(errno.EIO, "Input/output error")
+    k.ioctl = arm_only
+    with pytest.raises(RuntimeError) as e:
+        k.check()
+    assert calls == [WD_ACTIVE | 34, 0, 0, 0]  # three tries to disarm
+    assert "could not be disarmed" in str(e.value) and "reset" in str(e.value)
 
 
 # -- Watchdog + KernelWatchdog: pat on armed heartbeats only ---------------------------------
@@ -317,15 +400,28 @@ def test_watchdog_ignores_a_heartbeat_from_a_stranger(wd_env):
     assert any("ignoring a heartbeat" in m for m in logs.lines(logging.WARNING))
 
 
-def test_watchdog_kernel_error_is_logged_at_emerg_not_raised(wd_env):
+def test_watchdog_kernel_error_is_logged_once_at_err_not_raised(wd_env):
+    """A pat that fails is an error, not a wall message (EMERG is the fence's), and it is
+    logged once, not on every heartbeat; a recovery is logged too."""
     cfg, agent, _ = wd_env
     w, k, dev, logs = watchdog_with_kernel(cfg)
+    good = k.ioctl
 
     def broken(fd, req, arg):
         raise OSError(6, "Device not configured")
     k.ioctl = broken
-    w.heartbeat(agent.pid, True, time.monotonic())
-    assert any("kernel watchdog" in m for m in logs.lines(hoster_ha.EMERG)), logs.lines()
+    now = time.monotonic()
+    for i in range(5):
+        w.heartbeat(agent.pid, True, now + i)
+    errors = [m for m in logs.lines(logging.ERROR) if "kernel watchdog" in m]
+    assert len(errors) == 1 and "Device not configured" in errors[0], logs.lines()
+    assert not logs.lines(hoster_ha.EMERG) and not logs.lines(hoster_ha.ALERT), logs.lines()
+    k.ioctl = good
+    w.heartbeat(agent.pid, True, now + 5)
+    assert any("works again" in m for m in logs.lines(hoster_ha.NOTICE)), logs.lines()
+    k.ioctl = broken
+    w.heartbeat(agent.pid, True, now + 6)  # a new failure after a recovery: logged again
+    assert len([m for m in logs.lines(logging.ERROR) if "kernel watchdog" in m]) == 2
 
 
 def test_stand_down_disarms_the_kernel_watchdog(wd_env):

@@ -290,7 +290,7 @@ class TestProduction:
         reason = f"EMERG: hoster_ha (PID {agent}) is gone, initiating fencing"
         assert [ln for ln in log_lines(node, reason) if f"ha_watchdog[{wd}]" in ln], \
             node.log()[-3000:]
-        assert log_lines(node, f"EMERG: SIGKILL hoster_ha (PID {agent})"), node.log()[-3000:]
+        assert log_lines(node, f"ALERT: SIGKILL hoster_ha (PID {agent})"), node.log()[-3000:]
         assert "watchdog_fence" in [e["event"] for e in events_of(node)]
         # ... and the watchdog exits (after its stand-down: pid and ack files removed)
         assert wait_gone(prod, wd, 5), f"watchdog {wd} still running"
@@ -331,7 +331,7 @@ class TestProduction:
         assert LOCK_RE.match(vm_config(node, "vm-c")["parent_host"])
         with open(os.path.join(node.state_dir, "fence.json")) as f:
             assert json.load(f)["vms"] == ["vm-c"]
-        assert log_lines(node, f"EMERG: SIGKILL hoster_ha (PID {agent})"), node.log()[-3000:]
+        assert log_lines(node, f"ALERT: SIGKILL hoster_ha (PID {agent})"), node.log()[-3000:]
         why = [ln for ln in log_lines(node, f"EMERG: no heartbeat from hoster_ha (PID {agent})")
                if "initiating fencing" in ln and f"watchdog_timeout {wt:g}" in ln]
         assert why, node.log()[-3000:]
@@ -448,7 +448,7 @@ def test_unarmed_agent_death_is_logged_and_nothing_is_fenced(tmp_path):
         assert not log_lines(node, "armed by hoster_ha")  # the watchdog never saw an arm
         node.proc.kill()
         assert node.proc.wait(5) == -signal.SIGKILL
-        gone = f"EMERG: hoster_ha (PID {agent}) is gone; the node was not armed"
+        gone = f"ALERT: hoster_ha (PID {agent}) is gone; the node was not armed"
         assert c.wait_for(lambda: log_lines(node, gone), 5, interval=0.02), node.log()[-2000:]
         # then nothing: no fence within watchdog_timeout + margin, and the watchdog runs on
         fenced = c.wait_for(lambda: fence_calls(node) or log_lines(node, "initiating fencing")

@@ -277,13 +277,16 @@ class LocalCluster:
                     "vm_destroy": [f"{b}/bhyvectl", "--destroy", "--vm={vm}"],
                     "reboot": [f"{b}/shutdown", "-r", "now"], "reboot_now": [f"{b}/reboot", "-nq"],
                     "free_memory": [f"{b}/sysctl", "-n", "vm.stats.vm.v_free_count",
-                                    "hw.pagesize"]}
+                                    "hw.pagesize"],
+                    "hostname": [f"{b}/sysctl", "-n", "kern.hostname"]}  # NODE/hostname
         cfg = {"hostname": node.name, "secret": self.secret,
                "candidates": [{"hostname": n.name, "protocol": "http", "address": n.address,
                                "port": self.port} for n in self.nodes.values() if n.candidate],
                "listen_address": node.address, "vm_datasets": ["zroot/vm-encrypted"],
                "vmm_dir": os.path.join(node.dir, "vmm"), "commands": commands,
-               "run_dir": node.run_dir, "state_dir": node.state_dir, "log_file": node.log_file}
+               "run_dir": node.run_dir, "state_dir": node.state_dir, "log_file": node.log_file,
+               "hoster_config_dir": node.dir,  # Hoster's files: never the machine's
+               "hoster_init_file": node.init_marker}
         if not node.candidate:
             cfg.update(address=node.address, port=self.port)
         cfg.update(self.timings)
