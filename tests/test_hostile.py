@@ -368,8 +368,12 @@ def lone(tmp_path_factory):
         node.add_vm("vm1", parent="node2", snapshots=[("s1", 1700000000, "111")])
         cluster.reload()
         node.start()
-        assert cluster.wait_for(lambda: "node1" in _members(cluster), 15, interval=0.1), \
-            cluster.tails()
+        # a second candidate: node1 reaches quorum and arms, so that it may accept a
+        # failover start (an unarmed node refuses them: SPEC §3.4)
+        cluster["node2"].start()
+        assert cluster.wait_for(lambda: "node1" in _members(cluster) and
+                                cluster.http_status("node1").get("armed") is True, 30,
+                                interval=0.1), cluster.tails()
         yield Lone(cluster)
     finally:
         cluster.teardown()
@@ -541,6 +545,13 @@ class TestProductionNode:
         to every manager, so a node that goes on running would never be failed over).
         The node's next pings (they carry `left`) clear the mark."""
         c = lone.cluster
+        # node1 alone: maintenance first (acknowledged by node1 and node2; it disarms, so
+        # it does not fence when node2 goes), then node2 leaves and stops in order
+        status, answer = c.request("node1", "POST", "maintenance", {"on": True}, timeout=15)
+        assert status == 200, (status, answer)
+        r = c["node2"].cli("stop")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert c.wait_for(lambda: c["node2"].proc.poll() is not None, 10)
         assert not _members(c)["node1"]["left"]
         status, answer = c.request("node1", "POST", "terminate", {}, timeout=15)
         assert status == 409, (status, answer)
