@@ -766,6 +766,10 @@ class Core:
         self.plan_targets = {}     # uid -> next best targets (one retry)
         self.next_manager_round = now
         self.said = set()
+        self.approach_since = None  # armed with exactly 2 candidates reachable since
+        self.approach_warned = False
+        self.view = (None, 0)       # manager_view at the last tick, and since when
+        self.view_since = now
         self._load(members_state, plans_state, now)
 
     # -- actions -------------------------------------------------------------
@@ -1226,6 +1230,9 @@ class Core:
             self._event("manager_lost", "NOTICE",
                         "this node is no longer the manager (lost its majority of votes)")
         self.was_manager = manager
+        seen = self.manager_view(now)[0]
+        if seen != self.view[0]:
+            self.view, self.view_since = (seen, now), now
         if not manager:
             self.job = None
         elif now >= self.next_manager_round:
@@ -1276,8 +1283,45 @@ class Core:
             self.out.append({"kind": "clear_fence_record"})   # the candidates have it
             self.out.append({"kind": "record_running"})       # theirs is the old one
 
+        self._approach_warning(now, reach)
         if self.armed and not quorum:
-            self._fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach)
+            self._fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach,
+                        silence=self.silence_ages(now))
+
+    def silence_ages(self, now):
+        """{candidate: seconds since the send time of its last good ping, or None}."""
+        return {c: None if self.reach[c] is None else round(now - self.reach[c], 3)
+                for c in self.candidates}
+
+    def survival_margin(self, now):
+        """Seconds until this node would fence if it heard from no candidate any more
+        (the second-newest good ping leaves the survival window); 0 without quorum."""
+        left = sorted((self.reach[c] + self.cfg.survival_window - now
+                       for c in self.reachable(now)), reverse=True)
+        return max(0.0, left[1]) if len(left) >= 2 else 0.0
+
+    def _approach_warning(self, now, reach):
+        """Issue 14 item 2: armed and one candidate away from a fence for more than
+        ping_interval: one WARNING; one NOTICE when it clears.  Never decides anything."""
+        close = self.armed and len(reach) == 2
+        if not close:
+            if self.approach_warned:
+                self._event("fence_warning_cleared", "NOTICE",
+                            f"no longer close to a self-fence: {len(reach)} of 3 candidates "
+                            "reachable" + ("" if self.armed else " (not armed)"),
+                            reachable=reach)
+            self.approach_since, self.approach_warned = None, False
+            return
+        if self.approach_since is None:
+            self.approach_since = now
+        if not self.approach_warned and now - self.approach_since > self.cfg.ping_interval:
+            self.approach_warned = True
+            n = min(self.reach[c] + self.cfg.survival_window - now for c in reach)
+            lost = [c for c in self.candidates if c not in reach]
+            self._event("fence_warning", "WARNING",
+                        f"approaching self-fence: 2 of 3 candidates reachable "
+                        f"({', '.join(lost)} silent); fence in {max(0.0, n):.0f} s if one "
+                        "more is lost", reachable=reach, silence=self.silence_ages(now))
 
     # -- failover (§3.4): the manager's requests and what it does with the answers --------
     #
@@ -1889,7 +1933,45 @@ class Core:
                 "reachable_candidates": self.reachable(now), "armed": self.armed,
                 "maintenance": self.maintenance, "startup_time": self.startup_time,
                 "fenced": self.fenced,
-                "vote": self.vote.holder if self.vote else None}
+                "vote": self.vote.holder if self.vote else None,
+                "manager_for_s": round(now - self.view_since, 3) if manager else None,
+                "candidate_silence": self.silence_ages(now),
+                "survival_margin_s": round(self.survival_margin(now), 3),
+                "approaching_fence": self.approach_warned,
+                "members": self.member_list(now) if self.is_candidate else None}
+
+    MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
+
+    def member_state(self, m, now):
+        """The first of MEMBER_STATES that fits member m: failed = failed by this manager,
+        or silent here for at least its failover_time while armed."""
+        silence = now - max(m.last_ping, self.start)
+        if m.left:
+            return "left"
+        if m.hostname in self.failed or (
+                m.armed and _is_number(m.failover_time) and silence >= m.failover_time):
+            return "failed"
+        if m.maintenance:
+            return "maintenance"
+        return "alive" if m.armed else "unarmed"
+
+    def member_states(self, now):
+        """{state: number of members}, every state of MEMBER_STATES present."""
+        out = {k: 0 for k in self.MEMBER_STATES}
+        for m in self.members.values():
+            out[self.member_state(m, now)] += 1
+        return out
+
+    def member_list(self, now):
+        """Every member as `status` shows it (a candidate's table)."""
+        manager = self.manager_view(now)[0]
+        return [{"hostname": m.hostname,
+                 "role": "manager" if m.hostname == manager else
+                 "candidate" if m.hostname in self.candidates else "worker",
+                 "state": self.member_state(m, now), "armed": m.armed,
+                 "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
+                 "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
+                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
 
 # -----------------------------------------------------------------------------
