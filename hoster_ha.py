@@ -25,6 +25,7 @@ The file reads top to bottom:
 """
 
 import argparse
+import collections
 import concurrent.futures
 import email.utils
 import errno
@@ -102,6 +103,9 @@ DEFAULT_COMMANDS = {
     "zfs": ["zfs"],
     "hostname": ["sysctl", "-n", "kern.hostname"],  # the name Hoster compares parent_host with
 }
+
+# commands without a default: not run unless configured
+OPTIONAL_COMMANDS = {"notify"}   # argv; one JSON object per event on its stdin
 
 STRATEGIES = {
     "change-parent": "change-parent", "changeparent": "change-parent",
@@ -397,7 +401,7 @@ def parse_config(data, path="<config>", debug=False):
     if not isinstance(cmds, dict):
         raise ConfigError(f"{path}: key 'commands': expected an object")
     for k, v in cmds.items():
-        if k not in DEFAULT_COMMANDS:
+        if k not in DEFAULT_COMMANDS and k not in OPTIONAL_COMMANDS:
             raise ConfigError(f"{path}: key {_key('commands.' + k)}: unknown command")
         if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
             raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
@@ -1649,8 +1653,9 @@ class Core:
             return
         if ok:
             e["state"] = "done"
-            self._event("note", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
-                        f"(moved from {e['from']}, uid {uid})")
+            self._event("vm_moved", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+                        f"(moved from {e['from']}, uid {uid})", vm_name=e["vm"],
+                        from_host=e["from"], to_host=e["to"], uid=uid, term=e["term"])
         else:
             e["state"] = "failed"
             err = answer.get("error") if isinstance(answer, dict) else answer
@@ -2072,9 +2077,16 @@ EMERG = 60                # syslog emerg: a wall message, for the fence line alo
 logging.addLevelName(NOTICE, "NOTICE")
 logging.addLevelName(ALERT, "ALERT")
 logging.addLevelName(EMERG, "EMERG")
+# events counted for /metrics (Agent.execute) and the ones handed to commands.notify
+EVENT_COUNTERS = {"member_failed": "fences", "self_fence": "fences",
+                  "watchdog_fence": "fences", "vm_started": "vm_starts_ok",
+                  "vm_start_failed": "vm_starts_failed"}
+NOTIFY_EVENTS = {"self_fence", "member_failed", "vm_moved", "vm_start_failed", "quorum_lost",
+                 "manager_elected", "fence_warning", "vm_unprotected"}
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
-               "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated"}
+               "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
+               "vm_moved", "fence_warning", "fence_warning_cleared"}
 
 
 def run_cmd(argv, timeout):
@@ -2917,6 +2929,96 @@ def watchdog_script():
     return os.path.join(os.path.dirname(os.path.realpath(__file__)), "ha_watchdog.py")
 
 
+class Notifier:
+    """commands.notify (issue 14 item 4): run the command once per event, the event as one
+    JSON object on its stdin.  Bounded: one command at a time, each killed after
+    NOTIFY_TIMEOUT, at most NOTIFY_QUEUE events waiting; one more is dropped (and counted).
+    submit() never blocks: a fence or a failover is never delayed by a notification.  A
+    failing command is logged once (and again once it worked in between)."""
+
+    NOTIFY_TIMEOUT = 10.0
+    NOTIFY_QUEUE = 20
+
+    def __init__(self, argv, node, log, count=None, timeout=None, queue=None):
+        self.argv, self.node, self.log = list(argv), node, log
+        self.count = count or (lambda key: None)
+        self.timeout = timeout or self.NOTIFY_TIMEOUT
+        self.max_queue = queue or self.NOTIFY_QUEUE
+        self.lock = threading.Lock()
+        self.queue = collections.deque()
+        self.running = False     # the one sender thread is alive
+        self.failing = False     # the last run failed (logged once)
+
+    def submit(self, event, message, details):
+        ev = dict(details, event=event, time=round(time.time(), 3), node=self.node,
+                  message=message)
+        with self.lock:
+            full = len(self.queue) >= self.max_queue
+            if not full:
+                self.queue.append(ev)
+            start = not full and not self.running
+            self.running = self.running or start
+        if full:
+            self.count("notify_dropped")   # outside our lock: count takes the agent's
+            return False
+        if not start:
+            return True
+        threading.Thread(target=self._drain, name="ha-notify", daemon=True).start()
+        return True
+
+    def _drain(self):
+        for _ in range(10_000):   # bounded; the queue is refilled at most that often
+            with self.lock:
+                if not self.queue:
+                    self.running = False
+                    return
+                ev = self.queue.popleft()
+            self._run(ev)
+        with self.lock:
+            self.running = False
+
+    def _run(self, ev):
+        data = (json.dumps(ev, sort_keys=True, default=str) + "\n").encode()
+        error = None
+        try:
+            p = subprocess.run(self.argv, input=data, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, timeout=self.timeout)
+            if p.returncode != 0:
+                error = f"exit status {p.returncode}: {last_line(p.stderr.decode(errors='replace'))}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {self.timeout:g} s"
+        except OSError as e:
+            error = str(e)
+        if error is None:
+            self.failing = False
+            return
+        self.count("notify_dropped")
+        if not self.failing:
+            self.failing = True
+            self.log.warning(f"commands.notify failed for event {ev['event']} ({error}); "
+                             "further failures are not logged until it works again")
+
+
+def prometheus_text(series):
+    """[(name, type, help, [(labels dict, value)])] in Prometheus text format 0.0.4."""
+    def esc(v):
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    def num(v):
+        if isinstance(v, bool):
+            return str(int(v))
+        if isinstance(v, float):
+            return "NaN" if v != v else repr(round(v, 3))
+        return str(v)
+    out = []
+    for name, kind, helptext, samples in series:
+        out += [f"# HELP {name} {helptext}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{esc(v)}"' for k, v in sorted(labels.items()))
+            out.append(f"{name}{{{lab}}} {num(value)}" if lab else f"{name} {num(value)}")
+    return "\n".join(out) + "\n"
+
+
 class Agent:
     """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3).
 
@@ -2967,6 +3069,8 @@ class Agent:
         self.host = Host(cfg, log)
         self.events = EventLog(self.paths.events, cfg.hostname)
         self.counters = {"auth_failures": 0, "ping_failures": 0}
+        self.notifier = Notifier(cfg.commands["notify"], cfg.hostname, log, self.count) \
+            if cfg.commands.get("notify") else None
         self.inventory_cache = None
         self.inventory_busy = False
         self.wd_pid = None
@@ -3302,29 +3406,51 @@ class Agent:
         with self.lock:
             self.counters[key] = self.counters.get(key, 0) + 1
 
-    def metrics(self):
-        st = self.status()
+    def metrics(self, now=None):
+        """GET /metrics: Prometheus text format (README "Metrics" lists every series)."""
+        now = time.monotonic() if now is None else now
         with self.lock:
-            members = len(self.core.members)
+            core = self.core
+            st = core.status(now)
+            states = core.member_states(now) if core.is_candidate else None
+            reach = {c: core.reach[c] is not None and
+                     now - core.reach[c] <= self.cfg.survival_window for c in core.candidates}
+            ages = core.silence_ages(now)
+            margin = core.survival_margin(now)
             counters = dict(self.counters)
-        lines = [
-            ("hoster_ha_up", "gauge", "1 while the agent runs", 1),
+        starts = {r: counters.get("vm_starts_" + r, 0) for r in ("ok", "failed")}
+        series = [
+            ("hoster_ha_up", "gauge", "1 while the agent runs", [({}, 1)]),
             ("hoster_ha_manager", "gauge", "1 if this node is the manager",
-             int(st["role"] == "manager")),
-            ("hoster_ha_term", "gauge", "term of the manager this node knows", st["term"]),
-            ("hoster_ha_armed", "gauge", "1 if this node is armed", int(st["armed"])),
+             [({}, int(st["role"] == "manager"))]),
+            ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
+            ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
             ("hoster_ha_reachable_candidates", "gauge", "candidates reached within "
-             "survival_window", len(st["reachable_candidates"])),
-            ("hoster_ha_members", "gauge", "members in this candidate's table", members),
+             "survival_window", [({}, len(st["reachable_candidates"]))]),
+            ("hoster_ha_candidate_reachable", "gauge", "1 if the candidate answered a ping "
+             "sent within survival_window", [({"candidate": c}, int(v))
+                                             for c, v in sorted(reach.items())]),
+            ("hoster_ha_candidate_last_ping_age_seconds", "gauge", "seconds since the send time "
+             "of the candidate's last good ping (absent: never answered)",
+             [({"candidate": c}, v) for c, v in sorted(ages.items()) if v is not None]),
+            ("hoster_ha_survival_margin_seconds", "gauge", "seconds until this node loses "
+             "quorum (and fences if armed) if no candidate answers any more", [({}, margin)]),
+            ("hoster_ha_fences_total", "counter", "fences: members this node failed as manager, "
+             "and its own self-fence decisions", [({}, counters.get("fences", 0))]),
+            ("hoster_ha_vm_starts_total", "counter", "failover starts of VMs on this node, by "
+             "result", [({"result": r}, v) for r, v in sorted(starts.items())]),
+            ("hoster_ha_notify_dropped_total", "counter", "notifications dropped (queue full, "
+             "command failed or timed out)", [({}, counters.get("notify_dropped", 0))]),
             ("hoster_ha_auth_failures_total", "counter", "requests refused with 401",
-             counters["auth_failures"]),
+             [({}, counters["auth_failures"])]),
             ("hoster_ha_ping_failures_total", "counter", "pings to candidates that failed",
-             counters["ping_failures"]),
+             [({}, counters["ping_failures"])]),
         ]
-        out = []
-        for name, kind, helptext, value in lines:
-            out += [f"# HELP {name} {helptext}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(out) + "\n"
+        if states is not None:
+            series.append(("hoster_ha_members", "gauge", "members in this candidate's table, "
+                           "each in the first of left, failed, maintenance, unarmed, alive "
+                           "that fits", [({"state": k}, v) for k, v in states.items()]))
+        return prometheus_text(series)
 
     # -- the watchdog companion (§3.5) -------------------------------------------
 
@@ -3496,6 +3622,11 @@ class Agent:
                 self.log.log(logging.getLevelName(a["level"]), a["msg"])
                 if a["event"] in EVENT_NAMES:
                     self.events.append(a["event"], **a["details"])
+                counter = EVENT_COUNTERS.get(a["event"])
+                if counter:
+                    self.count(counter)
+                if self.notifier is not None and a["event"] in NOTIFY_EVENTS:
+                    self.notifier.submit(a["event"], a["msg"], a["details"])
             elif kind == "send":
                 self.work.submit(self.send, a)
             elif kind == "demote":

@@ -70,3 +70,102 @@ def test_survival_margin_and_silence_ages():
     assert w.survival_margin(8.0) == pytest.approx(SURVIVAL - 2)
     assert w.silence_ages(8.0) == {"a": 2.0, "b": 2.0, "c": 2.0}
     assert w.survival_margin(6.0 + SURVIVAL + 1) == 0.0
+
+
+# -- item 3: metrics --------------------------------------------------------------
+
+import threading  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from test_failover_core import (FAILOVER_TIME, failed_at, kill_w1, make_net)  # noqa: E402
+
+PROMTOOL = hoster_ha.shutil.which("promtool")
+
+
+def metrics_of(core, now, counters=None):
+    """The real Agent.metrics on a stand-in agent holding `core`."""
+    agent = SimpleNamespace(lock=threading.RLock(), core=core, cfg=core.cfg,
+                            counters=dict({"auth_failures": 0, "ping_failures": 0},
+                                          **(counters or {})))
+    return hoster_ha.Agent.metrics(agent, now)
+
+
+def parse_metrics(text):
+    """{(name, frozenset(labels)): value}; asserts the text-format line syntax."""
+    out = {}
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* \S", line), line
+            continue
+        m = sample.match(line)
+        assert m, line
+        labels = frozenset(re.findall(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def promtool_check(text):
+    if PROMTOOL is None:
+        if os.environ.get("HOSTER_HA_PROMTOOL") == "require":
+            pytest.fail("promtool is required (Debian package prometheus)")
+        return
+    p = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
+                       capture_output=True, timeout=30)
+    # exit 1 on lint problems (e.g. a counter without _total), 3 on a parse error
+    assert p.returncode == 0, (p.stdout + p.stderr).decode()
+
+
+def state(m, st):
+    return m[("hoster_ha_members", frozenset({("state", st)}))]
+
+
+def test_metrics_follow_the_cluster_and_pass_promtool():
+    net, t = make_net()
+    a, w2 = net.cores["a"], net.cores["w2"]
+    net.run(t + 1, 9.0)
+    for n, core in net.cores.items():
+        promtool_check(metrics_of(core, net.now))
+    m = parse_metrics(metrics_of(a, net.now))
+    assert m[("hoster_ha_manager", frozenset())] == 1
+    assert state(m, "alive") == 5 and state(m, "failed") == 0
+    for c in "abc":
+        assert m[("hoster_ha_candidate_reachable", frozenset({("candidate", c)}))] == 1
+        assert m[("hoster_ha_candidate_last_ping_age_seconds",
+                  frozenset({("candidate", c)}))] <= 1.0
+    assert m[("hoster_ha_survival_margin_seconds", frozenset())] > 0
+    # workers hold no member table: no hoster_ha_members there
+    mw = parse_metrics(metrics_of(w2, net.now))
+    assert not any(k[0] == "hoster_ha_members" for k in mw)
+    assert mw[("hoster_ha_manager", frozenset())] == 0
+    # w1 fails: the manager counts it failed (once), no longer alive
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 3, step=0.5)
+    assert failed_at(net) is not None
+    m = parse_metrics(metrics_of(a, net.now, {"fences": 1}))
+    assert state(m, "failed") == 1 and state(m, "alive") == 4
+    assert sum(v for k, v in m.items() if k[0] == "hoster_ha_members") == 5
+    assert m[("hoster_ha_fences_total", frozenset())] == 1
+    # a candidate that is no manager sees it silent beyond failover_time: failed too
+    assert state(parse_metrics(metrics_of(net.cores["b"], net.now)), "failed") == 1
+    promtool_check(metrics_of(a, net.now))
+
+
+def test_member_state_order_left_first():
+    net, t = make_net()
+    net.run(t + 1, 9.0)
+    a = net.cores["a"]
+    m = a.members["w2"]
+    m.left, m.maintenance, m.armed = True, True, False
+    assert a.member_state(m, net.now) == "left"
+    m.left = False
+    assert a.member_state(m, net.now) == "maintenance"
+    m.maintenance = False
+    assert a.member_state(m, net.now) == "unarmed"
+
+
+def test_metrics_text_escapes_label_values():
+    text = hoster_ha.prometheus_text([("x_total", "counter", "h",
+                                       [({"vm": 'a"b\\c\nd'}, 2)])])
+    assert 'x_total{vm="a\\"b\\\\c\\nd"} 2' in text
+    promtool_check(text)
