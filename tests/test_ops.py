@@ -169,3 +169,123 @@ def test_metrics_text_escapes_label_values():
                                        [({"vm": 'a"b\\c\nd'}, 2)])])
     assert 'x_total{vm="a\\"b\\\\c\\nd"} 2' in text
     promtool_check(text)
+
+
+# -- item 4: notifications ---------------------------------------------------------
+
+import logging  # noqa: E402
+
+APPEND = ("import sys, time\n"
+          "data = sys.stdin.read()\n"
+          "time.sleep(float(sys.argv[2]))\n"
+          "open(sys.argv[1], 'a').write(data)\n"
+          "sys.exit(int(sys.argv[3]))\n")
+
+
+def notify_script(tmp_path, delay=0.0, status=0):
+    script = tmp_path / "notify.py"
+    script.write_text(APPEND)
+    out = tmp_path / "notified.jsonl"
+    return [sys.executable, str(script), str(out), str(delay), str(status)], out
+
+
+def wait_lines(path, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if len(lines) >= n:
+                return [json.loads(x) for x in lines]
+        time.sleep(0.02)
+    raise AssertionError(f"{path}: fewer than {n} lines after {timeout} s")
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, msg):
+        self.lines.append(("WARNING", msg))
+
+    def log(self, level, msg):
+        self.lines.append((level, msg))
+
+
+def stub_agent(argv, log=None):
+    counters = {}
+    log = log or Log()
+    agent = SimpleNamespace(log=log, debug=True, counters=counters, fenced=[],
+                            persist_now=lambda acts: acts,
+                            events=SimpleNamespace(append=lambda *a, **k: None))
+    agent.count = lambda key: counters.__setitem__(key, counters.get(key, 0) + 1)
+    agent.fence = lambda reason: agent.fenced.append((reason, time.monotonic()))
+    agent.notifier = hoster_ha.Notifier(argv, "w1", log, agent.count)
+    return agent
+
+
+def ev(event, msg, level="NOTICE", **details):
+    return {"kind": "event", "event": event, "level": level, "msg": msg, "details": details}
+
+
+def test_notify_gets_fence_and_failover_events_as_json_and_never_delays_the_fence(tmp_path):
+    argv, out = notify_script(tmp_path, delay=0.5)
+    agent = stub_agent(argv)
+    t0 = time.monotonic()
+    hoster_ha.Agent.execute(agent, [
+        ev("vm_moved", "VM vm1 is live on w2", vm_name="vm1", from_host="w1", to_host="w2"),
+        ev("note", "not notified"),
+        ev("self_fence", hoster_ha.EMERG_BELOW_2, "EMERG", reachable=["c"]),
+        {"kind": "fence", "reason": "x"}])
+    # the fence ran at once, not after the (0.5 s) notify command
+    assert agent.fenced and agent.fenced[0][1] - t0 < 0.3
+    got = wait_lines(out, 2)
+    assert [g["event"] for g in got] == ["vm_moved", "self_fence"]
+    for g in got:
+        assert g["node"] == "w1" and isinstance(g["time"], float) and g["message"]
+    assert got[0]["vm_name"] == "vm1" and got[0]["to_host"] == "w2"
+    assert got[1]["reachable"] == ["c"]
+    assert agent.counters.get("fences") == 1
+
+
+def test_notify_bounded_queue_drops_and_counts(tmp_path):
+    argv, out = notify_script(tmp_path, delay=0.3)
+    agent = stub_agent(argv)
+    n = agent.notifier
+    n.max_queue = 2
+    t0 = time.monotonic()
+    results = [n.submit("member_failed", f"m{i}", {"member": f"w{i}"}) for i in range(6)]
+    assert time.monotonic() - t0 < 0.2          # submit never waits for the command
+    # one is taken by the sender at once (or not yet): at most 3 accepted, the rest dropped
+    assert 2 <= sum(results) <= 3 and results[:2] == [True, True]
+    assert agent.counters["notify_dropped"] == 6 - sum(results)
+    got = wait_lines(out, sum(results))
+    assert [g["member"] for g in got] == [f"w{i}" for i in range(sum(results))]
+    deadline = time.monotonic() + 5
+    while n.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not n.running   # the sender thread ended: no thread per event piles up
+
+
+def test_notify_failures_logged_once_and_timeout_kills(tmp_path):
+    argv, out = notify_script(tmp_path, delay=5.0)
+    log = Log()
+    agent = stub_agent(argv, log)
+    agent.notifier.timeout = 0.3
+    for i in range(3):
+        agent.notifier.submit("quorum_lost", "q", {})
+    deadline = time.monotonic() + 10
+    while agent.counters.get("notify_dropped", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.counters["notify_dropped"] == 3
+    warnings = [m for lvl, m in log.lines if lvl == "WARNING"]
+    assert len(warnings) == 1 and "timed out" in warnings[0]
+    assert not out.exists()
+
+
+def test_notify_config_key(tmp_path):
+    from test_core import make_cfg
+    cfg = make_cfg("a", commands={"notify": ["/usr/local/bin/ha-notify", "--x"]})
+    assert cfg.commands["notify"] == ["/usr/local/bin/ha-notify", "--x"]
+    assert "notify" not in make_cfg("a").commands
+    with pytest.raises(hoster_ha.ConfigError, match="commands.notify"):
+        make_cfg("a", commands={"notify": "ha-notify"})
