@@ -2982,7 +2982,7 @@ class Notifier:
         error = None
         try:
             p = subprocess.run(self.argv, input=data, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, timeout=self.timeout)
+                               stderr=subprocess.PIPE, timeout=self.timeout, check=False)
             if p.returncode != 0:
                 error = f"exit status {p.returncode}: {last_line(p.stderr.decode(errors='replace'))}"
         except subprocess.TimeoutExpired:
@@ -3008,7 +3008,7 @@ def prometheus_text(series):
         if isinstance(v, bool):
             return str(int(v))
         if isinstance(v, float):
-            return "NaN" if v != v else repr(round(v, 3))
+            return "NaN" if math.isnan(v) else repr(round(v, 3))
         return str(v)
     out = []
     for name, kind, helptext, samples in series:
@@ -3425,31 +3425,32 @@ class Agent:
              [({}, int(st["role"] == "manager"))]),
             ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
             ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
-            ("hoster_ha_reachable_candidates", "gauge", "candidates reached within "
-             "survival_window", [({}, len(st["reachable_candidates"]))]),
-            ("hoster_ha_candidate_reachable", "gauge", "1 if the candidate answered a ping "
-             "sent within survival_window", [({"candidate": c}, int(v))
+            ("hoster_ha_reachable_candidates", "gauge", ("candidates reached within "
+              "survival_window"), [({}, len(st["reachable_candidates"]))]),
+            ("hoster_ha_candidate_reachable", "gauge", ("1 if the candidate answered a ping "
+              "sent within survival_window"), [({"candidate": c}, int(v))
                                              for c, v in sorted(reach.items())]),
-            ("hoster_ha_candidate_last_ping_age_seconds", "gauge", "seconds since the send time "
-             "of the candidate's last good ping (absent: never answered)",
+            ("hoster_ha_candidate_last_ping_age_seconds", "gauge", ("seconds since the send time "
+              "of the candidate's last good ping (absent: never answered)"),
              [({"candidate": c}, v) for c, v in sorted(ages.items()) if v is not None]),
-            ("hoster_ha_survival_margin_seconds", "gauge", "seconds until this node loses "
-             "quorum (and fences if armed) if no candidate answers any more", [({}, margin)]),
-            ("hoster_ha_fences_total", "counter", "fences: members this node failed as manager, "
-             "and its own self-fence decisions", [({}, counters.get("fences", 0))]),
-            ("hoster_ha_vm_starts_total", "counter", "failover starts of VMs on this node, by "
-             "result", [({"result": r}, v) for r, v in sorted(starts.items())]),
-            ("hoster_ha_notify_dropped_total", "counter", "notifications dropped (queue full, "
-             "command failed or timed out)", [({}, counters.get("notify_dropped", 0))]),
+            ("hoster_ha_survival_margin_seconds", "gauge", ("seconds until this node loses "
+              "quorum (and fences if armed) if no candidate answers any more"), [({}, margin)]),
+            ("hoster_ha_fences_total", "counter", ("fences: members this node failed as manager, "
+              "and its own self-fence decisions"), [({}, counters.get("fences", 0))]),
+            ("hoster_ha_vm_starts_total", "counter", ("failover starts of VMs on this node, by "
+              "result"), [({"result": r}, v) for r, v in sorted(starts.items())]),
+            ("hoster_ha_notify_dropped_total", "counter", ("notifications dropped (queue full, "
+              "command failed or timed out)"), [({}, counters.get("notify_dropped", 0))]),
             ("hoster_ha_auth_failures_total", "counter", "requests refused with 401",
              [({}, counters["auth_failures"])]),
             ("hoster_ha_ping_failures_total", "counter", "pings to candidates that failed",
              [({}, counters["ping_failures"])]),
         ]
         if states is not None:
-            series.append(("hoster_ha_members", "gauge", "members in this candidate's table, "
-                           "each in the first of left, failed, maintenance, unarmed, alive "
-                           "that fits", [({"state": k}, v) for k, v in states.items()]))
+            series.append(("hoster_ha_members", "gauge", (
+                "members in this candidate's table, each in the first of left, failed, "
+                "maintenance, unarmed, alive that fits"),
+                [({"state": k}, v) for k, v in states.items()]))
         return prometheus_text(series)
 
     # -- the watchdog companion (§3.5) -------------------------------------------
