@@ -122,7 +122,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
-    "hoster_config_dir", "hoster_init_file",
+    "hoster_config_dir", "hoster_init_file", "vm_priority",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -410,6 +410,14 @@ def parse_config(data, path="<config>", debug=False):
     mps = get("max_parallel_starts", "int", 8)
     if mps < 1:
         raise ConfigError(f"{path}: key 'max_parallel_starts': must be at least 1")
+    prio = data.get("vm_priority", {})
+    if not isinstance(prio, dict):
+        raise ConfigError(f"{path}: key 'vm_priority': expected an object (VM name -> integer)")
+    for k, v in prio.items():
+        if not valid_vm_name(k):
+            raise ConfigError(f"{path}: key {_key('vm_priority.' + k)}: not a valid VM name")
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{path}: key 'vm_priority.{k}': expected an integer, got {v!r}")
     log_file = data.get("log_file")
     if log_file is not None and (not isinstance(log_file, str) or not log_file):
         raise ConfigError(f"{path}: key 'log_file': expected a path")
@@ -439,6 +447,7 @@ def parse_config(data, path="<config>", debug=False):
         log_file=log_file,
         max_parallel_starts=mps,
         kernel_watchdog=kernel_wd,
+        vm_priority=dict(prio),
         **timings,
     )
 
@@ -1553,6 +1562,10 @@ class Core:
                        f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
                        vm_name=vm, from_host=src, reason=reason)
         term = self.manager_term(now)
+        prio = getattr(self.cfg, "vm_priority", {})
+        # vm_priority: higher first (a stable sort: VM name order within a priority), so
+        # each target is sent its VMs in priority order (_pump keeps the queue's order)
+        moves = sorted(moves, key=lambda mv: -prio.get(mv[0], 0))
         for vm, src, targets in moves:
             if self.cfg.debug:
                 self._event("failover_planned", "NOTICE",

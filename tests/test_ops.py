@@ -288,3 +288,30 @@ def test_notify_config_key(tmp_path):
     assert "notify" not in make_cfg("a").commands
     with pytest.raises(hoster_ha.ConfigError, match="commands.notify"):
         make_cfg("a", commands={"notify": "ha-notify"})
+
+
+# -- item 6: vm_priority ---------------------------------------------------------------
+
+def test_vm_priority_orders_the_starts_on_each_target():
+    from test_failover_core import host_inv, vm
+    names = ["vm1", "vm2", "vm3", "vm4"]
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
+            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    prio = {"vm3": 10, "vm4": 5, "vm1": -1}       # vm2: default 0
+    extra = {n: {"vm_priority": prio, "max_parallel_starts": 1} for n in ("a", "b", "c")}
+    net, t = make_net(invs=invs, extra=extra)
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
+            until=lambda _: len(net.sends(name="failover")) >= 4)
+    order = [s["body"]["vm_name"] for s in net.sends(name="failover", to="w2")]
+    assert order == ["vm3", "vm4", "vm2", "vm1"]
+
+
+def test_vm_priority_default_is_name_order_and_config_is_validated():
+    from test_core import make_cfg
+    assert make_cfg("a").vm_priority == {}
+    assert make_cfg("a", vm_priority={"db": 3}).vm_priority == {"db": 3}
+    for bad in ({"db": "high"}, {"db": True}, {"bad name!": 1}, ["db"]):
+        with pytest.raises(hoster_ha.ConfigError, match="vm_priority"):
+            make_cfg("a", vm_priority=bad)
