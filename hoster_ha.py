@@ -1396,6 +1396,16 @@ class Core:
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
         return [own] + [v for at, v in self.views.values() if now - at <= limit]
 
+    def _silence_reports(self, h, now):
+        """{candidate: the silence of member h it reported in its fresh view}."""
+        limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
+        out = {self.hostname: round(now - max(self.members[h].last_ping, self.start), 3)} \
+            if h in self.members else {}
+        for c, (at, view) in sorted(self.views.items()):
+            if now - at <= limit and h in view:
+                out[c] = view[h]["silence"]
+        return out
+
     def _detect_failures(self, now):
         views = self._fresh_views(now)
         failed = {}
@@ -1423,7 +1433,9 @@ class Core:
             if self.failed.get(h) != st:
                 self._event("member_failed", "NOTICE",
                             f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
-                            f"on {len(silent)} candidates", member=h, startup_time=st)
+                            f"on {len(silent)} candidates", member=h, startup_time=st,
+                            silence=self._silence_reports(h, now),
+                            reachable_candidates=self.reachable(now))
         self.failed = failed
         if self.job is not None:
             self._drop_failed(now)
@@ -1574,12 +1586,31 @@ class Core:
                             f"{', '.join(targets[1:]) or 'none'})",
                             vm_name=vm, from_host=src, to_host=targets[0], term=term, debug=True)
             else:
-                job["queue"].append(self._new_plan(vm, src, targets, term, now))
+                job["queue"].append(self._new_plan(vm, src, targets, term, now,
+                                                   **self._why_target(vm, targets, eligible)))
         if self.cfg.debug or not job["queue"]:
             return self._finish_job(now)
         self._replicate([self.plans[u] for u in job["queue"]], ("plan_ack", job["id"], 1))
 
-    def _new_plan(self, vm, src, targets, term, now):
+    def _why_target(self, vm, targets, eligible):
+        """The inputs of a placement (issue 14 item 8): every copy's newest snapshot and
+        whether its host was eligible, and why the first target won."""
+        inv = self.job["inv"]
+        compared = {}
+        for h in sorted(inv):
+            for v in inv[h]["vms"]:
+                if v["vm_name"] == vm:
+                    snap = v["latest_snapshot"]
+                    compared[h] = {"snapshot": snap["name"] if snap else None,
+                                   "creation": snap["creation"] if snap else None,
+                                   "eligible": bool(eligible.get(h)),
+                                   "free_memory": inv[h]["host"]["free_memory"]}
+        best = compared.get(targets[0], {})
+        return {"compared": compared,
+                "why": f"newest snapshot among eligible members (creation "
+                       f"{best.get('creation')}); ties: most free memory, fewest running VMs"}
+
+    def _new_plan(self, vm, src, targets, term, now, **why):
         self.uid_seq += 1
         uid = f"{self.hostname}-{self.startup_time}-{term}-{self.uid_seq}"
         e = {"vm": vm, "from": src, "to": targets[0], "term": term, "uid": uid,
@@ -1589,7 +1620,7 @@ class Core:
         self.plan_targets[uid] = targets[1:]
         self._event("failover_planned", "NOTICE",
                     f"plan: VM {vm} of {src} -> {targets[0]} (uid {uid}, term {term})",
-                    vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term)
+                    vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term, **why)
         return uid
 
     def _replicate(self, entries, purpose):
@@ -3413,6 +3444,11 @@ class Agent:
             st = self.core.status(time.monotonic())
         st.update(mode=self.mode, api_pid=os.getpid(),
                   watchdog_pid=self.wd_pid if self.wd_pid and pid_alive(self.wd_pid) else None)
+        inv = self.inventory_cache       # a complete list or None (no lock: see the class)
+        st["vms_running"] = sorted(
+            v["vm_name"] for v in inv if isinstance(v, dict) and v.get("live") and
+            v.get("production") and v.get("parent_host") == self.cfg.hostname) \
+            if isinstance(inv, list) else None
         return st
 
     def count(self, key):
@@ -4300,8 +4336,47 @@ def cmd_status(cfg, args):
                       + (f" ({', '.join(reach)})" if reach else ""),
                       f"Armed: {'yes' if st['armed'] else 'no'}",
                       f"Maintenance: {'on' if st['maintenance'] else 'off'}"]
+            lines += status_details(st)
     print("\n".join(lines))
     return 0 if st["api_pid"] else 1
+
+
+def _ago(seconds):
+    if not _is_number(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s // 3600} h"
+
+
+def status_details(st):
+    """The cluster view below `status`'s own lines (issue 14 item 7): quorum, where the
+    manager is and for how long, the member table (candidates), the VMs running here."""
+    lines = []
+    reach = st.get("reachable_candidates") or []
+    margin = st.get("survival_margin_s")
+    lines.append(f"Quorum: {'yes' if len(reach) >= 2 else 'NO'}"
+                 + (f" (survival margin {margin:.0f} s)" if _is_number(margin) else "")
+                 + ("; WARNING: one more lost candidate fences this node"
+                    if st.get("approaching_fence") else ""))
+    if st.get("manager") and _is_number(st.get("manager_for_s")):
+        lines.append(f"Manager since: {_ago(st['manager_for_s'])} ago (as seen here)")
+    vms = st.get("vms_running")
+    if vms is not None:
+        lines.append(f"VMs: {len(vms)} production VM(s) running here"
+                     + (f" ({', '.join(vms)})" if vms else ""))
+    members = st.get("members")
+    if members:
+        lines += ["", "Members:"]
+        rows = [("HOSTNAME", "ROLE", "STATE", "ARMED", "MAINT", "LAST SEEN")]
+        for m in members:
+            rows.append((m["hostname"], m["role"], m["state"], "yes" if m["armed"] else "no",
+                         "yes" if m["maintenance"] else "no", f"{_ago(m['last_seen_s'])} ago"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                  for r in rows]
+    elif st.get("role") == "worker":
+        lines.append("Members: ask a candidate (this is a worker; `members` asks one)")
+    return lines
 
 
 def fetch_members(cfg):
@@ -4384,8 +4459,27 @@ def cmd_vms(cfg, args):
     return 0 if not errors else 1
 
 
+def parse_since(text, wall=None):
+    """`events --since`: 90s, 30m, 1h, 2d (ago) or an ISO time (local time unless it
+    names a zone) -> a wall-clock time in seconds.  ValueError if neither."""
+    wall = time.time() if wall is None else wall
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if m:
+        return wall - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    import datetime
+    dt = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return dt.timestamp()   # a naive time is local time
+
+
 def cmd_events(cfg, args):
     events = EventLog.read(Paths(cfg).events)
+    if getattr(args, "since", None):
+        try:
+            since = parse_since(args.since)
+        except ValueError:
+            return die(f"--since {args.since!r}: expected e.g. 30m, 1h, 2d or an ISO time "
+                       "(2026-01-31T14:00)", 2)
+        events = [ev for ev in events if _is_number(ev.get("ts")) and ev["ts"] >= since]
     if args.json:
         print(json.dumps(events, indent=2))
         return 0
@@ -4459,7 +4553,9 @@ def build_parser():
     add("members", "show the membership table of a candidate", json_flag=True)
     add("vms", "show every VM of the cluster: where it runs, replicas, newest snapshots",
         json_flag=True)
-    add("events", "print state_dir/events.jsonl", json_flag=True)
+    ev = add("events", "print state_dir/events.jsonl", json_flag=True)
+    ev.add_argument("--since", metavar="WHEN",
+                    help="only events since WHEN: 30m, 1h, 2d ago, or an ISO time")
     sp = add("maintenance", "maintenance on: disarm this node (once 2 candidates know) so it is "
              "never failed over; off: arm again")
     sp.add_argument("state", choices=["on", "off"])

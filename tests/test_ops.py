@@ -300,7 +300,7 @@ def test_vm_priority_orders_the_starts_on_each_target():
             "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
     prio = {"vm3": 10, "vm4": 5, "vm1": -1}       # vm2: default 0
     extra = {n: {"vm_priority": prio, "max_parallel_starts": 1} for n in ("a", "b", "c")}
-    net, t = make_net(invs=invs, extra=extra)
+    net, _ = make_net(invs=invs, extra=extra)
     last = kill_w1(net, 10.0)
     net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
             until=lambda _: len(net.sends(name="failover")) >= 4)
@@ -315,3 +315,23 @@ def test_vm_priority_default_is_name_order_and_config_is_validated():
     for bad in ({"db": "high"}, {"db": True}, {"bad name!": 1}, ["db"]):
         with pytest.raises(hoster_ha.ConfigError, match="vm_priority"):
             make_cfg("a", vm_priority=bad)
+
+
+# -- item 8: the failover events carry their inputs ---------------------------------------
+
+def test_member_failed_and_plan_events_say_why():
+    net, _ = make_net()
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 10, step=0.5,
+            until=lambda _: net.events("a", "failover_planned"))
+    failed = net.events("a", "member_failed")[0]["details"]
+    # every candidate's reported silence of w1, each beyond its failover_time
+    assert set(failed["silence"]) >= {"a", "b"} and len(failed["silence"]) >= 2
+    assert all(s >= FAILOVER_TIME for s in failed["silence"].values())
+    assert sorted(failed["reachable_candidates"]) == ["a", "b", "c"]
+    plan = net.events("a", "failover_planned")[0]["details"]
+    assert plan["to_host"] == "w2"
+    # the snapshots compared (standard_invs: w2 300, c 200, b 100; a has none)
+    assert {h: v["creation"] for h, v in plan["compared"].items()} == \
+        {"b": 100, "c": 200, "w2": 300}
+    assert "newest snapshot" in plan["why"] and "300" in plan["why"]
