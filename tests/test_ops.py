@@ -335,3 +335,21 @@ def test_member_failed_and_plan_events_say_why():
     assert {h: v["creation"] for h, v in plan["compared"].items()} == \
         {"b": 100, "c": 200, "w2": 300}
     assert "newest snapshot" in plan["why"] and "300" in plan["why"]
+
+
+# -- a real agent process: its /metrics passes promtool ------------------------------------
+
+import test_http  # its module-scoped `agent` fixture, used below
+
+live_agent = test_http.agent
+
+
+def test_live_agent_metrics_pass_promtool(live_agent):
+    status, text = test_http.request(live_agent, "GET", "/metrics")
+    assert status == 200
+    text = text.decode()
+    promtool_check(text)
+    m = parse_metrics(text)
+    assert m[("hoster_ha_up", frozenset())] == 1
+    assert any(k[0] == "hoster_ha_candidate_reachable" for k in m)
+    assert ("hoster_ha_survival_margin_seconds", frozenset()) in m
