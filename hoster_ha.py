@@ -25,6 +25,7 @@ The file reads top to bottom:
 """
 
 import argparse
+import collections
 import concurrent.futures
 import email.utils
 import errno
@@ -103,6 +104,9 @@ DEFAULT_COMMANDS = {
     "hostname": ["sysctl", "-n", "kern.hostname"],  # the name Hoster compares parent_host with
 }
 
+# commands without a default: not run unless configured
+OPTIONAL_COMMANDS = {"notify"}   # argv; one JSON object per event on its stdin
+
 STRATEGIES = {
     "change-parent": "change-parent", "changeparent": "change-parent",
     "change_parent": "change-parent", "cireset": "cireset", "ci-reset": "cireset",
@@ -118,7 +122,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
-    "hoster_config_dir", "hoster_init_file",
+    "hoster_config_dir", "hoster_init_file", "vm_priority",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -397,7 +401,7 @@ def parse_config(data, path="<config>", debug=False):
     if not isinstance(cmds, dict):
         raise ConfigError(f"{path}: key 'commands': expected an object")
     for k, v in cmds.items():
-        if k not in DEFAULT_COMMANDS:
+        if k not in DEFAULT_COMMANDS and k not in OPTIONAL_COMMANDS:
             raise ConfigError(f"{path}: key {_key('commands.' + k)}: unknown command")
         if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
             raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
@@ -406,6 +410,14 @@ def parse_config(data, path="<config>", debug=False):
     mps = get("max_parallel_starts", "int", 8)
     if mps < 1:
         raise ConfigError(f"{path}: key 'max_parallel_starts': must be at least 1")
+    prio = data.get("vm_priority", {})
+    if not isinstance(prio, dict):
+        raise ConfigError(f"{path}: key 'vm_priority': expected an object (VM name -> integer)")
+    for k, v in prio.items():
+        if not valid_vm_name(k):
+            raise ConfigError(f"{path}: key {_key('vm_priority.' + k)}: not a valid VM name")
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{path}: key 'vm_priority.{k}': expected an integer, got {v!r}")
     log_file = data.get("log_file")
     if log_file is not None and (not isinstance(log_file, str) or not log_file):
         raise ConfigError(f"{path}: key 'log_file': expected a path")
@@ -435,6 +447,7 @@ def parse_config(data, path="<config>", debug=False):
         log_file=log_file,
         max_parallel_starts=mps,
         kernel_watchdog=kernel_wd,
+        vm_priority=dict(prio),
         **timings,
     )
 
@@ -766,6 +779,10 @@ class Core:
         self.plan_targets = {}     # uid -> next best targets (one retry)
         self.next_manager_round = now
         self.said = set()
+        self.approach_since = None  # armed with exactly 2 candidates reachable since
+        self.approach_warned = False
+        self.view = (None, 0)       # manager_view at the last tick, and since when
+        self.view_since = now
         self._load(members_state, plans_state, now)
 
     # -- actions -------------------------------------------------------------
@@ -1226,6 +1243,9 @@ class Core:
             self._event("manager_lost", "NOTICE",
                         "this node is no longer the manager (lost its majority of votes)")
         self.was_manager = manager
+        seen = self.manager_view(now)[0]
+        if seen != self.view[0]:
+            self.view, self.view_since = (seen, now), now
         if not manager:
             self.job = None
         elif now >= self.next_manager_round:
@@ -1276,8 +1296,45 @@ class Core:
             self.out.append({"kind": "clear_fence_record"})   # the candidates have it
             self.out.append({"kind": "record_running"})       # theirs is the old one
 
+        self._approach_warning(now, reach)
         if self.armed and not quorum:
-            self._fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach)
+            self._fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach,
+                        silence=self.silence_ages(now))
+
+    def silence_ages(self, now):
+        """{candidate: seconds since the send time of its last good ping, or None}."""
+        return {c: None if self.reach[c] is None else round(now - self.reach[c], 3)
+                for c in self.candidates}
+
+    def survival_margin(self, now):
+        """Seconds until this node would fence if it heard from no candidate any more
+        (the second-newest good ping leaves the survival window); 0 without quorum."""
+        left = sorted((self.reach[c] + self.cfg.survival_window - now
+                       for c in self.reachable(now)), reverse=True)
+        return max(0.0, left[1]) if len(left) >= 2 else 0.0
+
+    def _approach_warning(self, now, reach):
+        """Issue 14 item 2: armed and one candidate away from a fence for more than
+        ping_interval: one WARNING; one NOTICE when it clears.  Never decides anything."""
+        close = self.armed and len(reach) == 2
+        if not close:
+            if self.approach_warned:
+                self._event("fence_warning_cleared", "NOTICE",
+                            f"no longer close to a self-fence: {len(reach)} of 3 candidates "
+                            "reachable" + ("" if self.armed else " (not armed)"),
+                            reachable=reach)
+            self.approach_since, self.approach_warned = None, False
+            return
+        if self.approach_since is None:
+            self.approach_since = now
+        if not self.approach_warned and now - self.approach_since > self.cfg.ping_interval:
+            self.approach_warned = True
+            n = min(self.reach[c] + self.cfg.survival_window - now for c in reach)
+            lost = [c for c in self.candidates if c not in reach]
+            self._event("fence_warning", "WARNING",
+                        f"approaching self-fence: 2 of 3 candidates reachable "
+                        f"({', '.join(lost)} silent); fence in {max(0.0, n):.0f} s if one "
+                        "more is lost", reachable=reach, silence=self.silence_ages(now))
 
     # -- failover (§3.4): the manager's requests and what it does with the answers --------
     #
@@ -1339,6 +1396,16 @@ class Core:
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
         return [own] + [v for at, v in self.views.values() if now - at <= limit]
 
+    def _silence_reports(self, h, now):
+        """{candidate: the silence of member h it reported in its fresh view}."""
+        limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
+        out = {self.hostname: round(now - max(self.members[h].last_ping, self.start), 3)} \
+            if h in self.members else {}
+        for c, (at, view) in sorted(self.views.items()):
+            if now - at <= limit and h in view:
+                out[c] = view[h]["silence"]
+        return out
+
     def _detect_failures(self, now):
         views = self._fresh_views(now)
         failed = {}
@@ -1366,7 +1433,9 @@ class Core:
             if self.failed.get(h) != st:
                 self._event("member_failed", "NOTICE",
                             f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
-                            f"on {len(silent)} candidates", member=h, startup_time=st)
+                            f"on {len(silent)} candidates", member=h, startup_time=st,
+                            silence=self._silence_reports(h, now),
+                            reachable_candidates=self.reachable(now))
         self.failed = failed
         if self.job is not None:
             self._drop_failed(now)
@@ -1505,6 +1574,10 @@ class Core:
                        f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
                        vm_name=vm, from_host=src, reason=reason)
         term = self.manager_term(now)
+        prio = getattr(self.cfg, "vm_priority", {})
+        # vm_priority: higher first (a stable sort: VM name order within a priority), so
+        # each target is sent its VMs in priority order (_pump keeps the queue's order)
+        moves = sorted(moves, key=lambda mv: -prio.get(mv[0], 0))
         for vm, src, targets in moves:
             if self.cfg.debug:
                 self._event("failover_planned", "NOTICE",
@@ -1513,12 +1586,31 @@ class Core:
                             f"{', '.join(targets[1:]) or 'none'})",
                             vm_name=vm, from_host=src, to_host=targets[0], term=term, debug=True)
             else:
-                job["queue"].append(self._new_plan(vm, src, targets, term, now))
+                job["queue"].append(self._new_plan(vm, src, targets, term, now,
+                                                   **self._why_target(vm, targets, eligible)))
         if self.cfg.debug or not job["queue"]:
             return self._finish_job(now)
         self._replicate([self.plans[u] for u in job["queue"]], ("plan_ack", job["id"], 1))
 
-    def _new_plan(self, vm, src, targets, term, now):
+    def _why_target(self, vm, targets, eligible):
+        """The inputs of a placement (issue 14 item 8): every copy's newest snapshot and
+        whether its host was eligible, and why the first target won."""
+        inv = self.job["inv"]
+        compared = {}
+        for h in sorted(inv):
+            for v in inv[h]["vms"]:
+                if v["vm_name"] == vm:
+                    snap = v["latest_snapshot"]
+                    compared[h] = {"snapshot": snap["name"] if snap else None,
+                                   "creation": snap["creation"] if snap else None,
+                                   "eligible": bool(eligible.get(h)),
+                                   "free_memory": inv[h]["host"]["free_memory"]}
+        best = compared.get(targets[0], {})
+        return {"compared": compared,
+                "why": f"newest snapshot among eligible members (creation "
+                       f"{best.get('creation')}); ties: most free memory, fewest running VMs"}
+
+    def _new_plan(self, vm, src, targets, term, now, **why):
         self.uid_seq += 1
         uid = f"{self.hostname}-{self.startup_time}-{term}-{self.uid_seq}"
         e = {"vm": vm, "from": src, "to": targets[0], "term": term, "uid": uid,
@@ -1528,7 +1620,7 @@ class Core:
         self.plan_targets[uid] = targets[1:]
         self._event("failover_planned", "NOTICE",
                     f"plan: VM {vm} of {src} -> {targets[0]} (uid {uid}, term {term})",
-                    vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term)
+                    vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term, **why)
         return uid
 
     def _replicate(self, entries, purpose):
@@ -1605,8 +1697,9 @@ class Core:
             return
         if ok:
             e["state"] = "done"
-            self._event("note", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
-                        f"(moved from {e['from']}, uid {uid})")
+            self._event("vm_moved", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+                        f"(moved from {e['from']}, uid {uid})", vm_name=e["vm"],
+                        from_host=e["from"], to_host=e["to"], uid=uid, term=e["term"])
         else:
             e["state"] = "failed"
             err = answer.get("error") if isinstance(answer, dict) else answer
@@ -1889,7 +1982,45 @@ class Core:
                 "reachable_candidates": self.reachable(now), "armed": self.armed,
                 "maintenance": self.maintenance, "startup_time": self.startup_time,
                 "fenced": self.fenced,
-                "vote": self.vote.holder if self.vote else None}
+                "vote": self.vote.holder if self.vote else None,
+                "manager_for_s": round(now - self.view_since, 3) if manager else None,
+                "candidate_silence": self.silence_ages(now),
+                "survival_margin_s": round(self.survival_margin(now), 3),
+                "approaching_fence": self.approach_warned,
+                "members": self.member_list(now) if self.is_candidate else None}
+
+    MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
+
+    def member_state(self, m, now):
+        """The first of MEMBER_STATES that fits member m: failed = failed by this manager,
+        or silent here for at least its failover_time while armed."""
+        silence = now - max(m.last_ping, self.start)
+        if m.left:
+            return "left"
+        if m.hostname in self.failed or (
+                m.armed and _is_number(m.failover_time) and silence >= m.failover_time):
+            return "failed"
+        if m.maintenance:
+            return "maintenance"
+        return "alive" if m.armed else "unarmed"
+
+    def member_states(self, now):
+        """{state: number of members}, every state of MEMBER_STATES present."""
+        out = {k: 0 for k in self.MEMBER_STATES}
+        for m in self.members.values():
+            out[self.member_state(m, now)] += 1
+        return out
+
+    def member_list(self, now):
+        """Every member as `status` shows it (a candidate's table)."""
+        manager = self.manager_view(now)[0]
+        return [{"hostname": m.hostname,
+                 "role": "manager" if m.hostname == manager else
+                 "candidate" if m.hostname in self.candidates else "worker",
+                 "state": self.member_state(m, now), "armed": m.armed,
+                 "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
+                 "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
+                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
 
 # -----------------------------------------------------------------------------
@@ -1990,9 +2121,16 @@ EMERG = 60                # syslog emerg: a wall message, for the fence line alo
 logging.addLevelName(NOTICE, "NOTICE")
 logging.addLevelName(ALERT, "ALERT")
 logging.addLevelName(EMERG, "EMERG")
+# events counted for /metrics (Agent.execute) and the ones handed to commands.notify
+EVENT_COUNTERS = {"member_failed": "fences", "self_fence": "fences",
+                  "watchdog_fence": "fences", "vm_started": "vm_starts_ok",
+                  "vm_start_failed": "vm_starts_failed"}
+NOTIFY_EVENTS = {"self_fence", "member_failed", "vm_moved", "vm_start_failed", "quorum_lost",
+                 "manager_elected", "fence_warning", "vm_unprotected"}
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
-               "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated"}
+               "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
+               "vm_moved", "fence_warning", "fence_warning_cleared"}
 
 
 def run_cmd(argv, timeout):
@@ -2835,6 +2973,96 @@ def watchdog_script():
     return os.path.join(os.path.dirname(os.path.realpath(__file__)), "ha_watchdog.py")
 
 
+class Notifier:
+    """commands.notify (issue 14 item 4): run the command once per event, the event as one
+    JSON object on its stdin.  Bounded: one command at a time, each killed after
+    NOTIFY_TIMEOUT, at most NOTIFY_QUEUE events waiting; one more is dropped (and counted).
+    submit() never blocks: a fence or a failover is never delayed by a notification.  A
+    failing command is logged once (and again once it worked in between)."""
+
+    NOTIFY_TIMEOUT = 10.0
+    NOTIFY_QUEUE = 20
+
+    def __init__(self, argv, node, log, count=None, timeout=None, queue=None):
+        self.argv, self.node, self.log = list(argv), node, log
+        self.count = count or (lambda key: None)
+        self.timeout = timeout or self.NOTIFY_TIMEOUT
+        self.max_queue = queue or self.NOTIFY_QUEUE
+        self.lock = threading.Lock()
+        self.queue = collections.deque()
+        self.running = False     # the one sender thread is alive
+        self.failing = False     # the last run failed (logged once)
+
+    def submit(self, event, message, details):
+        ev = dict(details, event=event, time=round(time.time(), 3), node=self.node,
+                  message=message)
+        with self.lock:
+            full = len(self.queue) >= self.max_queue
+            if not full:
+                self.queue.append(ev)
+            start = not full and not self.running
+            self.running = self.running or start
+        if full:
+            self.count("notify_dropped")   # outside our lock: count takes the agent's
+            return False
+        if not start:
+            return True
+        threading.Thread(target=self._drain, name="ha-notify", daemon=True).start()
+        return True
+
+    def _drain(self):
+        for _ in range(10_000):   # bounded; the queue is refilled at most that often
+            with self.lock:
+                if not self.queue:
+                    self.running = False
+                    return
+                ev = self.queue.popleft()
+            self._run(ev)
+        with self.lock:
+            self.running = False
+
+    def _run(self, ev):
+        data = (json.dumps(ev, sort_keys=True, default=str) + "\n").encode()
+        error = None
+        try:
+            p = subprocess.run(self.argv, input=data, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, timeout=self.timeout, check=False)
+            if p.returncode != 0:
+                error = f"exit status {p.returncode}: {last_line(p.stderr.decode(errors='replace'))}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {self.timeout:g} s"
+        except OSError as e:
+            error = str(e)
+        if error is None:
+            self.failing = False
+            return
+        self.count("notify_dropped")
+        if not self.failing:
+            self.failing = True
+            self.log.warning(f"commands.notify failed for event {ev['event']} ({error}); "
+                             "further failures are not logged until it works again")
+
+
+def prometheus_text(series):
+    """[(name, type, help, [(labels dict, value)])] in Prometheus text format 0.0.4."""
+    def esc(v):
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    def num(v):
+        if isinstance(v, bool):
+            return str(int(v))
+        if isinstance(v, float):
+            return "NaN" if math.isnan(v) else repr(round(v, 3))
+        return str(v)
+    out = []
+    for name, kind, helptext, samples in series:
+        out += [f"# HELP {name} {helptext}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{esc(v)}"' for k, v in sorted(labels.items()))
+            out.append(f"{name}{{{lab}}} {num(value)}" if lab else f"{name} {num(value)}")
+    return "\n".join(out) + "\n"
+
+
 class Agent:
     """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3).
 
@@ -2885,6 +3113,8 @@ class Agent:
         self.host = Host(cfg, log)
         self.events = EventLog(self.paths.events, cfg.hostname)
         self.counters = {"auth_failures": 0, "ping_failures": 0}
+        self.notifier = Notifier(cfg.commands["notify"], cfg.hostname, log, self.count) \
+            if cfg.commands.get("notify") else None
         self.inventory_cache = None
         self.inventory_busy = False
         self.wd_pid = None
@@ -3214,35 +3444,63 @@ class Agent:
             st = self.core.status(time.monotonic())
         st.update(mode=self.mode, api_pid=os.getpid(),
                   watchdog_pid=self.wd_pid if self.wd_pid and pid_alive(self.wd_pid) else None)
+        inv = self.inventory_cache       # a complete list or None (no lock: see the class)
+        st["vms_running"] = sorted(
+            v["vm_name"] for v in inv if isinstance(v, dict) and v.get("live") and
+            v.get("production") and v.get("parent_host") == self.cfg.hostname) \
+            if isinstance(inv, list) else None
         return st
 
     def count(self, key):
         with self.lock:
             self.counters[key] = self.counters.get(key, 0) + 1
 
-    def metrics(self):
-        st = self.status()
+    def metrics(self, now=None):
+        """GET /metrics: Prometheus text format (README "Metrics" lists every series)."""
+        now = time.monotonic() if now is None else now
         with self.lock:
-            members = len(self.core.members)
+            core = self.core
+            st = core.status(now)
+            states = core.member_states(now) if core.is_candidate else None
+            reach = {c: core.reach[c] is not None and
+                     now - core.reach[c] <= self.cfg.survival_window for c in core.candidates}
+            ages = core.silence_ages(now)
+            margin = core.survival_margin(now)
             counters = dict(self.counters)
-        lines = [
-            ("hoster_ha_up", "gauge", "1 while the agent runs", 1),
+        starts = {r: counters.get("vm_starts_" + r, 0) for r in ("ok", "failed")}
+        series = [
+            ("hoster_ha_up", "gauge", "1 while the agent runs", [({}, 1)]),
             ("hoster_ha_manager", "gauge", "1 if this node is the manager",
-             int(st["role"] == "manager")),
-            ("hoster_ha_term", "gauge", "term of the manager this node knows", st["term"]),
-            ("hoster_ha_armed", "gauge", "1 if this node is armed", int(st["armed"])),
-            ("hoster_ha_reachable_candidates", "gauge", "candidates reached within "
-             "survival_window", len(st["reachable_candidates"])),
-            ("hoster_ha_members", "gauge", "members in this candidate's table", members),
+             [({}, int(st["role"] == "manager"))]),
+            ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
+            ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
+            ("hoster_ha_reachable_candidates", "gauge", ("candidates reached within "
+              "survival_window"), [({}, len(st["reachable_candidates"]))]),
+            ("hoster_ha_candidate_reachable", "gauge", ("1 if the candidate answered a ping "
+              "sent within survival_window"), [({"candidate": c}, int(v))
+                                             for c, v in sorted(reach.items())]),
+            ("hoster_ha_candidate_last_ping_age_seconds", "gauge", ("seconds since the send time "
+              "of the candidate's last good ping (absent: never answered)"),
+             [({"candidate": c}, v) for c, v in sorted(ages.items()) if v is not None]),
+            ("hoster_ha_survival_margin_seconds", "gauge", ("seconds until this node loses "
+              "quorum (and fences if armed) if no candidate answers any more"), [({}, margin)]),
+            ("hoster_ha_fences_total", "counter", ("fences: members this node failed as manager, "
+              "and its own self-fence decisions"), [({}, counters.get("fences", 0))]),
+            ("hoster_ha_vm_starts_total", "counter", ("failover starts of VMs on this node, by "
+              "result"), [({"result": r}, v) for r, v in sorted(starts.items())]),
+            ("hoster_ha_notify_dropped_total", "counter", ("notifications dropped (queue full, "
+              "command failed or timed out)"), [({}, counters.get("notify_dropped", 0))]),
             ("hoster_ha_auth_failures_total", "counter", "requests refused with 401",
-             counters["auth_failures"]),
+             [({}, counters["auth_failures"])]),
             ("hoster_ha_ping_failures_total", "counter", "pings to candidates that failed",
-             counters["ping_failures"]),
+             [({}, counters["ping_failures"])]),
         ]
-        out = []
-        for name, kind, helptext, value in lines:
-            out += [f"# HELP {name} {helptext}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(out) + "\n"
+        if states is not None:
+            series.append(("hoster_ha_members", "gauge", (
+                "members in this candidate's table, each in the first of left, failed, "
+                "maintenance, unarmed, alive that fits"),
+                [({"state": k}, v) for k, v in states.items()]))
+        return prometheus_text(series)
 
     # -- the watchdog companion (§3.5) -------------------------------------------
 
@@ -3414,6 +3672,11 @@ class Agent:
                 self.log.log(logging.getLevelName(a["level"]), a["msg"])
                 if a["event"] in EVENT_NAMES:
                     self.events.append(a["event"], **a["details"])
+                counter = EVENT_COUNTERS.get(a["event"])
+                if counter:
+                    self.count(counter)
+                if self.notifier is not None and a["event"] in NOTIFY_EVENTS:
+                    self.notifier.submit(a["event"], a["msg"], a["details"])
             elif kind == "send":
                 self.work.submit(self.send, a)
             elif kind == "demote":
@@ -4073,8 +4336,47 @@ def cmd_status(cfg, args):
                       + (f" ({', '.join(reach)})" if reach else ""),
                       f"Armed: {'yes' if st['armed'] else 'no'}",
                       f"Maintenance: {'on' if st['maintenance'] else 'off'}"]
+            lines += status_details(st)
     print("\n".join(lines))
     return 0 if st["api_pid"] else 1
+
+
+def _ago(seconds):
+    if not _is_number(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s // 3600} h"
+
+
+def status_details(st):
+    """The cluster view below `status`'s own lines (issue 14 item 7): quorum, where the
+    manager is and for how long, the member table (candidates), the VMs running here."""
+    lines = []
+    reach = st.get("reachable_candidates") or []
+    margin = st.get("survival_margin_s")
+    lines.append(f"Quorum: {'yes' if len(reach) >= 2 else 'NO'}"
+                 + (f" (survival margin {margin:.0f} s)" if _is_number(margin) else "")
+                 + ("; WARNING: one more lost candidate fences this node"
+                    if st.get("approaching_fence") else ""))
+    if st.get("manager") and _is_number(st.get("manager_for_s")):
+        lines.append(f"Manager since: {_ago(st['manager_for_s'])} ago (as seen here)")
+    vms = st.get("vms_running")
+    if vms is not None:
+        lines.append(f"VMs: {len(vms)} production VM(s) running here"
+                     + (f" ({', '.join(vms)})" if vms else ""))
+    members = st.get("members")
+    if members:
+        lines += ["", "Members:"]
+        rows = [("HOSTNAME", "ROLE", "STATE", "ARMED", "MAINT", "LAST SEEN")]
+        for m in members:
+            rows.append((m["hostname"], m["role"], m["state"], "yes" if m["armed"] else "no",
+                         "yes" if m["maintenance"] else "no", f"{_ago(m['last_seen_s'])} ago"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                  for r in rows]
+    elif st.get("role") == "worker":
+        lines.append("Members: ask a candidate (this is a worker; `members` asks one)")
+    return lines
 
 
 def fetch_members(cfg):
@@ -4157,8 +4459,27 @@ def cmd_vms(cfg, args):
     return 0 if not errors else 1
 
 
+def parse_since(text, wall=None):
+    """`events --since`: 90s, 30m, 1h, 2d (ago) or an ISO time (local time unless it
+    names a zone) -> a wall-clock time in seconds.  ValueError if neither."""
+    wall = time.time() if wall is None else wall
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if m:
+        return wall - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    import datetime
+    dt = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return dt.timestamp()   # a naive time is local time
+
+
 def cmd_events(cfg, args):
     events = EventLog.read(Paths(cfg).events)
+    if getattr(args, "since", None):
+        try:
+            since = parse_since(args.since)
+        except ValueError:
+            return die(f"--since {args.since!r}: expected e.g. 30m, 1h, 2d or an ISO time "
+                       "(2026-01-31T14:00)", 2)
+        events = [ev for ev in events if _is_number(ev.get("ts")) and ev["ts"] >= since]
     if args.json:
         print(json.dumps(events, indent=2))
         return 0
@@ -4232,7 +4553,9 @@ def build_parser():
     add("members", "show the membership table of a candidate", json_flag=True)
     add("vms", "show every VM of the cluster: where it runs, replicas, newest snapshots",
         json_flag=True)
-    add("events", "print state_dir/events.jsonl", json_flag=True)
+    ev = add("events", "print state_dir/events.jsonl", json_flag=True)
+    ev.add_argument("--since", metavar="WHEN",
+                    help="only events since WHEN: 30m, 1h, 2d ago, or an ISO time")
     sp = add("maintenance", "maintenance on: disarm this node (once 2 candidates know) so it is "
              "never failed over; off: arm again")
     sp.add_argument("state", choices=["on", "off"])

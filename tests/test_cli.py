@@ -11,8 +11,11 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+
+import hoster_ha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -520,3 +523,48 @@ def test_make_install_warns_when_install_python_is_missing(tmp_path, make):
                        text=True, timeout=60)
     assert r.returncode == 0, r
     assert "warning" not in r.stderr, r.stderr
+
+
+# -- issue 14: events --since, the status view ----------------------------------------------
+
+def test_events_since_filters_by_age_and_iso_time(tmp_path):
+    path = write(tmp_path, good_config(tmp_path))
+    state = tmp_path / "state"
+    state.mkdir()
+    now = time.time()
+    evs = [{"ts": now - 7200, "node": "node1", "event": "armed"},
+           {"ts": now - 600, "node": "node1", "event": "member_failed", "member": "w1",
+            "silence": {"node1": 61.0, "node2": 60.5}},
+           {"ts": now - 5, "node": "node1", "event": "vm_moved", "vm_name": "vm1"}]
+    (state / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
+    r = run("events", "--since", "1h", "--json", "--config", path)
+    assert r.returncode == 0, r
+    assert [e["event"] for e in json.loads(r.stdout)] == ["member_failed", "vm_moved"]
+    assert json.loads(r.stdout)[0]["silence"] == {"node1": 61.0, "node2": 60.5}
+    r = run("events", "--since", "1m", "--config", path)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "vm_moved" in r.stdout, r
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 3600))
+    r = run("events", "--since", iso, "--json", "--config", path)
+    assert [e["event"] for e in json.loads(r.stdout)] == ["member_failed", "vm_moved"]
+    r = run("events", "--since", "yesterday", "--config", path)
+    assert r.returncode == 2 and "--since" in r.stderr and "Traceback" not in r.stderr, r
+
+
+def test_status_details_candidate_and_worker():
+    st = {"role": "manager", "manager": "node1", "manager_for_s": 750,
+          "reachable_candidates": ["node1", "node2"], "survival_margin_s": 8.2,
+          "approaching_fence": True, "vms_running": ["vm1"],
+          "members": [{"hostname": "node1", "role": "manager", "state": "alive", "armed": True,
+                       "maintenance": False, "last_seen_s": 0.4},
+                      {"hostname": "w1", "role": "worker", "state": "failed", "armed": True,
+                       "maintenance": False, "last_seen_s": 75}]}
+    text = "\n".join(hoster_ha.status_details(st))
+    assert "Quorum: yes (survival margin 8 s)" in text
+    assert "one more lost candidate fences this node" in text
+    assert "Manager since: 12 min ago" in text
+    assert "VMs: 1 production VM(s) running here (vm1)" in text
+    assert re.search(r"w1\s+worker\s+failed\s+yes\s+no\s+75 s ago", text), text
+    worker = "\n".join(hoster_ha.status_details(
+        {"role": "worker", "manager": "node1", "reachable_candidates": ["node1"],
+         "members": None}))
+    assert "Quorum: NO" in worker and "ask a candidate" in worker

@@ -1,0 +1,355 @@
+"""Issue 14 (operating it): warnings before a fence, metrics, notifications, restart
+order, the cluster view and the events' inputs.  Core-level tests drive Core objects
+with explicit `now` values (the helpers of test_core / test_failover_core)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from test_core import PING_INTERVAL, SURVIVAL, _armed_worker, events, run, run_round
+from test_failover_core import FAILOVER_TIME, failed_at, kill_w1, make_net
+
+import hoster_ha
+
+# -- item 2: approaching self-fence ---------------------------------------------
+
+
+def _all(cores):
+    return {n: c.take_actions() for n, c in cores.items()}
+
+
+def test_warning_when_one_candidate_away_from_fence_then_notice_when_it_clears():
+    cores, w = _armed_worker()
+    cut = {("w", "a")}
+    acks = {"w": True}
+    # a is silent from t=6: still "reachable" until 5 + SURVIVAL, then 2 of 3
+    run(cores, 6.0, 5.0 + SURVIVAL, cut=cut, acks=acks)
+    assert events(w.take_actions(), "fence_warning") == []
+    t = run(cores, 5.0 + SURVIVAL + 1, 5.0 + SURVIVAL + 1 + PING_INTERVAL, cut=cut, acks=acks)
+    assert len(w.reachable(t)) == 2
+    # exactly 2 reachable, but not yet for more than ping_interval: no warning
+    assert events(w.take_actions(), "fence_warning") == []
+    t = run(cores, t + 0.5, t + 3.0, cut=cut, acks=acks)
+    acts = w.take_actions()
+    warn = events(acts, "fence_warning")
+    assert len(warn) == 1, acts
+    assert warn[0]["level"] == "WARNING"
+    assert warn[0]["msg"].startswith("approaching self-fence: 2 of 3 candidates reachable")
+    assert "fence in" in warn[0]["msg"] and "if one more is lost" in warn[0]["msg"]
+    assert sorted(warn[0]["details"]["reachable"]) == ["b", "c"]
+    assert w.status(t)["approaching_fence"] is True
+    # once, not every tick; never a fence while 2 are reachable
+    t = run(cores, t + 1, t + 10, cut=cut, acks=acks)
+    acts = w.take_actions()
+    assert events(acts, "fence_warning") == [] and not [a for a in acts if a["kind"] == "fence"]
+    # a answers again: one NOTICE
+    t = run(cores, t + 1, t + 3, acks=acks)
+    acts = w.take_actions()
+    note = events(acts, "fence_warning_cleared")
+    assert len(note) == 1 and note[0]["level"] == "NOTICE"
+    assert w.status(t)["approaching_fence"] is False
+    t = run(cores, t + 1, t + 5, acks=acks)
+    assert events(w.take_actions(), "fence_warning_cleared") == []
+
+
+def test_no_warning_on_an_unarmed_node():
+    cores, w = _armed_worker()
+    w.armed = False          # as if in maintenance: not armed, nothing to warn about
+    w.maintenance = True
+    run(cores, 6.0, 30.0, cut={("w", "a")}, acks={"w": True})
+    assert events(w.take_actions(), "fence_warning") == []
+
+
+def test_survival_margin_and_silence_ages():
+    cores, w = _armed_worker()
+    run_round(cores, 6.0, acks={"w": True})
+    assert w.survival_margin(6.0) == pytest.approx(SURVIVAL)
+    assert w.survival_margin(8.0) == pytest.approx(SURVIVAL - 2)
+    assert w.silence_ages(8.0) == {"a": 2.0, "b": 2.0, "c": 2.0}
+    assert w.survival_margin(6.0 + SURVIVAL + 1) == 0.0
+
+
+# -- item 3: metrics --------------------------------------------------------------
+
+
+
+PROMTOOL = hoster_ha.shutil.which("promtool")
+
+
+def metrics_of(core, now, counters=None):
+    """The real Agent.metrics on a stand-in agent holding `core`."""
+    agent = SimpleNamespace(lock=threading.RLock(), core=core, cfg=core.cfg,
+                            counters=dict({"auth_failures": 0, "ping_failures": 0},
+                                          **(counters or {})))
+    return hoster_ha.Agent.metrics(agent, now)
+
+
+def parse_metrics(text):
+    """{(name, frozenset(labels)): value}; asserts the text-format line syntax."""
+    out = {}
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* \S", line), line
+            continue
+        m = sample.match(line)
+        assert m, line
+        labels = frozenset(re.findall(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def promtool_check(text):
+    if PROMTOOL is None:
+        if os.environ.get("HOSTER_HA_PROMTOOL") == "require":
+            pytest.fail("promtool is required (Debian package prometheus)")
+        return
+    p = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
+                       capture_output=True, timeout=30, check=False)
+    # exit 1 on lint problems (e.g. a counter without _total), 3 on a parse error
+    assert p.returncode == 0, (p.stdout + p.stderr).decode()
+
+
+def state(m, st):
+    return m[("hoster_ha_members", frozenset({("state", st)}))]
+
+
+def test_metrics_follow_the_cluster_and_pass_promtool():
+    net, t = make_net()
+    a, w2 = net.cores["a"], net.cores["w2"]
+    net.run(t + 1, 9.0)
+    for core in net.cores.values():
+        promtool_check(metrics_of(core, net.now))
+    m = parse_metrics(metrics_of(a, net.now))
+    assert m[("hoster_ha_manager", frozenset())] == 1
+    assert state(m, "alive") == 5 and state(m, "failed") == 0
+    for c in "abc":
+        assert m[("hoster_ha_candidate_reachable", frozenset({("candidate", c)}))] == 1
+        assert m[("hoster_ha_candidate_last_ping_age_seconds",
+                  frozenset({("candidate", c)}))] <= 1.0
+    assert m[("hoster_ha_survival_margin_seconds", frozenset())] > 0
+    # workers hold no member table: no hoster_ha_members there
+    mw = parse_metrics(metrics_of(w2, net.now))
+    assert not any(k[0] == "hoster_ha_members" for k in mw)
+    assert mw[("hoster_ha_manager", frozenset())] == 0
+    # w1 fails: the manager counts it failed (once), no longer alive
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 3, step=0.5)
+    assert failed_at(net) is not None
+    m = parse_metrics(metrics_of(a, net.now, {"fences": 1}))
+    assert state(m, "failed") == 1 and state(m, "alive") == 4
+    assert sum(v for k, v in m.items() if k[0] == "hoster_ha_members") == 5
+    assert m[("hoster_ha_fences_total", frozenset())] == 1
+    # a candidate that is no manager sees it silent beyond failover_time: failed too
+    assert state(parse_metrics(metrics_of(net.cores["b"], net.now)), "failed") == 1
+    promtool_check(metrics_of(a, net.now))
+
+
+def test_member_state_order_left_first():
+    net, t = make_net()
+    net.run(t + 1, 9.0)
+    a = net.cores["a"]
+    m = a.members["w2"]
+    m.left, m.maintenance, m.armed = True, True, False
+    assert a.member_state(m, net.now) == "left"
+    m.left = False
+    assert a.member_state(m, net.now) == "maintenance"
+    m.maintenance = False
+    assert a.member_state(m, net.now) == "unarmed"
+
+
+def test_metrics_text_escapes_label_values():
+    text = hoster_ha.prometheus_text([("x_total", "counter", "h",
+                                       [({"vm": 'a"b\\c\nd'}, 2)])])
+    assert 'x_total{vm="a\\"b\\\\c\\nd"} 2' in text
+    promtool_check(text)
+
+
+# -- item 4: notifications ---------------------------------------------------------
+
+
+APPEND = ("import sys, time\n"
+          "data = sys.stdin.read()\n"
+          "time.sleep(float(sys.argv[2]))\n"
+          "open(sys.argv[1], 'a').write(data)\n"
+          "sys.exit(int(sys.argv[3]))\n")
+
+
+def notify_script(tmp_path, delay=0.0, status=0):
+    script = tmp_path / "notify.py"
+    script.write_text(APPEND)
+    out = tmp_path / "notified.jsonl"
+    return [sys.executable, str(script), str(out), str(delay), str(status)], out
+
+
+def wait_lines(path, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if len(lines) >= n:
+                return [json.loads(x) for x in lines]
+        time.sleep(0.02)
+    raise AssertionError(f"{path}: fewer than {n} lines after {timeout} s")
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, msg):
+        self.lines.append(("WARNING", msg))
+
+    def log(self, level, msg):
+        self.lines.append((level, msg))
+
+
+def stub_agent(argv, log=None):
+    counters = {}
+    log = log or Log()
+    agent = SimpleNamespace(log=log, debug=True, counters=counters, fenced=[],
+                            persist_now=lambda acts: acts,
+                            events=SimpleNamespace(append=lambda *a, **k: None))
+    agent.count = lambda key: counters.__setitem__(key, counters.get(key, 0) + 1)
+    agent.fence = lambda reason: agent.fenced.append((reason, time.monotonic()))
+    agent.notifier = hoster_ha.Notifier(argv, "w1", log, agent.count)
+    return agent
+
+
+def ev(event, msg, level="NOTICE", **details):
+    return {"kind": "event", "event": event, "level": level, "msg": msg, "details": details}
+
+
+def test_notify_gets_fence_and_failover_events_as_json_and_never_delays_the_fence(tmp_path):
+    argv, out = notify_script(tmp_path, delay=0.5)
+    agent = stub_agent(argv)
+    t0 = time.monotonic()
+    hoster_ha.Agent.execute(agent, [
+        ev("vm_moved", "VM vm1 is live on w2", vm_name="vm1", from_host="w1", to_host="w2"),
+        ev("note", "not notified"),
+        ev("self_fence", hoster_ha.EMERG_BELOW_2, "EMERG", reachable=["c"]),
+        {"kind": "fence", "reason": "x"}])
+    # the fence ran at once, not after the (0.5 s) notify command
+    assert agent.fenced and agent.fenced[0][1] - t0 < 0.3
+    got = wait_lines(out, 2)
+    assert [g["event"] for g in got] == ["vm_moved", "self_fence"]
+    for g in got:
+        assert g["node"] == "w1" and isinstance(g["time"], float) and g["message"]
+    assert got[0]["vm_name"] == "vm1" and got[0]["to_host"] == "w2"
+    assert got[1]["reachable"] == ["c"]
+    assert agent.counters.get("fences") == 1
+
+
+def test_notify_bounded_queue_drops_and_counts(tmp_path):
+    argv, out = notify_script(tmp_path, delay=0.3)
+    agent = stub_agent(argv)
+    n = agent.notifier
+    n.max_queue = 2
+    t0 = time.monotonic()
+    results = [n.submit("member_failed", f"m{i}", {"member": f"w{i}"}) for i in range(6)]
+    assert time.monotonic() - t0 < 0.2          # submit never waits for the command
+    # one is taken by the sender at once (or not yet): at most 3 accepted, the rest dropped
+    assert 2 <= sum(results) <= 3 and results[:2] == [True, True]
+    assert agent.counters["notify_dropped"] == 6 - sum(results)
+    got = wait_lines(out, sum(results))
+    assert [g["member"] for g in got] == [f"w{i}" for i in range(sum(results))]
+    deadline = time.monotonic() + 5
+    while n.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not n.running   # the sender thread ended: no thread per event piles up
+
+
+def test_notify_failures_logged_once_and_timeout_kills(tmp_path):
+    argv, out = notify_script(tmp_path, delay=5.0)
+    log = Log()
+    agent = stub_agent(argv, log)
+    agent.notifier.timeout = 0.3
+    for i in range(3):
+        agent.notifier.submit("quorum_lost", "q", {})
+    deadline = time.monotonic() + 10
+    while agent.counters.get("notify_dropped", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.counters["notify_dropped"] == 3
+    warnings = [m for lvl, m in log.lines if lvl == "WARNING"]
+    assert len(warnings) == 1 and "timed out" in warnings[0]
+    assert not out.exists()
+
+
+def test_notify_config_key(tmp_path):
+    from test_core import make_cfg
+    cfg = make_cfg("a", commands={"notify": ["/usr/local/bin/ha-notify", "--x"]})
+    assert cfg.commands["notify"] == ["/usr/local/bin/ha-notify", "--x"]
+    assert "notify" not in make_cfg("a").commands
+    with pytest.raises(hoster_ha.ConfigError, match="commands.notify"):
+        make_cfg("a", commands={"notify": "ha-notify"})
+
+
+# -- item 6: vm_priority ---------------------------------------------------------------
+
+def test_vm_priority_orders_the_starts_on_each_target():
+    from test_failover_core import host_inv, vm
+    names = ["vm1", "vm2", "vm3", "vm4"]
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
+            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    prio = {"vm3": 10, "vm4": 5, "vm1": -1}       # vm2: default 0
+    extra = {n: {"vm_priority": prio, "max_parallel_starts": 1} for n in ("a", "b", "c")}
+    net, _ = make_net(invs=invs, extra=extra)
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
+            until=lambda _: len(net.sends(name="failover")) >= 4)
+    order = [s["body"]["vm_name"] for s in net.sends(name="failover", to="w2")]
+    assert order == ["vm3", "vm4", "vm2", "vm1"]
+
+
+def test_vm_priority_default_is_name_order_and_config_is_validated():
+    from test_core import make_cfg
+    assert make_cfg("a").vm_priority == {}
+    assert make_cfg("a", vm_priority={"db": 3}).vm_priority == {"db": 3}
+    for bad in ({"db": "high"}, {"db": True}, {"bad name!": 1}, ["db"]):
+        with pytest.raises(hoster_ha.ConfigError, match="vm_priority"):
+            make_cfg("a", vm_priority=bad)
+
+
+# -- item 8: the failover events carry their inputs ---------------------------------------
+
+def test_member_failed_and_plan_events_say_why():
+    net, _ = make_net()
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 10, step=0.5,
+            until=lambda _: net.events("a", "failover_planned"))
+    failed = net.events("a", "member_failed")[0]["details"]
+    # every candidate's reported silence of w1, each beyond its failover_time
+    assert set(failed["silence"]) >= {"a", "b"} and len(failed["silence"]) >= 2
+    assert all(s >= FAILOVER_TIME for s in failed["silence"].values())
+    assert sorted(failed["reachable_candidates"]) == ["a", "b", "c"]
+    plan = net.events("a", "failover_planned")[0]["details"]
+    assert plan["to_host"] == "w2"
+    # the snapshots compared (standard_invs: w2 300, c 200, b 100; a has none)
+    assert {h: v["creation"] for h, v in plan["compared"].items()} == \
+        {"b": 100, "c": 200, "w2": 300}
+    assert "newest snapshot" in plan["why"] and "300" in plan["why"]
+
+
+# -- a real agent process: its /metrics passes promtool ------------------------------------
+
+import test_http  # its module-scoped `agent` fixture, used below
+
+live_agent = test_http.agent
+
+
+def test_live_agent_metrics_pass_promtool(live_agent):
+    status, text = test_http.request(live_agent, "GET", "/metrics")
+    assert status == 200
+    text = text.decode()
+    promtool_check(text)
+    m = parse_metrics(text)
+    assert m[("hoster_ha_up", frozenset())] == 1
+    assert any(k[0] == "hoster_ha_candidate_reachable" for k in m)
+    assert ("hoster_ha_survival_margin_seconds", frozenset()) in m
