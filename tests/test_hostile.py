@@ -5,9 +5,9 @@ Clusters (tools/localcluster.py, fake host commands, FAST timings) are started p
 class and stopped in the class fixture's teardown, which also checks via /proc that no
 process started for them survives:
 
-  * TestProductionNode: node1 alone, PRODUCTION mode (it never arms without a
-    quorum, and every host command is a fake), so that an accepted failover really starts
-    a VM: rejected requests are compared with accepted ones (positive controls).
+  * TestProductionNode: node1 in PRODUCTION mode with node2 as its second candidate (so
+    that it arms; every host command is a fake), so that an accepted failover really
+    starts a VM: rejected requests are compared with accepted ones (positive controls).
   * TestHostileInput: three candidates, --ha-debug; the fuzz, hostile names, a slow client,
     a flood, many slow clients.
   * TestTLS: three https candidates with certificates from a test CA made by `openssl`.
