@@ -371,9 +371,10 @@ def lone(tmp_path_factory):
         # a second candidate: node1 reaches quorum and arms, so that it may accept a
         # failover start (an unarmed node refuses them: SPEC §3.4)
         cluster["node2"].start()
-        assert cluster.wait_for(lambda: "node1" in _members(cluster) and
-                                cluster.http_status("node1").get("armed") is True, 30,
-                                interval=0.1), cluster.tails()
+        def settled():  # both armed in node1's table: nothing changes by itself any more
+            m = _members(cluster)
+            return all(m.get(n, {}).get("armed") is True for n in ("node1", "node2"))
+        assert cluster.wait_for(settled, 30, interval=0.1), cluster.tails()
         yield Lone(cluster)
     finally:
         cluster.teardown()
