@@ -122,7 +122,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
-    "hoster_config_dir", "hoster_init_file", "vm_priority",
+    "hoster_config_dir", "hoster_init_file", "vm_priority", "max_replica_age",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -418,6 +418,10 @@ def parse_config(data, path="<config>", debug=False):
             raise ConfigError(f"{path}: key {_key('vm_priority.' + k)}: not a valid VM name")
         if not isinstance(v, int) or isinstance(v, bool):
             raise ConfigError(f"{path}: key 'vm_priority.{k}': expected an integer, got {v!r}")
+    max_age = get("max_replica_age", "number", 86400)
+    if not max_age > 0:
+        raise ConfigError(f"{path}: key 'max_replica_age': must be greater than 0 seconds, "
+                          f"got {max_age}")
     log_file = data.get("log_file")
     if log_file is not None and (not isinstance(log_file, str) or not log_file):
         raise ConfigError(f"{path}: key 'log_file': expected a path")
@@ -448,6 +452,7 @@ def parse_config(data, path="<config>", debug=False):
         max_parallel_starts=mps,
         kernel_watchdog=kernel_wd,
         vm_priority=dict(prio),
+        max_replica_age=max_age,
         **timings,
     )
 
@@ -552,6 +557,8 @@ PLAN_BODY_FIELDS = {"term": _INT, "entries": (list,)}
 FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": (str,)}
 LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
+PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection this often
+                            # (or every 10 ping_intervals, if that is sooner)
 START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
@@ -600,8 +607,9 @@ def clean_inventory(answer):
             not isinstance(answer.get("vms"), list):
         return None
     h = answer["host"]
-    free, running = h.get("free_memory"), h.get("running_vms")
+    free, running, wall = h.get("free_memory"), h.get("running_vms"), h.get("time")
     host = {"hostname": h.get("hostname"),
+            "time": wall if _is_number(wall) else None,
             "free_memory": free if isinstance(free, int) and not isinstance(free, bool) else None,
             "running_vms": running if isinstance(running, int) and
             not isinstance(running, bool) else 0}
@@ -698,6 +706,47 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
     return moves, unplaced
 
 
+def vm_protection(inventories, eligible, max_age):
+    """Would each production VM survive its host's failure (issue 14 item 1)?
+
+    inventories: {host: GET vms answer, clean_inventory'd}; the host object's `time` (its
+                 wall clock when it answered) dates the snapshots that host holds;
+    eligible:    {host: True if it may receive VMs}, as for plan_failover;
+    max_age:     seconds: a newest replica on an eligible member older than this is
+                 `replica too old`.
+    Returns {vm: {"protected", "protection", "replica_age_seconds", "host"}} for every VM
+    a copy of which is production.  `host`: where it runs, else its parent_host (its
+    home: a copy there is not a replica).  `protection` is None or the reason: `no
+    replica` (no other member holds a snapshot of it), `no eligible target` (only backup
+    nodes and members that are unarmed, not ready, in maintenance or left do),
+    `replica too old`.  `replica_age_seconds`: the age of the newest snapshot on an
+    eligible member, None if there is none (or its host did not say its time)."""
+    copies, production = {}, set()
+    for host, inv in inventories.items():
+        for v in inv.get("vms", []):
+            copies.setdefault(v["vm_name"], []).append((host, v))
+            if v.get("production"):
+                production.add(v["vm_name"])
+    out = {}
+    for name in sorted(production):
+        cs = copies[name]
+        live = sorted(h for h, v in cs if v.get("live") or v.get("state") == "starting")
+        parents = sorted({v.get("parent_host") for _, v in cs if v.get("production")} &
+                         set(inventories))
+        home = set(live) | set(parents)
+        replicas = [(h, v["latest_snapshot"]) for h, v in cs
+                    if h not in home and v.get("latest_snapshot")]
+        ok = [(h, snap) for h, snap in replicas if eligible.get(h)]
+        ages = [inventories[h]["host"]["time"] - snap["creation"] for h, snap in ok
+                if _is_number(inventories[h].get("host", {}).get("time"))]
+        age = round(max(0.0, min(ages)), 3) if ages else None
+        why = ("no replica" if not replicas else "no eligible target" if not ok else
+               "replica too old" if age is not None and age > max_age else None)
+        out[name] = {"protected": why is None, "protection": why, "replica_age_seconds": age,
+                     "host": (live or parents or [None])[0]}
+    return out
+
+
 class Core:
     """The cluster state of one node and every decision it makes (SPEC §3.1-§3.3).
 
@@ -775,6 +824,11 @@ class Core:
         self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
         self.job = None
         self.job_seq = 0
+        # protection (issue 14 item 1): {vm: vm_protection entry} from the last complete
+        # round, the round under way (its inventories) and when the next one is due
+        self.protection = {}
+        self.prot = None
+        self.protect_at = now
         self.uid_seq = 0
         self.plan_targets = {}     # uid -> next best targets (one retry)
         self.next_manager_round = now
@@ -1248,6 +1302,7 @@ class Core:
             self.view, self.view_since = (seen, now), now
         if not manager:
             self.job = None
+            self.prot, self.protection = None, {}
         elif now >= self.next_manager_round:
             self.next_manager_round = now + self.cfg.ping_interval
             self._manager_round(now)
@@ -1375,6 +1430,10 @@ class Core:
             sources = self._sources(now)
             if sources:
                 self._start_job(now, sources)
+        # protection too waits until the members had time to register and arm
+        if self.job is None and self.prot is None and now >= self.protect_at and \
+                now - self.manager_since >= wait:
+            self._protection_round(now)
 
     def _on_members(self, purpose, status, answer, now):
         if status != 200 or not isinstance(answer, dict) or \
@@ -1511,7 +1570,8 @@ class Core:
         m = self.members.get(h)
         return ("rejoin", h, m.startup_time if m else None)
 
-    def _start_job(self, now, sources):
+    def _live_members(self, now):
+        """({member: a view of it} of every member neither failed nor left, {left})."""
         hosts = {}
         for view in self._fresh_views(now):
             for h, r in view.items():
@@ -1519,8 +1579,55 @@ class Core:
                     if r["left"]:
                         hosts[h] = None
                     hosts.setdefault(h, r)
-        left = {h for h, r in hosts.items() if r is None}
-        hosts = {h: r for h, r in hosts.items() if r is not None}
+        return ({h: r for h, r in hosts.items() if r is not None},
+                {h for h, r in hosts.items() if r is None})
+
+    @staticmethod
+    def _eligible(members):
+        """{member: may it receive VMs} (SPEC §3.4 step 2)."""
+        return {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
+                for h, r in members.items()}
+
+    def _protection_round(self, now):
+        """Ask every live member for its VMs, then decide each production VM's protection."""
+        self.protect_at = now + min(PROTECTION_INTERVAL, 10 * self.cfg.ping_interval)
+        hosts, _ = self._live_members(now)
+        self.job_seq += 1
+        self.prot = {"id": self.job_seq, "members": hosts, "inv": {}, "waiting": set(hosts)}
+        for h, r in sorted(hosts.items()):
+            self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("pvms", self.job_seq, h))
+        if not hosts:
+            self.prot = None
+
+    def _on_pvms(self, purpose, status, answer, now):
+        p = self.prot
+        if p is None or p["id"] != purpose[1]:
+            return
+        inv = clean_inventory(answer) if status == 200 else None
+        if inv is not None:
+            p["inv"][purpose[2]] = inv
+        p["waiting"].discard(purpose[2])
+        if p["waiting"]:
+            return
+        self.prot = None
+        result = vm_protection(p["inv"], self._eligible(p["members"]),
+                               self.cfg.max_replica_age)
+        for vm, r in result.items():
+            was = self.protection.get(vm)
+            if not r["protected"] and (was is None or was["protected"]):
+                self._event("vm_unprotected", "WARNING",
+                            f"VM {vm} is not protected: {r['protection']} (it would not come "
+                            f"back if {r['host'] or 'its host'} failed)", vm_name=vm,
+                            reason=r["protection"], host=r["host"],
+                            replica_age_seconds=r["replica_age_seconds"])
+            elif r["protected"] and was is not None and not was["protected"]:
+                self._event("vm_protected", "NOTICE", f"VM {vm} is protected again",
+                            vm_name=vm, host=r["host"],
+                            replica_age_seconds=r["replica_age_seconds"])
+        self.protection = result
+
+    def _start_job(self, now, sources):
+        hosts, left = self._live_members(now)
         owners = {}   # VMs wanted only because a plan moved them to a failed source
         for h in set(sources) & set(self.failed):
             for vm in sources[h] - self._fenced_vms(h):
@@ -1558,8 +1665,7 @@ class Core:
     def _plan(self, now):
         job = self.job
         busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
-        eligible = {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
-                    for h, r in job["members"].items()}
+        eligible = self._eligible(job["members"])
         skipped = []
         last_ran = {vm: e["to"] for vm, e in self._latest_plans(("done",)).items()}
         moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
@@ -1987,7 +2093,13 @@ class Core:
                 "candidate_silence": self.silence_ages(now),
                 "survival_margin_s": round(self.survival_margin(now), 3),
                 "approaching_fence": self.approach_warned,
-                "members": self.member_list(now) if self.is_candidate else None}
+                "members": self.member_list(now) if self.is_candidate else None,
+                # the manager's last protection round: {vm: reason} of the unprotected
+                "protection": {"checked": len(self.protection),
+                               "unprotected": {vm: r["protection"] for vm, r in
+                                               sorted(self.protection.items())
+                                               if not r["protected"]}}
+                if role == "manager" and self.protection else None}
 
     MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
 
@@ -2130,7 +2242,8 @@ NOTIFY_EVENTS = {"self_fence", "member_failed", "vm_moved", "vm_start_failed", "
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
-               "vm_moved", "fence_warning", "fence_warning_cleared"}
+               "vm_moved", "fence_warning", "fence_warning_cleared", "vm_unprotected",
+               "vm_protected"}
 
 
 def run_cmd(argv, timeout):
@@ -3309,7 +3422,8 @@ class Agent:
                         "current_host": self.cfg.hostname if state != "stopped" else None,
                         "latest_snapshot": v["latest_snapshot"], "memory": v["memory"]})
         return {"host": {"hostname": self.cfg.hostname, "free_memory": self.host.free_memory(),
-                         "running_vms": len(self.host.running_vms())},
+                         "running_vms": len(self.host.running_vms()),
+                         "time": round(time.time(), 3)},
                 "vms": out, "errors": errors}
 
     def local_copy(self, name):
@@ -3467,6 +3581,7 @@ class Agent:
             ages = core.silence_ages(now)
             margin = core.survival_margin(now)
             counters = dict(self.counters)
+            protection = dict(core.protection) if st["role"] == "manager" else None
         starts = {r: counters.get("vm_starts_" + r, 0) for r in ("ok", "failed")}
         series = [
             ("hoster_ha_up", "gauge", "1 while the agent runs", [({}, 1)]),
@@ -3500,6 +3615,17 @@ class Agent:
                 "members in this candidate's table, each in the first of left, failed, "
                 "maintenance, unarmed, alive that fits"),
                 [({"state": k}, v) for k, v in states.items()]))
+        if protection is not None:   # the manager's last protection round
+            series += [
+                ("hoster_ha_vm_protected", "gauge", ("1 if the production VM would come back "
+                  "if its host failed"), [({"vm": vm}, int(r["protected"]))
+                                          for vm, r in sorted(protection.items())]),
+                ("hoster_ha_vm_replica_age_seconds", "gauge", ("age of the VM's newest snapshot "
+                  "on an eligible member (absent: none)"),
+                 [({"vm": vm}, r["replica_age_seconds"]) for vm, r in sorted(protection.items())
+                  if r["replica_age_seconds"] is not None]),
+                ("hoster_ha_unprotected_vms", "gauge", "production VMs that are not protected",
+                 [({}, sum(not r["protected"] for r in protection.values()))])]
         return prometheus_text(series)
 
     # -- the watchdog companion (§3.5) -------------------------------------------
@@ -4364,6 +4490,13 @@ def status_details(st):
     if vms is not None:
         lines.append(f"VMs: {len(vms)} production VM(s) running here"
                      + (f" ({', '.join(vms)})" if vms else ""))
+    prot = st.get("protection")
+    if isinstance(prot, dict):
+        bad = prot.get("unprotected") or {}
+        lines.append(f"Protection: {prot.get('checked', 0) - len(bad)} production VM(s) "
+                     f"protected, {len(bad)} not"
+                     + (" (" + ", ".join(f"{vm}: {why}" for vm, why in bad.items()) + ")"
+                        if bad else ""))
     members = st.get("members")
     if members:
         lines += ["", "Members:"]
@@ -4435,10 +4568,20 @@ def cmd_vms(cfg, args):
             errors.append(f"{h}: {e.get('vm_name') or e.get('dataset')}: {e.get('error')}")
         for v in inv.get("vms", []):
             vms.setdefault(v["vm_name"], []).append((h, v))
+    # protection: the manager's rule (vm_protection) on the inventories just fetched
+    clean = {h: c for h, c in ((h, clean_inventory(inv)) for h, inv in hosts.items()) if c}
+    prot = vm_protection(clean, Core._eligible({m["hostname"]: m for m in members}),
+                         cfg.max_replica_age)
     if args.json:
-        print(json.dumps({"hosts": hosts, "errors": errors}, indent=2, sort_keys=True))
+        print(json.dumps({"hosts": hosts, "errors": errors, "vms": [
+            dict({"vm_name": name, "production": any(v["production"] for _, v in vms[name]),
+                  "live_on": sorted(h for h, v in vms[name] if v["live"])},
+                 **{k: prot.get(name, {}).get(k) for k in
+                    ("protected", "protection", "replica_age_seconds")})
+            for name in sorted(vms)]}, indent=2, sort_keys=True))
         return 0 if not errors else 1
-    rows = [("VM", "PROD", "PARENT", "LIVE ON", "REPLICAS (host: newest snapshot)")]
+    rows = [("VM", "PROD", "PARENT", "LIVE ON", "PROTECTED",
+             "REPLICAS (host: newest snapshot)")]
     for name in sorted(vms):
         copies = vms[name]
         live = [h + (" (starting)" if v["state"] == "starting" else "")
@@ -4451,8 +4594,11 @@ def cmd_vms(cfg, args):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["creation"])) \
                 if snap else "no snapshot"
             reps.append(f"{h}: {when}")
+        p = prot.get(name)
         rows.append((name, "yes" if any(v["production"] for _, v in copies) else "no",
-                     ",".join(parents), ",".join(live) or "-", "; ".join(reps)))
+                     ",".join(parents), ",".join(live) or "-",
+                     "-" if p is None else "yes" if p["protected"] else f"NO ({p['protection']})",
+                     "; ".join(reps)))
     print_table(rows)
     for e in errors:
         print(f"warning: {e}", file=sys.stderr)

@@ -353,3 +353,136 @@ def test_live_agent_metrics_pass_promtool(live_agent):
     assert m[("hoster_ha_up", frozenset())] == 1
     assert any(k[0] == "hoster_ha_candidate_reachable" for k in m)
     assert ("hoster_ha_survival_margin_seconds", frozenset()) in m
+
+
+# -- item 1: protection ------------------------------------------------------------------
+
+def _prot_invs(**times):
+    from test_failover_core import host_inv, vm
+    invs = {"w1": host_inv("w1", vm("vm1", "w1", live=True, creation=1000),
+                           vm("dev1", "w1", production=False, live=True)),
+            "w2": host_inv("w2"), "bk": host_inv("bk", vm("vm1", "w1", creation=900))}
+    for h, t in times.items():
+        invs[h]["host"]["time"] = t
+    return invs
+
+
+def test_protection_reasons_and_replica_age():
+    eligible = {"w1": True, "w2": True, "bk": False}
+    invs = _prot_invs(w2=5000, bk=5000)
+    # only a backup node holds a snapshot; a copy on its own host is not a replica
+    p = hoster_ha.vm_protection(invs, eligible, 86400)
+    assert set(p) == {"vm1"}                      # production VMs only
+    assert p["vm1"] == {"protected": False, "protection": "no eligible target",
+                        "replica_age_seconds": None, "host": "w1"}
+    invs["bk"]["vms"] = []
+    assert hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]["protection"] == "no replica"
+    # a copy without a snapshot is no replica either
+    from test_failover_core import vm
+    invs["w2"]["vms"].append(vm("vm1", "w1"))
+    assert hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]["protection"] == "no replica"
+    # a snapshot on an eligible member: protected, aged on that member's clock
+    invs["w2"]["vms"][0]["latest_snapshot"] = {"name": "x@s", "creation": 4000, "guid": "1"}
+    p = hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]
+    assert (p["protected"], p["protection"], p["replica_age_seconds"]) == (True, None, 1000)
+    p = hoster_ha.vm_protection(invs, eligible, 999)["vm1"]
+    assert (p["protected"], p["protection"], p["replica_age_seconds"]) == \
+        (False, "replica too old", 1000)
+    # stopped VM: its home is its parent_host, whose copy is not a replica
+    invs["w1"]["vms"][0]["live"] = False
+    invs["w1"]["vms"][0]["state"] = "stopped"
+    p = hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]
+    assert p["protected"] and p["host"] == "w1"
+
+
+def test_manager_warns_once_when_a_vm_becomes_unprotected_and_notices_when_protected():
+    from test_failover_core import FAILOVER_TIME as _ft, vm  # noqa: F401
+    from test_failover_core import host_inv
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", vm("vm1", "w1", live=True, creation=300)),
+            "w2": host_inv("w2")}
+    for i in invs.values():
+        i["host"]["time"] = 400
+    net, t = make_net(invs=invs)
+    a = net.cores["a"]
+    wait = a.cfg.watchdog_timeout + a.cfg.fence_timeout + 2 * a.cfg.ping_interval
+    period = min(hoster_ha.PROTECTION_INTERVAL, 10 * a.cfg.ping_interval)
+    t = net.run(t + 0.5, t + wait + 2 * period, step=0.5,
+                until=lambda _: net.events("a", "vm_unprotected"))
+    ev = net.events("a", "vm_unprotected")
+    assert len(ev) == 1 and ev[0]["level"] == "WARNING"
+    assert ev[0]["details"]["reason"] == "no replica" and ev[0]["details"]["host"] == "w1"
+    m = parse_metrics(metrics_of(a, net.now))
+    assert m[("hoster_ha_vm_protected", frozenset({("vm", "vm1")}))] == 0
+    assert m[("hoster_ha_unprotected_vms", frozenset())] == 1
+    promtool_check(metrics_of(a, net.now))
+    assert a.status(net.now)["protection"] == {"checked": 1, "unprotected": {"vm1": "no replica"}}
+    # two more rounds: no second warning
+    t = net.run(t + 0.5, t + 2 * period + 1, step=0.5)
+    assert len(net.events("a", "vm_unprotected")) == 1
+    # replication reaches w2
+    invs["w2"]["vms"].append(vm("vm1", "w1", creation=390))
+    net.run(t + 0.5, t + 2 * period + 1, step=0.5,
+            until=lambda _: net.events("a", "vm_protected"))
+    assert len(net.events("a", "vm_protected")) == 1
+    m = parse_metrics(metrics_of(a, net.now))
+    assert m[("hoster_ha_vm_protected", frozenset({("vm", "vm1")}))] == 1
+    assert m[("hoster_ha_vm_replica_age_seconds", frozenset({("vm", "vm1")}))] == 10
+    assert m[("hoster_ha_unprotected_vms", frozenset())] == 0
+    # not the manager: no protection series
+    assert "hoster_ha_vm_protected" not in metrics_of(net.cores["b"], net.now)
+    assert "vm_unprotected" in hoster_ha.NOTIFY_EVENTS
+
+
+def test_max_replica_age_config():
+    from test_core import make_cfg
+    assert make_cfg("a").max_replica_age == 86400
+    assert make_cfg("a", max_replica_age=3600).max_replica_age == 3600
+    for bad in (0, -5, "1d", True):
+        with pytest.raises(hoster_ha.ConfigError, match="max_replica_age"):
+            make_cfg("a", max_replica_age=bad)
+
+
+def test_vms_shows_protection_and_the_manager_follows_replication(tmp_path):
+    """Real agents (debug mode, fakes): a production VM without a replica is
+    `protected: false` (`no replica`) in `vms --json` and the manager's /metrics; a
+    replica with a fresh snapshot on another member makes it protected."""
+    from localcluster import LocalCluster
+    c = LocalCluster(str(tmp_path))
+    c["node1"].add_vm("vmp", parent="node1", running=True,
+                      snapshots=[("s1", int(time.time()) - 120, "11")])
+    c["node1"].add_vm("vmx", parent="node1", production=False, running=True)
+
+    def vms():
+        r = c["node1"].cli("vms", "--json")
+        return {v["vm_name"]: v for v in json.loads(r.stdout)["vms"]} if r.returncode == 0 \
+            else {}
+
+    def armed():
+        st = c["node1"].status()
+        return st.get("role") == "manager" and all(
+            m["armed"] for m in st.get("members") or [{"armed": False}]) and \
+            len(st["members"]) == 3
+
+    try:
+        c.start_all()
+        assert c.wait_for(armed, 30), c["node1"].status()
+        v = vms()
+        assert v["vmp"]["protected"] is False and v["vmp"]["protection"] == "no replica"
+        assert v["vmp"]["replica_age_seconds"] is None
+        assert v["vmx"]["protected"] is None         # not production: not judged
+        text = c["node1"].cli("vms").stdout
+        assert re.search(r"vmp\s+yes\s+node1\s+node1\s+NO \(no replica\)", text), text
+        # the manager's round (every 10 ping_intervals at most) reaches the same verdict
+        assert c.wait_for(lambda: "VM vmp is not protected: no replica" in
+                          c["node1"].log(), 30)
+        c["node2"].add_vm("vmp", parent="node1",
+                          snapshots=[("s1", int(time.time()) - 120, "11")])
+        v = vms()
+        assert v["vmp"]["protected"] is True and v["vmp"]["protection"] is None
+        assert 100 <= v["vmp"]["replica_age_seconds"] < 600
+        assert c.wait_for(lambda: "VM vmp is protected again" in c["node1"].log(), 30)
+        st = c["node1"].status()
+        assert st["protection"] == {"checked": 1, "unprotected": {}}
+    finally:
+        c.teardown()
