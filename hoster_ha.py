@@ -123,6 +123,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
     "hoster_config_dir", "hoster_init_file", "vm_priority", "max_replica_age",
+    "restart_after_stop",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -453,6 +454,7 @@ def parse_config(data, path="<config>", debug=False):
         kernel_watchdog=kernel_wd,
         vm_priority=dict(prio),
         max_replica_age=max_age,
+        restart_after_stop=get("restart_after_stop", "bool", True),
         **timings,
     )
 
@@ -483,11 +485,15 @@ class Member:
     """A candidate's record of one member (SPEC §3.1)."""
 
     FIELDS = ("hostname", "address", "port", "protocol", "startup_time", "backup_node",
-              "failover_strategy", "failover_time", "fenced_vms")
+              "failover_strategy", "failover_time", "fenced_vms", "stopped_vms")
 
     def __init__(self, body, now):
         for k in self.FIELDS:
             setattr(self, k, body.get(k))
+        # optional: the production VMs it ran before an orderly stop (restart_after_stop)
+        if not (isinstance(self.stopped_vms, list) and
+                all(valid_vm_name(v) for v in self.stopped_vms)):
+            self.stopped_vms = []
         self.armed = False
         self.maintenance = False
         self.left = False
@@ -706,6 +712,44 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
     return moves, unplaced
 
 
+def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None):
+    """Which of `vms` -- the production VMs member `host` ran before an orderly stop --
+    to start again on `host` alone (issue 14 item 5; an orderly stop is not a failure,
+    so never on a replica elsewhere).  inventories: {member: GET vms answer} of every
+    member neither failed nor left, `host` included.  A VM is started only if it is
+    live nowhere, no plan for it is in flight (busy), host's copy is production and
+    still names host as its parent_host, no other copy names another parent_host, and
+    its latest done failover plan (last_ran) did not start it elsewhere.  skipped gets
+    (vm, host, reason) for the rest.  Returns the VM names, sorted."""
+    copies = {}
+    for h, inv in inventories.items():
+        for v in inv.get("vms", []):
+            copies.setdefault(v["vm_name"], []).append((h, v))
+    out = []
+    for name in sorted(vms):
+        cs = copies.get(name, [])
+        live = sorted(h for h, v in cs if v.get("live") or v.get("state") == "starting")
+        own = next((v for h, v in cs if h == host), None)
+        others = sorted({v.get("parent_host") for h, v in cs if h != host} -
+                        {host, None})
+        ran = (last_ran or {}).get(name)
+        why = (None if name not in busy else "a failover plan for it is under way")
+        why = why or (f"it runs on {', '.join(live)}" if live else None)
+        why = why or (f"{host} holds no copy of it" if own is None else None)
+        why = why or ("it is not a production VM" if not own.get("production") else None)
+        why = why or (f"its parent_host here is {own.get('parent_host')}"
+                      if own.get("parent_host") != host else None)
+        why = why or (f"a copy names {', '.join(others)} as its parent_host" if others
+                      else None)
+        why = why or (f"its latest failover plan started it on {ran}"
+                      if ran not in (None, host) else None)
+        if why is None:
+            out.append(name)
+        elif skipped is not None and not (name in busy or live and host in live):
+            skipped.append((name, host, why))
+    return out
+
+
 def vm_protection(inventories, eligible, max_age):
     """Would each production VM survive its host's failure (issue 14 item 1)?
 
@@ -756,7 +800,7 @@ class Core:
     """
 
     def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
-                 fenced_vms=(), members_state=None, plans_state=None):
+                 fenced_vms=(), members_state=None, plans_state=None, stopped_vms=()):
         """persisted_term None: state_dir/term was lost (SPEC §3.2: no vote until the other
         two candidates' terms are known).  members_state, plans_state: the contents of
         state_dir/members.json and plans.json (the "persist" actions' data), or None."""
@@ -805,6 +849,7 @@ class Core:
         self.plans_dirty = False
         # rejoin (§3.6): our fence record, and VMs the cluster moved away while we were gone
         self.fenced_vms = list(fenced_vms)
+        self.stopped_vms = list(stopped_vms)  # ran here before an orderly stop
         self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
         self.demoted = {}          # vm -> new parent, applied locally
         self.demote_asked = {}
@@ -831,6 +876,7 @@ class Core:
         self.protect_at = now
         self.uid_seq = 0
         self.plan_targets = {}     # uid -> next best targets (one retry)
+        self.restart_uids = set()  # plans that start a VM again after an orderly stop
         self.next_manager_round = now
         self.said = set()
         self.approach_since = None  # armed with exactly 2 candidates reachable since
@@ -849,9 +895,11 @@ class Core:
           persist_term        {"term"}: write state_dir/term (fsync).  Terms only grow.
           persist             {"file", "data"}: write state_dir/FILE (members.json, plans.json;
                               JSON, atomically): a candidate's table and plan book.
-          send                {"id", "to", "peer", "method", "name", "body", "timeout"}: a
-                              manager's request; its answer (status None: no answer) goes back
-                              to Core.on_response(id, ...).
+          send                {"id", "to", "peer", "method", "name", "body", "timeout",
+                              "purpose"}: a manager's request; its answer (status None: no
+                              answer) goes back to Core.on_response(id, ...); purpose names
+                              what it is for (e.g. "vms" a failover's inventory, "pvms" a
+                              protection round's), for logs and tests.
           demote              {"vms": {vm: new parent}, "keep_live"}: §3.6, the local copies of
                               VMs moved away become backups; the executor applies
                               demotion_steps() to its local copies, then calls
@@ -1099,7 +1147,8 @@ class Core:
         return {"hostname": self.hostname, "address": c.address, "port": c.port,
                 "protocol": c.protocol, "startup_time": self.startup_time,
                 "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
-                "failover_time": c.failover_time, "fenced_vms": self.fenced_vms}
+                "failover_time": c.failover_time, "fenced_vms": self.fenced_vms,
+                "stopped_vms": self.stopped_vms}
 
     def ping_body(self, now):
         """Our ping.  A manager sends its term at once (voters persist it), but announces
@@ -1402,7 +1451,8 @@ class Core:
         self.next_id += 1
         self.pending[self.next_id] = purpose
         self.out.append({"kind": "send", "id": self.next_id, "to": to, "peer": peer,
-                         "method": method, "name": name, "body": body, "timeout": timeout})
+                         "method": method, "name": name, "body": body, "timeout": timeout,
+                         "purpose": purpose[0]})
 
     def _once(self, key, level, msg, event=None, **details):
         """Log (and record) something only once per key: a state, not a repeat."""
@@ -1430,6 +1480,10 @@ class Core:
             sources = self._sources(now)
             if sources:
                 self._start_job(now, sources)
+            else:
+                restart = self._restart_source(now)
+                if restart:
+                    self._start_job(now, restart[1], restart=restart[0])
         # protection too waits until the members had time to register and arm
         if self.job is None and self.prot is None and now >= self.protect_at and \
                 now - self.manager_since >= wait:
@@ -1557,6 +1611,18 @@ class Core:
                     sources[m.hostname] = set(m.fenced_vms)
         return sources
 
+    def _restart_source(self, now):
+        """(episode, {member: VMs}) for one member back from an orderly stop with VMs to
+        start again (issue 14 item 5): armed (so done with its demotions), not in
+        maintenance, not left; or None."""
+        for m in sorted(self.members.values(), key=lambda m: m.hostname):
+            ep = ("restart", m.hostname, m.startup_time)
+            if m.stopped_vms and m.armed and not (m.maintenance or m.left) and \
+                    m.hostname not in self.failed and ep not in self.settled and \
+                    self.retry_at.get(ep, (now, 0))[0] <= now:
+                return ep, {m.hostname: set(m.stopped_vms)}
+        return None
+
     def _fenced_vms(self, h):
         """The fence record of failed member h's failed incarnation."""
         m = self.members.get(h)
@@ -1626,7 +1692,9 @@ class Core:
                             replica_age_seconds=r["replica_age_seconds"])
         self.protection = result
 
-    def _start_job(self, now, sources):
+    def _start_job(self, now, sources, restart=None):
+        """A failover job for `sources` ({member: VMs}); restart: the episode of a member
+        back from an orderly stop whose VMs are started on it alone."""
         hosts, left = self._live_members(now)
         owners = {}   # VMs wanted only because a plan moved them to a failed source
         for h in set(sources) & set(self.failed):
@@ -1638,8 +1706,8 @@ class Core:
         self.job_seq += 1
         self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
                     "left": left, "owners": owners,
-                    "failed": {h for h in sources if h in self.failed},
-                    "episodes": {h: self._episode(h) for h in sources},
+                    "failed": {h for h in sources if h in self.failed}, "restart": restart,
+                    "episodes": {h: restart or self._episode(h) for h in sources},
                     "waiting": set(hosts), "queue": [], "inflight": set(), "acked": False}
         for h, r in sorted(hosts.items()):
             self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h))
@@ -1668,12 +1736,22 @@ class Core:
         eligible = self._eligible(job["members"])
         skipped = []
         last_ran = {vm: e["to"] for vm, e in self._latest_plans(("done",)).items()}
-        moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
-                                        job["failed"], job["left"], job["owners"], skipped,
-                                        last_ran)
+        if job["restart"]:
+            (h, vms), = job["sources"].items()
+            moves, unplaced = [], []
+            r = job["members"].get(h)   # its own VMs: a backup node takes them too
+            if r is not None and r["armed"] and not (r["maintenance"] or r["left"]):
+                moves = [(vm, h, [h]) for vm in
+                         plan_restart(h, vms, job["inv"], busy, last_ran, skipped)]
+        else:
+            moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
+                                            job["failed"], job["left"], job["owners"],
+                                            skipped, last_ran)
         for vm, src, reason in skipped:
-            self._once(("skipped", vm, self._episode(src)), "NOTICE",
-                       f"VM {vm} of {src} is not failed over: {reason}")
+            self._once(("skipped", vm, job["episodes"][src]), "NOTICE",
+                       f"VM {vm} of {src} is not " + ("started again after its orderly stop"
+                                                      if job["restart"] else "failed over")
+                       + f": {reason}")
         job["unplaced"] = {src for _, src, _ in unplaced}
         for vm, src, reason in unplaced:
             self._once(("unplaced", vm, self._episode(src)), "ERROR",
@@ -1694,6 +1772,8 @@ class Core:
             else:
                 job["queue"].append(self._new_plan(vm, src, targets, term, now,
                                                    **self._why_target(vm, targets, eligible)))
+                if job["restart"]:
+                    self.restart_uids.add(job["queue"][-1])
         if self.cfg.debug or not job["queue"]:
             return self._finish_job(now)
         self._replicate([self.plans[u] for u in job["queue"]], ("plan_ack", job["id"], 1))
@@ -1777,6 +1857,8 @@ class Core:
                 self._replicate([e], None)
                 continue
             self._event("note", "NOTICE",
+                        f"RESTARTING VM: {e['vm']} ON: {e['to']} (it ran there before an "
+                        "orderly stop)" if uid in self.restart_uids else
                         f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
             job["inflight"].add(uid)
             self._send(e["to"], peer, "POST", "failover",
@@ -1803,9 +1885,13 @@ class Core:
             return
         if ok:
             e["state"] = "done"
-            self._event("vm_moved", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
-                        f"(moved from {e['from']}, uid {uid})", vm_name=e["vm"],
-                        from_host=e["from"], to_host=e["to"], uid=uid, term=e["term"])
+            self._event(*(("vm_restarted", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+                           f"again (started after an orderly stop, uid {uid})")
+                          if uid in self.restart_uids else
+                          ("vm_moved", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+                           f"(moved from {e['from']}, uid {uid})")),
+                        vm_name=e["vm"], from_host=e["from"], to_host=e["to"], uid=uid,
+                        term=e["term"])
         else:
             e["state"] = "failed"
             err = answer.get("error") if isinstance(answer, dict) else answer
@@ -2243,7 +2329,7 @@ EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
                "vm_moved", "fence_warning", "fence_warning_cleared", "vm_unprotected",
-               "vm_protected"}
+               "vm_protected", "vm_restarted"}
 
 
 def run_cmd(argv, timeout):
@@ -2988,6 +3074,7 @@ class Paths:
         self.term = os.path.join(cfg.state_dir, "term")
         self.fence = os.path.join(cfg.state_dir, "fence.json")
         self.running = os.path.join(cfg.state_dir, "running.json")
+        self.stopped = os.path.join(cfg.state_dir, "stopped.json")  # an orderly stop's VMs
         self.maintenance = os.path.join(cfg.state_dir, "maintenance")
         self.events = os.path.join(cfg.state_dir, "events.jsonl")
         self.members = os.path.join(cfg.state_dir, "members.json")
@@ -3259,6 +3346,7 @@ class Agent:
                          maintenance=os.path.exists(self.paths.maintenance),
                          fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
                                            set(read_fence_record(self.paths.running))),
+                         stopped_vms=self.read_stopped(),
                          members_state=read_state(p.members), plans_state=read_state(p.plans))
         self.running_record = None
         self.running_lock = threading.Lock()
@@ -3551,6 +3639,9 @@ class Agent:
             return "field 'failover_strategy' is not a known strategy"
         if not all(valid_vm_name(v) for v in body["fenced_vms"]):
             return "field 'fenced_vms' must be a list of VM names"
+        stopped = body.get("stopped_vms", [])
+        if not (isinstance(stopped, list) and all(valid_vm_name(v) for v in stopped)):
+            return "field 'stopped_vms' must be a list of VM names"
         return None
 
     def status(self):
@@ -3746,6 +3837,41 @@ class Agent:
                 self.inventory_busy = False
         self.pool.submit(job)
 
+    def read_stopped(self):
+        """The VMs of state_dir/stopped.json (an orderly stop's), for `register`; []
+        without restart_after_stop (the file is then removed)."""
+        if not self.cfg.restart_after_stop:
+            remove_file(self.paths.stopped)
+            return []
+        names = read_fence_record(self.paths.stopped)
+        if names:
+            self.log.log(NOTICE, f"stopped in order with {', '.join(names)} running: asking "
+                                 "the manager to start those that run nowhere again here")
+        return names
+
+    def remember_stopped(self):
+        """Orderly stop (issue 14 item 5): state_dir/stopped.json := the production VMs
+        that run here with this host as their parent, from a fresh inventory (else the
+        last running record), so the next start hands them to the manager."""
+        with self.lock:
+            fenced = self.core.fenced
+        if not self.cfg.restart_after_stop or fenced:
+            return
+        vms, errors = self.host.inventory(snapshots=False, budget=5.0)
+        names = running_record_names(self.cfg.hostname, vms) if not errors else \
+            sorted(set(running_record_names(self.cfg.hostname, vms)) |
+                   set(self.running_record or []))
+        try:
+            if names:
+                write_atomic(self.paths.stopped, (json.dumps(
+                    {"ts": time.time(), "vms": names}) + "\n").encode(), mode=0o600)
+                self.log.log(NOTICE, f"{self.paths.stopped}: {', '.join(names)} (started again "
+                                     "on this host at the next start if they run nowhere)")
+            else:
+                remove_file(self.paths.stopped)
+        except OSError as e:
+            self.log.error(f"cannot write {self.paths.stopped}: {e}")
+
     def record_running(self, vms):
         """state_dir/running.json := what Core.running_record decides for a fresh
         inventory `vms` (worker thread)."""
@@ -3808,8 +3934,9 @@ class Agent:
             elif kind == "demote":
                 self.work.submit(self.demote, a["vms"], a.get("keep_live", False))
             elif kind == "clear_fence_record":
-                if not self.debug:
+                if not self.debug:   # the candidates have both (register)
                     remove_file(self.paths.fence)
+                    remove_file(self.paths.stopped)
             elif kind == "record_running":
                 self.refresh_inventory()           # rewrites running.json
             elif kind == "restart_watchdog":
@@ -3924,6 +4051,7 @@ class Agent:
         with self.running_lock:  # orderly: our VMs keep running, unprotected
             self.running_closed = True
             remove_file(self.paths.running)
+        self.remember_stopped()
         self.server.shutdown()
         self.server.server_close()
         self.pool.shutdown(wait=False)

@@ -89,8 +89,11 @@ class Net:
         for v in self.inv.get(n, {}).get("vms", []):
             v["live"], v["state"] = False, "stopped"
 
-    def sends(self, node=None, method=None, name=None, to=None, since=0):
+    def sends(self, node=None, method=None, name=None, to=None, since=0, protection=False):
+        """Requests sent; the manager's protection rounds (GET vms every few rounds,
+        issue 14 item 1) only with protection=True."""
         return [a for i, (t, n, a) in enumerate(self.log) if i >= since and a["kind"] == "send"
+                and (protection or a.get("purpose") != "pvms")
                 and (node is None or n == node) and (method is None or a["method"] == method)
                 and (name is None or a["name"] == name) and (to is None or a["to"] == to)]
 
@@ -251,12 +254,12 @@ def standard_invs():
 
 
 def make_net(workers=("w1", "w2"), invs=None, debug=(), extra=None, fenced=None,
-             noack=(), elect_until=5.0):
-    extra, fenced = extra or {}, fenced or {}
+             noack=(), elect_until=5.0, stopped=None):
+    extra, fenced, stopped = extra or {}, fenced or {}, stopped or {}
     cores = {}
     for n in ("a", "b", "c") + tuple(workers):
         cores[n] = Core(cfg(n, debug=n in debug, **extra.get(n, {})), STARTUP[n], 0.0,
-                        fenced_vms=fenced.get(n, ()))
+                        fenced_vms=fenced.get(n, ()), stopped_vms=stopped.get(n, ()))
     net = Net(cores, invs or standard_invs())
     net.noack = set(noack)
     # elect a with test_core.run, then hand the queued actions to the network

@@ -396,8 +396,7 @@ def test_protection_reasons_and_replica_age():
 
 
 def test_manager_warns_once_when_a_vm_becomes_unprotected_and_notices_when_protected():
-    from test_failover_core import FAILOVER_TIME as _ft, vm  # noqa: F401
-    from test_failover_core import host_inv
+    from test_failover_core import host_inv, vm
     invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
             "w1": host_inv("w1", vm("vm1", "w1", live=True, creation=300)),
             "w2": host_inv("w2")}
@@ -484,5 +483,126 @@ def test_vms_shows_protection_and_the_manager_follows_replication(tmp_path):
         assert c.wait_for(lambda: "VM vmp is protected again" in c["node1"].log(), 30)
         st = c["node1"].status()
         assert st["protection"] == {"checked": 1, "unprotected": {}}
+    finally:
+        c.teardown()
+
+
+# -- item 5: back after an orderly stop ----------------------------------------------------
+
+def test_plan_restart_starts_only_what_runs_nowhere_and_still_belongs_to_the_host():
+    from test_failover_core import host_inv, vm
+    invs = {"w1": host_inv("w1", vm("ok", "w1"), vm("elsewhere", "w1"), vm("moved", "w2"),
+                           vm("dev", "w1", production=False), vm("newer", "w1"),
+                           vm("ran", "w1"), vm("busy", "w1"), vm("here", "w1", live=True)),
+            "w2": host_inv("w2", vm("elsewhere", "w1", live=True), vm("moved", "w2"),
+                           vm("newer", "w3"), vm("ok", "w1", creation=5))}
+    skipped = []
+    out = hoster_ha.plan_restart(
+        "w1", ["ok", "elsewhere", "moved", "dev", "newer", "ran", "busy", "here", "gone"],
+        invs, busy={"busy"}, last_ran={"ran": "w2", "ok": "w1"}, skipped=skipped)
+    assert out == ["ok"]
+    why = {vm: reason for vm, _, reason in skipped}
+    assert why == {"elsewhere": "it runs on w2", "moved": "its parent_host here is w2",
+                   "dev": "it is not a production VM",
+                   "newer": "a copy names w3 as its parent_host",
+                   "ran": "its latest failover plan started it on w2",
+                   "gone": "w1 holds no copy of it"}   # busy, and live here: said nowhere
+
+
+def test_orderly_stop_vms_are_started_again_on_that_host_only():
+    from test_failover_core import host_inv, vm
+    invs = {"a": host_inv("a"), "b": host_inv("b", vm("vm1", "w1", creation=900)),
+            "c": host_inv("c"),
+            "w1": host_inv("w1", vm("vm1", "w1", creation=100), vm("vm2", "w1"),
+                           vm("vm3", "w1")),
+            "w2": host_inv("w2", vm("vm2", "w1", live=True))}   # started there meanwhile
+    net, t = make_net(invs=invs, stopped={"w1": ["vm1", "vm2"]})
+    assert net.cores["a"].members["w1"].stopped_vms == ["vm1", "vm2"]
+    net.run(t + 0.5, 40.0, step=0.5, until=lambda _: net.live_on("vm1"))
+    fo_ = net.sends("a", "POST", "failover")
+    # on w1, although b holds a newer snapshot; vm2 runs on w2; vm3 was not in the list
+    assert [(x["to"], x["body"]["vm_name"]) for x in fo_] == [("w1", "vm1")]
+    assert net.live_on("vm1") == ["w1"] and net.live_on("vm2") == ["w2"]
+    assert net.live_on("vm3") == []
+    notes = [e["msg"] for e in net.events("a")]
+    assert "RESTARTING VM: vm1 ON: w1 (it ran there before an orderly stop)" in notes
+    assert any("VM vm2 of w1 is not started again after its orderly stop: it runs on w2" in m
+               for m in notes)
+    assert [e["details"]["vm_name"] for e in net.events("a", "vm_restarted")] == ["vm1"]
+    assert net.events(event="member_failed") == [] and net.events(event="vm_moved") == []
+    # once: later rounds start nothing more
+    n = len(net.sends(name="failover"))
+    net.run(net.now + 0.5, net.now + 20, step=0.5)
+    assert len(net.sends(name="failover")) == n
+
+
+def test_orderly_stop_vms_wait_while_the_host_is_in_maintenance():
+    from test_failover_core import host_inv, vm
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", vm("vm1", "w1")), "w2": host_inv("w2")}
+    net, t = make_net(invs=invs, stopped={"w1": ["vm1"]})
+    net.cores["w1"].set_maintenance(True, t)
+    net.run(t + 0.5, 40.0, step=0.5)
+    assert net.sends(name="failover") == [] and net.live_on("vm1") == []
+    net.cores["w1"].set_maintenance(False, net.now)
+    net.run(net.now + 0.5, net.now + 30, step=0.5, until=lambda _: net.live_on("vm1"))
+    assert net.live_on("vm1") == ["w1"]
+
+
+def test_restart_after_stop_config():
+    from test_core import make_cfg
+    assert make_cfg("a").restart_after_stop is True
+    assert make_cfg("a", restart_after_stop=False).restart_after_stop is False
+    with pytest.raises(hoster_ha.ConfigError, match="restart_after_stop"):
+        make_cfg("a", restart_after_stop="yes")
+
+
+def test_host_stopped_in_order_gets_its_vms_back_after_the_reboot(tmp_path):
+    """Real agents, production mode, fakes: worker1 runs vma and vmb (production) and is
+    stopped in order (`stop`); state_dir/stopped.json names both.  It reboots (the fake's
+    power off/on: its VMs are gone, Hoster must be initialised again), starts again and
+    the manager starts both on worker1 -- not on node2, whose replica of vma is newer --
+    once each; the file is removed once the node is armed."""
+    from localcluster import LocalCluster
+    c = LocalCluster(str(tmp_path), workers=1, debug=False)
+    w1 = c["worker1"]
+    now = int(time.time())
+    w1.add_vm("vma", running=True, snapshots=[("s1", now - 600, "1")])
+    w1.add_vm("vmb", running=True)
+    w1.add_vm("vmc")                                   # stopped: not in the list
+    c["node2"].add_vm("vma", parent="worker1", snapshots=[("s2", now - 60, "2")])
+    stopped = os.path.join(w1.state_dir, "stopped.json")
+
+    def all_armed():
+        st = c["node1"].status()
+        ms = st.get("members") or []
+        return len(ms) == 4 and all(m["armed"] for m in ms)
+
+    def starts(node, vm):
+        return [ln for ln in node.calls().splitlines() if ln.endswith(f"hoster vm start {vm}")]
+
+    try:
+        c.start_all()
+        assert c.wait_for(all_armed, 40), c["node1"].status()
+        r = w1.cli("stop")
+        assert r.returncode == 0, r
+        assert w1.proc.wait(10) == 0
+        with open(stopped) as f:
+            assert json.load(f)["vms"] == ["vma", "vmb"]
+        w1.power_off("reboot")
+        w1.power_on()
+        w1.set_initialised(True)
+        assert not os.listdir(os.path.join(w1.dir, "vmm"))
+        w1.start()
+        assert c.wait_for(lambda: sorted(os.listdir(os.path.join(w1.dir, "vmm"))) ==
+                          ["vma", "vmb"], 40), w1.log()[-3000:]
+        assert c.wait_for(lambda: not os.path.exists(stopped), 10)
+        assert len(starts(w1, "vma")) == len(starts(w1, "vmb")) == 1
+        assert all(starts(c[n], v) == [] for n in ("node1", "node2", "node3")
+                   for v in ("vma", "vmb", "vmc"))
+        manager = next(n for n in ("node1", "node2", "node3")
+                       if "RESTARTING VM: vma ON: worker1" in c[n].log())
+        assert "RESTARTING VM: vmb ON: worker1" in c[manager].log()
+        assert "vmc" not in os.listdir(os.path.join(w1.dir, "vmm"))
     finally:
         c.teardown()

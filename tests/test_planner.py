@@ -348,7 +348,10 @@ def test_clean_inventory_keeps_good_entries_and_drops_junk():
                       {"production": True}, good],
               "errors": []}
     out = clean_inventory(answer)
-    assert out["host"] == {"hostname": "h", "free_memory": 5, "running_vms": 2}
+    assert out["host"] == {"hostname": "h", "free_memory": 5, "running_vms": 2, "time": None}
+    for wall, kept in ((1.7e9, 1.7e9), (True, None), ("1", None), (float("nan"), None)):
+        answer["host"]["time"] = wall     # the host's wall clock (protection's replica age)
+        assert clean_inventory(answer)["host"]["time"] == kept
     assert out["vms"] == [{"vm_name": "ok-1.x_y", "production": True, "live": False,
                            "state": "stopped", "parent_host": "m",
                            "latest_snapshot": {"name": snap(7)["name"], "creation": 7,
