@@ -712,14 +712,16 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
     return moves, unplaced
 
 
-def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None):
+def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, left=()):
     """Which of `vms` -- the production VMs member `host` ran before an orderly stop --
     to start again on `host` alone (issue 14 item 5; an orderly stop is not a failure,
     so never on a replica elsewhere).  inventories: {member: GET vms answer} of every
     member neither failed nor left, `host` included.  A VM is started only if it is
     live nowhere, no plan for it is in flight (busy), host's copy is production and
     still names host as its parent_host, no other copy names another parent_host, and
-    its latest done failover plan (last_ran) did not start it elsewhere.  skipped gets
+    its latest done failover plan (last_ran) did not start it elsewhere -- so a VM a copy
+    of which names a member that left (not asked: its VMs may run) is never started.
+    skipped gets
     (vm, host, reason) for the rest.  Returns the VM names, sorted."""
     copies = {}
     for h, inv in inventories.items():
@@ -739,8 +741,9 @@ def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None):
         why = why or ("it is not a production VM" if not own.get("production") else None)
         why = why or (f"its parent_host here is {own.get('parent_host')}"
                       if own.get("parent_host") != host else None)
-        why = why or (f"a copy names {', '.join(others)} as its parent_host" if others
-                      else None)
+        why = why or (f"a copy names {', '.join(others)} as its parent_host"
+                      + (" (it left the cluster: its VMs may run there)"
+                         if set(others) & set(left) else "") if others else None)
         why = why or (f"its latest failover plan started it on {ran}"
                       if ran not in (None, host) else None)
         if why is None:
@@ -1742,7 +1745,8 @@ class Core:
             r = job["members"].get(h)   # its own VMs: a backup node takes them too
             if r is not None and r["armed"] and not (r["maintenance"] or r["left"]):
                 moves = [(vm, h, [h]) for vm in
-                         plan_restart(h, vms, job["inv"], busy, last_ran, skipped)]
+                         plan_restart(h, vms, job["inv"], busy, last_ran, skipped,
+                                      job["left"])]
         else:
             moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
                                             job["failed"], job["left"], job["owners"],

@@ -502,6 +502,12 @@ def test_plan_restart_starts_only_what_runs_nowhere_and_still_belongs_to_the_hos
         invs, busy={"busy"}, last_ran={"ran": "w2", "ok": "w1"}, skipped=skipped)
     assert out == ["ok"]
     why = {vm: reason for vm, _, reason in skipped}
+    # a copy naming a member that left: that member is not asked, the VM may run there
+    invs["w2"]["vms"].append(vm("ok2", "w9"))
+    invs["w1"]["vms"].append(vm("ok2", "w1"))
+    assert hoster_ha.plan_restart("w1", ["ok2"], invs, left={"w9"}, skipped=skipped) == []
+    assert skipped.pop() == ("ok2", "w1", "a copy names w9 as its parent_host (it left the "
+                                          "cluster: its VMs may run there)")
     assert why == {"elsewhere": "it runs on w2", "moved": "its parent_host here is w2",
                    "dev": "it is not a production VM",
                    "newer": "a copy names w3 as its parent_host",
