@@ -3296,6 +3296,8 @@ class Agent:
       leaving            loop sets it, work (leave_then_stop) clears it: no lock.
       stopping,          threading.Event.
       stop_requested
+      wake               threading.Event: work (send) sets it after an answer, the loop
+                           waits on it between ticks and clears it.
       cfg, paths, host, client, events, server, pool, work, nonces, startup_time:
                          set in __init__, never rebound (events, nonces lock inside).
     """
@@ -3312,6 +3314,9 @@ class Agent:
         self.mode = "DEBUG" if cfg.debug else "PRODUCTION"
         self.lock = threading.RLock()
         self.stopping = threading.Event()
+        # set by a worker that handed the core an answer: the loop ticks at once, so the
+        # sends that answer produced leave now, not a loop step later (issue 13 item 2)
+        self.wake = threading.Event()
         self.nonces = NonceCache()
         self.client = Client(cfg)
         self.host = Host(cfg, log)
@@ -3628,6 +3633,7 @@ class Agent:
                                              timeout=a["timeout"])
         with self.lock:
             self.core.on_response(a["id"], status, answer, time.monotonic())
+        self.wake.set()
 
     @staticmethod
     def _check_register(body):
@@ -4039,7 +4045,8 @@ class Agent:
                 next_inventory = now + inventory_every
                 self.refresh_inventory()
             self.tick()
-            self.stopping.wait(max(0.0, min(step, next_round - time.monotonic())))
+            self.wake.wait(max(0.0, min(step, next_round - time.monotonic())))
+            self.wake.clear()
 
     def shutdown(self):
         """Orderly exit: stand the watchdog down (SIGTERM), remove pid files."""
