@@ -3847,6 +3847,28 @@ class Agent:
                 self.inventory_busy = False
         self.pool.submit(job)
 
+    def log_fence_record(self):
+        """A host back from a fence says so first (issue 14 item 8): when, why, what it
+        ran and what it locked (state_dir/fence.json, sent with register)."""
+        try:
+            with open(self.paths.fence, "rb") as f:
+                rec = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            self.log.error(f"{self.paths.fence} cannot be read ({e}); its VMs are not sent")
+            return
+        if not isinstance(rec, dict):
+            return
+        ts = rec.get("ts")
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts)) \
+            if _is_number(ts) else "an unknown time"
+        names = read_fence_file(self.paths.fence) or {"vms": [], "locked": []}
+        self.log.log(NOTICE, f"this node fenced itself at {when}: {rec.get('reason', '?')}; "
+                             f"it ran {', '.join(names['vms']) or 'no production VM'}, "
+                             f"locked {', '.join(names['locked']) or 'none'}; the manager "
+                             "places what runs nowhere, moved VMs are demoted here")
+
     def read_stopped(self):
         """The VMs of state_dir/stopped.json (an orderly stop's), for `register`; []
         without restart_after_stop (the file is then removed)."""
@@ -4018,6 +4040,7 @@ class Agent:
         if not self.debug and not cfg.kernel_watchdog:
             self.log.warning("kernel_watchdog is off: a whole-host stall is not covered "
                              "(only the two processes watch each other)")
+        self.log_fence_record()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          name="ha-http", daemon=True).start()
         self.loop()

@@ -612,3 +612,20 @@ def test_host_stopped_in_order_gets_its_vms_back_after_the_reboot(tmp_path):
         assert "vmc" not in os.listdir(os.path.join(w1.dir, "vmm"))
     finally:
         c.teardown()
+
+
+def test_a_fenced_host_logs_its_fence_record_again_when_it_comes_back(tmp_path):
+    path = tmp_path / "fence.json"
+    ts = 1_700_000_000
+    path.write_text(json.dumps({"ts": ts, "reason": "candidatesRegistered has gone below 2",
+                                "vms": ["db", "web"], "locked": ["db", "old", "web"]}))
+    log = Log()
+    agent = SimpleNamespace(paths=SimpleNamespace(fence=str(path)), log=log)
+    hoster_ha.Agent.log_fence_record(agent)
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+    assert log.lines == [(hoster_ha.NOTICE, f"this node fenced itself at {when}: candidatesRegistered "
+                          "has gone below 2; it ran db, web, locked db, old, web; the manager "
+                          "places what runs nowhere, moved VMs are demoted here")]
+    path.unlink()                                  # no record: nothing said
+    hoster_ha.Agent.log_fence_record(agent)
+    assert len(log.lines) == 1
