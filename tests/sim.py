@@ -675,7 +675,7 @@ class Sim:
 
     # -- the recovery invariant (SPEC §3.4) ------------------------------------------
 
-    RECOVERY_SLACK = 7.0    # + the longest start (start_delay): 10 s with the default
+    RECOVERY_SLACK = 5.0    # + the longest start (start_delay): 8 s with the default
 
     def bounds(self):
         """(FT, W, E) in real seconds, for the slowest clock of the cluster:

@@ -327,7 +327,8 @@ def test_member_failed_and_plan_events_say_why():
     failed = net.events("a", "member_failed")[0]["details"]
     # every candidate's reported silence of w1, each beyond its failover_time
     assert set(failed["silence"]) >= {"a", "b"} and len(failed["silence"]) >= 2
-    assert all(s >= FAILOVER_TIME for s in failed["silence"].values())
+    # 2 of them beyond its failover_time (the third view may be a round trip younger)
+    assert sum(s >= FAILOVER_TIME for s in failed["silence"].values()) >= 2
     assert sorted(failed["reachable_candidates"]) == ["a", "b", "c"]
     plan = net.events("a", "failover_planned")[0]["details"]
     assert plan["to_host"] == "w2"
@@ -444,8 +445,8 @@ def test_max_replica_age_config():
 
 def test_vms_shows_protection_and_the_manager_follows_replication(tmp_path):
     """Real agents (debug mode, fakes): a production VM without a replica is
-    `protected: false` (`no replica`) in `vms --json` and the manager's /metrics; a
-    replica with a fresh snapshot on another member makes it protected."""
+    `protected: false` (`no replica`) in `vms --json` and in the manager's log and
+    status; a replica with a fresh snapshot on another member makes it protected."""
     from localcluster import LocalCluster
     c = LocalCluster(str(tmp_path))
     c["node1"].add_vm("vmp", parent="node1", running=True,
@@ -457,15 +458,19 @@ def test_vms_shows_protection_and_the_manager_follows_replication(tmp_path):
         return {v["vm_name"]: v for v in json.loads(r.stdout)["vms"]} if r.returncode == 0 \
             else {}
 
-    def armed():
-        st = c["node1"].status()
-        return st.get("role") == "manager" and all(
-            m["armed"] for m in st.get("members") or [{"armed": False}]) and \
-            len(st["members"]) == 3
+    def manager():
+        """The manager, once its table shows the 3 candidates armed."""
+        for n in ("node1", "node2", "node3"):
+            st = c[n].status()
+            ms = st.get("members") or []
+            if st.get("role") == "manager" and len(ms) == 3 and all(m["armed"] for m in ms):
+                return n
+        return None
 
     try:
         c.start_all()
-        assert c.wait_for(armed, 30), c["node1"].status()
+        m = c.wait_for(manager, 30)
+        assert m, {n: c[n].status().get("manager") for n in ("node1", "node2", "node3")}
         v = vms()
         assert v["vmp"]["protected"] is False and v["vmp"]["protection"] == "no replica"
         assert v["vmp"]["replica_age_seconds"] is None
@@ -473,16 +478,14 @@ def test_vms_shows_protection_and_the_manager_follows_replication(tmp_path):
         text = c["node1"].cli("vms").stdout
         assert re.search(r"vmp\s+yes\s+node1\s+node1\s+NO \(no replica\)", text), text
         # the manager's round (every 10 ping_intervals at most) reaches the same verdict
-        assert c.wait_for(lambda: "VM vmp is not protected: no replica" in
-                          c["node1"].log(), 30)
+        assert c.wait_for(lambda: "VM vmp is not protected: no replica" in c[m].log(), 30)
         c["node2"].add_vm("vmp", parent="node1",
                           snapshots=[("s1", int(time.time()) - 120, "11")])
         v = vms()
         assert v["vmp"]["protected"] is True and v["vmp"]["protection"] is None
         assert 100 <= v["vmp"]["replica_age_seconds"] < 600
-        assert c.wait_for(lambda: "VM vmp is protected again" in c["node1"].log(), 30)
-        st = c["node1"].status()
-        assert st["protection"] == {"checked": 1, "unprotected": {}}
+        assert c.wait_for(lambda: "VM vmp is protected again" in c[m].log(), 30)
+        assert c[m].status()["protection"] == {"checked": 1, "unprotected": {}}
     finally:
         c.teardown()
 
