@@ -102,6 +102,10 @@ DEFAULT_COMMANDS = {
     "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
     "zfs": ["zfs"],
     "hostname": ["sysctl", "-n", "kern.hostname"],  # the name Hoster compares parent_host with
+    # stops what a failed `hoster vm start` launched: Hoster's supervisor runs as
+    # "/opt/hoster-core/vm_supervisor_service for NAME" (HosterCore vm/start.go); {vm} is
+    # the VM name as a regular expression (dots escaped).  pkill exits 1 if none ran.
+    "vm_kill_supervisor": ["pkill", "-9", "-f", "/vm_supervisor_service for {vm}$"],
 }
 
 # commands without a default: not run unless configured
@@ -122,7 +126,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "candidates", "failover_strategy", "backup_node", "hostname", "address", "port",
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
-    "hoster_config_dir", "hoster_init_file", "vm_priority",
+    "hoster_config_dir", "hoster_init_file", "vm_priority", "start_timeout", "start_confirm",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -156,6 +160,8 @@ class Config:
         return None
 
     def command(self, key, vm=None):
+        if vm is not None and key == "vm_kill_supervisor":
+            vm = vm.replace(".", "\\.")   # a pattern: VM names may hold dots
         return [a.replace("{vm}", vm) if vm is not None else a for a in self.commands[key]]
 
     def hoster_file(self, name):
@@ -407,6 +413,14 @@ def parse_config(data, path="<config>", debug=False):
             raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
         commands[k] = list(v)
 
+    start_timeout = get("start_timeout", "number", 60)
+    if not 0 < start_timeout <= 3600:
+        raise ConfigError(f"{path}: key 'start_timeout': must be greater than 0 and at most "
+                          f"3600 seconds, got {start_timeout}")
+    start_confirm = get("start_confirm", "number", 3)
+    if not 0 < start_confirm <= 600:
+        raise ConfigError(f"{path}: key 'start_confirm': must be greater than 0 and at most "
+                          f"600 seconds, got {start_confirm}")
     mps = get("max_parallel_starts", "int", 8)
     if mps < 1:
         raise ConfigError(f"{path}: key 'max_parallel_starts': must be at least 1")
@@ -446,6 +460,8 @@ def parse_config(data, path="<config>", debug=False):
         state_dir=get("state_dir", "str", "/var/db/hoster_ha"),
         log_file=log_file,
         max_parallel_starts=mps,
+        start_timeout=start_timeout,
+        start_confirm=start_confirm,
         kernel_watchdog=kernel_wd,
         vm_priority=dict(prio),
         **timings,
@@ -552,7 +568,6 @@ PLAN_BODY_FIELDS = {"term": _INT, "entries": (list,)}
 FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": (str,)}
 LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
-START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
 WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (§3.5)
@@ -1675,7 +1690,8 @@ class Core:
             job["inflight"].add(uid)
             self._send(e["to"], peer, "POST", "failover",
                        {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
-                        "uid": uid}, START_TIMEOUT + 10, ("failover", job["id"], uid))
+                        "uid": uid}, self.start_answer_timeout(self.cfg),
+                       ("failover", job["id"], uid))
         if not job["queue"] and not job["inflight"]:
             self._finish_job(now)
 
@@ -1773,9 +1789,12 @@ class Core:
         e = self.plans.get(purpose[1])
         if e is None or e["state"] != "planned" or status != 200 or not isinstance(answer, dict):
             return
+        # "starting" (the target is still confirming the start, or cleaning up after a
+        # failed one) and "unknown" (it could not confirm the VM gone) keep the plan
+        # planned: the VM stays busy and the target is asked again next round
         if answer.get("known") is False:
             e["state"] = "abandoned"
-        elif answer.get("state") in ("live", "starting"):
+        elif answer.get("state") == "live":
             e["state"] = "done"
         elif answer.get("state") == "failed":
             e["state"] = "failed"
@@ -1862,11 +1881,22 @@ class Core:
 
     # -- the target of a failover (§3.4, "The target applies ...") -----------------
 
+    @staticmethod
+    def start_answer_timeout(cfg):
+        """How long a manager waits for a target's answer to POST failover: the start
+        (start_timeout, the VM must appear within it), its confirmation (start_confirm),
+        and after a failed start the cleanup (bounded by fence_timeout) and the
+        confirmation that the VM stays absent (start_confirm), + 10 s for the rest."""
+        return cfg.start_timeout + 2 * cfg.start_confirm + cfg.fence_timeout + 10
+
     def handle_failover(self, body, now, local):
-        """Decide on POST failover.  local: {"live": bool} for our copy of the VM, or None.
+        """Decide on POST failover.  local: {"live": bool, "parent_host"} for our copy of
+        the VM, or None.
 
         Returns (status, answer), or ("start", entry) when the caller must start the VM
-        and then call finish_failover()."""
+        and then call finish_failover().  entry["restore_parent"] is what the copy's
+        parent_host must be set back to if the start fails (failed_start_parent; None:
+        lock it)."""
         term, uid = body["term"], body["uid"]
         if self.fenced:
             return 409, {"error": "this node is fencing itself"}
@@ -1884,6 +1914,9 @@ class Core:
         if known is not None:
             if known["state"] == "failed":
                 return 409, {"error": known.get("error", "start failed"), "uid": uid}
+            if known["state"] == "unknown":
+                return 409, {"error": known.get("error", "start failed"), "uid": uid,
+                             "live": True}
             return 200, {"ok": True, "uid": uid, "vm_name": known["vm_name"],
                          "state": known["state"]}
         name = body["vm_name"]
@@ -1899,12 +1932,30 @@ class Core:
         if local["live"] or name in self.starting():
             return 409, {"error": f"VM {name} is already live here", "live": True}
         entry = {"uid": uid, "vm_name": name, "from_host": body["from_host"], "term": term,
-                 "state": "starting"}
+                 "state": "starting",
+                 "restore_parent": failed_start_parent(local.get("parent_host"), self.hostname,
+                                                       body["from_host"])}
         self.failovers[uid] = entry
         return "start", entry
 
-    def finish_failover(self, uid, ok, error, now):
+    def finish_failover(self, uid, ok, error, now, unknown=False):
+        """The start of `uid` ended: ok (the VM stayed live for start_confirm), or failed
+        with `error` after the target stopped what it launched, restored the copy's
+        parent_host and saw the VM stay absent for start_confirm.  unknown: the VM could
+        not be confirmed gone: it may still run or start here, so the answer says `live`
+        (the manager starts it nowhere else) and GET vms keeps listing it as starting,
+        until a later cleanup confirms it gone (finish_failover again, not unknown)."""
         e = self.failovers[uid]
+        if unknown:
+            e["state"], e["error"] = "unknown", error
+            self._event("vm_start_failed", "CRIT",
+                        f"start of VM {e['vm_name']} failed here ({error}) and the VM could "
+                        "not be confirmed gone: it may still run or start here; the cluster "
+                        "starts it nowhere else until it is (retried every inventory; check "
+                        "by hand)", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
+                        reason=error, unknown=True)
+            return 409, {"error": f"{error}; not confirmed gone here", "uid": uid,
+                         "live": True}
         e["state"] = "live" if ok else "failed"
         if ok:
             self._event("vm_started", "NOTICE", f"started VM {e['vm_name']} here (failover from "
@@ -1918,7 +1969,14 @@ class Core:
         return 409, {"error": error, "uid": uid}
 
     def starting(self):
-        return {e["vm_name"] for e in self.failovers.values() if e["state"] == "starting"}
+        """VMs a failover start is under way for here, or whose failed start could not be
+        confirmed gone (state unknown): GET vms lists them as live ("starting")."""
+        return {e["vm_name"] for e in self.failovers.values()
+                if e["state"] in ("starting", "unknown")}
+
+    def unresolved_starts(self):
+        """{uid: entry} of failed starts not confirmed gone (state unknown)."""
+        return {u: dict(e) for u, e in self.failovers.items() if e["state"] == "unknown"}
 
     # -- host-side rules that need this node's state (the pure ones follow the class) --
 
@@ -1954,7 +2012,8 @@ class Core:
         """VMs a failover is starting here, or started here and that run (`running`):
         a fence records and locks them whatever their copy says (fence_plan's `ours`)."""
         return {e["vm_name"] for e in self.failovers.values()
-                if e["state"] == "starting" or e["state"] == "live" and e["vm_name"] in running}
+                if e["state"] in ("starting", "unknown") or
+                e["state"] == "live" and e["vm_name"] in running}
 
     def running_record(self, vms=None, started=None, old=()):
         """What state_dir/running.json must say now (§3.6): ("write", names),
@@ -2101,6 +2160,65 @@ def demotion_steps(local, moved, keep_live):
             step = "demote"
         steps.append((name, parent, step))
     return steps
+
+
+def failed_start_parent(old_parent, hostname, from_host):
+    """§3.4: the parent_host a target's copy gets back after a failed failover start
+    (change-parent or cireset rewrote it to this host first): what it was before, so the
+    copy is a backup (or locked) again and an operator's `hoster vm start-all` here never
+    starts it while the cluster runs it elsewhere.  A copy that named this host already
+    (or nothing) gets the source host; None: lock it (parent_host = __HA_LOCKED_...__),
+    for a VM placed back on the host it came from."""
+    if isinstance(old_parent, str) and old_parent and old_parent != hostname:
+        return old_parent
+    if isinstance(from_host, str) and from_host and from_host != hostname:
+        return from_host
+    return None
+
+
+def start_verdict(now, appear_by, confirm, seen_at, vanished_at):
+    """§3.4, a start is confirmed, not assumed: after `hoster vm start` returned 0, the VM
+    must appear (vmm_dir/NAME) by appear_by and then stay present for `confirm` seconds.
+    seen_at: when it was first seen (None: not yet); vanished_at: when it was first found
+    gone again after that (None: not so far).  Returns ("wait", None), ("ok", None) or
+    ("failed", why)."""
+    if seen_at is not None and vanished_at is not None:
+        return "failed", (f"it appeared and vanished {max(0.0, vanished_at - seen_at):.1f} s "
+                          "later (bhyve died)")
+    if seen_at is None:
+        if now >= appear_by:
+            return "failed", "it did not appear in time"
+        return "wait", None
+    if now - seen_at >= confirm:
+        return "ok", None
+    return "wait", None
+
+
+def absence_verdict(now, absent_since, confirm, give_up_at):
+    """After a failed start, before the target reports the failure: the VM must stay
+    absent for `confirm` seconds (absent_since: since when it has been absent without a
+    break; None: present now).  Returns "wait", "confirmed" or "unknown" (not confirmed
+    by give_up_at: the target must not report an ordinary failure, the VM may still run
+    here)."""
+    if absent_since is not None and now - absent_since >= confirm:
+        return "confirmed"
+    if now >= give_up_at:
+        return "unknown"
+    return "wait"
+
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def command_text(out, err, limit=300):
+    """What a command said, for a log line: the last non-empty line of its stdout and of
+    its stderr (Hoster prints its errors on stdout, with ANSI colours: stripped)."""
+    parts = []
+    for text in (out, err):
+        lines = [ln.strip() for ln in ANSI_RE.sub("", text or "").splitlines() if ln.strip()]
+        if lines and lines[-1] not in parts:
+            parts.append(lines[-1])
+    return " / ".join(parts)[:limit] or "no output"
 
 
 def running_record_names(hostname, inventory):
@@ -3084,6 +3202,8 @@ class Agent:
                            an older one.
       inventory_busy     loop sets it, the ping job clears it: no lock (at worst two
                            refreshes overlap).
+      unresolved         http (failover) adds, ping (resolve_starts) removes: no lock
+                           (single dict operations; one entry per uid).
       wd_pid, wd_proc    loop (start), work (restart_watchdog): no lock; a restart
                            runs only while unarmed and one at a time (wd_restarting).
       wd_restarting      loop sets it (execute), work clears it: no lock.
@@ -3122,6 +3242,7 @@ class Agent:
         self.wd_restarting = False
         self.wd_armed_ack = False
         self.inflight = {}
+        self.unresolved = {}      # uid -> (copy, restore_parent, error) of unknown starts
         self.stop_requested = threading.Event()
         self.leaving = False
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
@@ -3343,47 +3464,141 @@ class Agent:
         v = None if body.get("check") else self.local_copy(body["vm_name"])
         with self.lock:
             decision = self.core.handle_failover(
-                body, time.monotonic(), None if v is None else {"live": v["live"]})
+                body, time.monotonic(), None if v is None else
+                {"live": v["live"], "parent_host": v["parent_host"]})
         if decision[0] != "start":
             return decision
+        entry = decision[1]
         error = self.start_vm(v)
+        unknown = False
+        if error is not None:
+            unknown = not self.undo_start(v, entry["restore_parent"], error)
+            if unknown:
+                self.unresolved[entry["uid"]] = (v, entry["restore_parent"], error)
         with self.lock:
             answer = self.core.finish_failover(body["uid"], error is None, error,
-                                               time.monotonic())
+                                               time.monotonic(), unknown=unknown)
         if error is None:
             self.note_running(v["vm_name"])
         return answer
 
     def start_vm(self, v):
-        """Apply the failover strategy, start the VM, wait until it is live.  Error or None."""
-        name = v["vm_name"]
-        strategy = STRATEGIES.get(v.get("failover_strategy") or "", self.cfg.failover_strategy)
-        deadline = time.monotonic() + START_TIMEOUT
+        """Apply the failover strategy, run `hoster vm start`, and confirm the start: the
+        VM must appear within start_timeout and stay present for start_confirm
+        (start_verdict).  Returns None, or the error (the caller cleans up)."""
+        name, cfg = v["vm_name"], self.cfg
+        strategy = STRATEGIES.get(v.get("failover_strategy") or "", cfg.failover_strategy)
+        appear_by = time.monotonic() + cfg.start_timeout
         if strategy == "change-parent":
             try:
-                self.host.set_parent(v["config_path"], self.cfg.hostname)
+                self.host.set_parent(v["config_path"], cfg.hostname)
             except (OSError, ValueError) as e:
                 return f"cannot set parent_host in {v['config_path']}: {e}"
         else:
-            rc, _, err = run_cmd(self.cfg.command("vm_cireset", name), START_TIMEOUT)
+            rc, out, err = run_cmd(cfg.command("vm_cireset", name),
+                                   max(1.0, appear_by - time.monotonic()))
             if rc != 0:
-                return f"hoster vm cireset {name} exited {rc}: {last_line(err)}"
+                return f"hoster vm cireset {name} exited {rc}: {command_text(out, err)}"
         with self.lock:
             if self.core.fenced:
                 return "this node is fencing itself"
-        rc, _, err = run_cmd(self.cfg.command("vm_start", name),
-                             max(1.0, deadline - time.monotonic()))
+        rc, out, err = run_cmd(cfg.command("vm_start", name),
+                               max(1.0, appear_by - time.monotonic()))
+        if rc is None:
+            return f"hoster vm start {name} did not return within {cfg.start_timeout:g} s"
         if rc != 0:
-            return f"vm start {name} exited {rc}: {last_line(err)}"
-        live = os.path.join(self.cfg.vmm_dir, name)
-        started = time.monotonic()
-        while not os.path.exists(live):
-            if time.monotonic() >= deadline:
-                return f"{live} did not appear within {START_TIMEOUT} s"
-            # usually there at once (hoster vm start returns once bhyve runs): look often
-            # at first, so a start is not 0.1 s later than it needs to be
-            time.sleep(0.01 if time.monotonic() - started < 1 else 0.1)
-        return None
+            return f"hoster vm start {name} exited {rc}: {command_text(out, err)}"
+        live = os.path.join(cfg.vmm_dir, name)
+        seen_at = vanished_at = None
+        t0 = time.monotonic()
+        while True:   # bounded: appear_by, then start_confirm
+            now = time.monotonic()
+            present = os.path.exists(live)
+            if present and seen_at is None:
+                seen_at = now
+            elif not present and seen_at is not None and vanished_at is None:
+                vanished_at = now
+            verdict, why = start_verdict(now, appear_by, cfg.start_confirm, seen_at,
+                                         vanished_at)
+            if verdict == "ok":
+                return None
+            if verdict == "failed":
+                if seen_at is None:
+                    why = f"{live} did not appear within {cfg.start_timeout:g} s"
+                return f"VM {name} did not stay up after `hoster vm start`: {why}"
+            # look often at first: a start should not be 0.1 s later than it needs to be
+            time.sleep(0.01 if now - t0 < 1 else 0.05)
+
+    def undo_start(self, v, restore_parent, error):
+        """After a failed start, before the failure is reported (SPEC §3.4): stop what
+        `hoster vm start` may have launched (commands.vm_kill_supervisor), destroy the VM
+        if it exists, set the copy's parent_host back (restore_parent; None: lock it) and
+        watch the VM stay absent for start_confirm (absence_verdict).  Bounded by
+        fence_timeout + start_confirm.  True when all of that succeeded; False: the VM
+        may still run or start here (the caller answers so that the manager waits)."""
+        name, cfg = v["vm_name"], self.cfg
+        self.log.warning(f"start of VM {name} failed: {error}; stopping what it launched "
+                         "before reporting the failure")
+        give_up = time.monotonic() + cfg.fence_timeout + cfg.start_confirm
+        ok = True
+        argv = cfg.command("vm_kill_supervisor", name)
+
+        def kill():
+            rc, out, err = run_cmd(argv, max(0.5, min(10.0, give_up - time.monotonic())))
+            if rc not in (0, 1):   # pkill: 0 killed some, 1 none ran
+                self.log.error(f"{' '.join(argv)} failed ({rc}): {command_text(out, err)}")
+                return False
+            return True
+        ok = kill()
+        live = os.path.join(cfg.vmm_dir, name)
+        if os.path.exists(live):
+            self.host.destroy_all([name], max(0.5, give_up - time.monotonic() -
+                                              cfg.start_confirm))
+        parent = restore_parent if restore_parent is not None else lock_name(time.time())
+        try:
+            self.host.set_parent(v["config_path"], parent)
+            self.log.log(NOTICE, f"VM {name}: parent_host set back to {parent} after the "
+                                 "failed start")
+        except (OSError, ValueError) as e:
+            self.log.log(CRIT, f"cannot set parent_host of VM {name} back to {parent} after "
+                               f"a failed start: {e}")
+            ok = False
+        absent_since = None
+        while True:   # bounded: give_up
+            now = time.monotonic()
+            if os.path.exists(live):
+                absent_since = None
+                if now >= give_up:
+                    return False
+                self.log.warning(f"VM {name} appeared after its failed start: destroying it")
+                ok = kill() and ok
+                self.host.destroy_all([name], max(0.5, give_up - now))
+                continue
+            if absent_since is None:
+                absent_since = now
+            verdict = absence_verdict(now, absent_since, cfg.start_confirm, give_up)
+            if verdict == "confirmed":
+                return ok
+            if verdict == "unknown":
+                return False
+            time.sleep(0.05)
+
+    def resolve_starts(self):
+        """Failed starts that could not be confirmed gone (Core.unresolved_starts): clean
+        up again; once the VM is confirmed gone, the core turns the start into an ordinary
+        failure and the manager places the VM again (inventory job, worker thread)."""
+        with self.lock:
+            pending = self.core.unresolved_starts()
+        for uid in pending:
+            item = self.unresolved.get(uid)
+            if item is None:
+                continue
+            v, restore_parent, error = item
+            if self.undo_start(v, restore_parent, error):
+                self.unresolved.pop(uid, None)
+                with self.lock:
+                    self.core.finish_failover(uid, False, error + " (confirmed gone later)",
+                                              time.monotonic())
 
     def demote(self, vms, keep_live=False):
         """§3.6: carry out demotion_steps() on our copies of VMs moved away while we
@@ -3616,6 +3831,8 @@ class Agent:
                     self.log.warning(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
                                      f"{e['error']}")
                 self.record_running(vms)
+                if self.unresolved:
+                    self.resolve_starts()
             finally:
                 self.inventory_busy = False
         self.pool.submit(job)
