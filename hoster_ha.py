@@ -774,6 +774,13 @@ class Core:
         self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
         self.demoted = {}          # vm -> new parent, applied locally
         self.demote_asked = {}
+        # this host's VM datasets (issue 11 item 2.1): {dataset: why unavailable} as last
+        # seen (and when); demotions the agent could not do because a dataset was
+        # unavailable ({vm: new parent}), and the datasets unavailable then
+        self.datasets_unavailable = {}
+        self.datasets_seen_at = -math.inf
+        self.demote_deferred = {}
+        self.deferred_for = set()
         # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
         self.failovers = {}
         self.refused = set()       # uids a check found unknown here: refused for good
@@ -1103,9 +1110,67 @@ class Core:
             if old is None or key > old[0] or (key == old[0] and old[1] is None):
                 self.moved[m["vm_name"]] = (key, m["new_parent"])
 
-    def demote_done(self, vms):
-        """The agent has demoted these local copies ({vm: new parent}) to backups."""
+    def demote_done(self, vms, deferred=None, unavailable=None, seen_at=None):
+        """The agent has demoted these local copies ({vm: new parent}) to backups.
+        deferred: {vm: new parent} it could not demote because no copy is visible while
+        datasets were unavailable (`unavailable`, {dataset: why}, as its inventory saw
+        them at seen_at): retried once one of them is available (demote_retry)."""
         self.demoted.update(vms)
+        for vm in vms:
+            self.demote_deferred.pop(vm, None)
+        if deferred:
+            self.demote_deferred.update(deferred)
+            self.deferred_for = set(unavailable or ())
+            self._event("note", "NOTICE", "demotion of "
+                        + ", ".join(f"{vm} (moved to {p})" for vm, p in sorted(deferred.items()))
+                        + " waits: no copy is visible while dataset(s) "
+                        + ", ".join(sorted(self.deferred_for)) + " are unavailable here",
+                        deferred=dict(deferred))
+        if unavailable is not None and seen_at is not None:
+            self.set_datasets(unavailable, seen_at)
+        self._retry_demotions()
+
+    @staticmethod
+    def demote_retry(deferred_for, unavailable_now):
+        """Issue 11 item 2.1: demotions deferred while datasets `deferred_for` were
+        unavailable are retried as soon as one of them is available again (the moved VMs'
+        copies may be visible now: they must be demoted before anyone starts them)."""
+        return bool(set(deferred_for) - set(unavailable_now))
+
+    def _retry_demotions(self):
+        if self.demote_deferred and self.demote_retry(self.deferred_for,
+                                                      self.datasets_unavailable):
+            self._event("note", "NOTICE", "dataset(s) available again: demoting "
+                        + ", ".join(f"{vm} (moved to {p})"
+                                    for vm, p in sorted(self.demote_deferred.items()))
+                        + " before anything else")
+            # the next tick asks for them again
+            self.demote_deferred, self.demote_asked = {}, {}
+
+    def set_datasets(self, unavailable, seen_at):
+        """This host's VM datasets that are unavailable ({dataset: why}: key-locked,
+        not mounted, missing), as seen at seen_at (the agent's check every ping_interval,
+        and every inventory; an older observation than the last one is ignored).  Such a
+        dataset's VMs are invisible: the inventory is incomplete.  Logged once per change."""
+        if seen_at < self.datasets_seen_at:
+            return
+        self.datasets_seen_at = seen_at
+        new = dict(unavailable)
+        old, self.datasets_unavailable = self.datasets_unavailable, new
+        for ds in sorted(set(new) - set(old)):
+            self._event("dataset_unavailable", "WARNING",
+                        f"dataset {ds} is unavailable: {new[ds]}; its VMs are invisible "
+                        "here: this node is not a failover target for them, and demotions "
+                        "of VMs moved away wait for it", dataset=ds, reason=new[ds])
+        for ds in sorted(set(old) - set(new)):
+            self._event("dataset_available", "NOTICE", f"dataset {ds} is available again",
+                        dataset=ds)
+        self._retry_demotions()
+
+    def demotion_pending(self):
+        """{vm: new parent} of moved VMs whose local copy is not demoted yet."""
+        return {vm: p for vm, (_, p) in self.moved.items()
+                if p not in (None, self.hostname) and self.demoted.get(vm) != p}
 
     def on_ping_result(self, cand, sent_at, status, answer, now):
         """Record one ping outcome.  Late (> ping_timeout) or malformed answers are failures."""
@@ -1287,8 +1352,11 @@ class Core:
             self._event("maintenance", "NOTICE", "maintenance on (acknowledged by "
                         f"{', '.join(sorted(self.maintenance_acks))}): the node is disarmed "
                         "and will not be failed over", on=True)
-        todo = {vm: p for vm, (_, p) in self.moved.items()
-                if p not in (None, self.hostname) and self.demoted.get(vm) != p}
+        # a demotion deferred for an unavailable dataset is not asked for again (until
+        # _retry_demotions) and does not keep us unarmed (the node may arm with a locked
+        # dataset; that dataset's VMs are invisible here)
+        todo = {vm: p for vm, p in self.demotion_pending().items()
+                if self.demote_deferred.get(vm) != p}
         if todo and todo != self.demote_asked and sum(self.registered.values()) >= 2:
             self.demote_asked = dict(todo)
             # Once armed, a live copy here is ours by the cluster's own rule (we would have
@@ -1302,8 +1370,8 @@ class Core:
         if self.maintenance or self.left:
             self.arming = self.armed = False
         elif not self.armed:
-            self.arming = quorum and self.manager_view(now)[0] is not None and not todo \
-                and self.flags_clear()
+            self.arming = quorum and self.manager_view(now)[0] is not None and \
+                not todo and self.flags_clear()
         if self.arming and watchdog_armed and not self.armed:
             self.armed = True
             self._event("armed", "NOTICE", "armed: quorum reached, manager "
@@ -2046,6 +2114,8 @@ class Core:
                 "candidate_silence": self.silence_ages(now),
                 "survival_margin_s": round(self.survival_margin(now), 3),
                 "approaching_fence": self.approach_warned,
+                "datasets_unavailable": dict(self.datasets_unavailable),
+                "demotion_pending": self.demotion_pending(),
                 "members": self.member_list(now) if self.is_candidate else None}
 
     MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
@@ -2134,7 +2204,7 @@ def fence_plan(hostname, inventory, running, ours=(), old=None):
             "destroy": sorted(running)}
 
 
-def demotion_steps(local, moved, keep_live):
+def demotion_steps(local, moved, keep_live, unavailable=()):
     """§3.6: what a returning host does to its copies of VMs the cluster moved away.
 
     local: {vm: {"parent_host", "live"}} of this host's copies; moved: {vm: new parent};
@@ -2145,13 +2215,17 @@ def demotion_steps(local, moved, keep_live):
       "done"     already a stopped backup of the new parent;
       "keep"     live here and keep_live: left running, reported (check by hand);
       "demote"   rewrite parent_host to the new parent;
-      "destroy"  live here: destroy it, then rewrite parent_host.
+      "destroy"  live here: destroy it, then rewrite parent_host;
+      "deferred" no copy visible, but datasets are unavailable (`unavailable`: a key-locked
+                 or unmounted dataset hides its VMs): not done; retried once they are
+                 available (Core.demote_retry), else an operator's start-all after the
+                 unlock would start a copy that still names this host.
     Every VM is handled (Core.demote_done) once its step succeeded."""
     steps = []
     for name, parent in sorted(moved.items()):
         v = local.get(name)
         if v is None:
-            step = "absent"
+            step = "deferred" if unavailable else "absent"
         elif v.get("parent_host") == parent and not v.get("live"):
             step = "done"
         elif v.get("live"):
@@ -2221,6 +2295,39 @@ def command_text(out, err, limit=300):
     return " / ".join(parts)[:limit] or "no output"
 
 
+def unavailable_datasets(errors):
+    """{dataset: why} of the unavailable datasets among Host.inventory's errors."""
+    return {e["dataset"]: e.get("reason") or e["error"] for e in errors
+            if isinstance(e, dict) and e.get("unavailable")}
+
+
+def dataset_states(datasets, rc, out, err):
+    """{dataset: None (available) or why not} from one `zfs get -H -p -o
+    name,property,value mounted,keystatus DS...` (exit status rc, stdout, stderr).  A
+    dataset is available when it exists, is mounted and its key (if encrypted) is
+    loaded; otherwise its VMs are invisible (HOSTER-FACTS "ZFS")."""
+    props = {}
+    for line in (out or "").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3:
+            props.setdefault(parts[0], {})[parts[1]] = parts[2]
+    errs = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
+    states = {}
+    for ds in datasets:
+        p = props.get(ds)
+        if p is None:
+            said = next((e for e in errs if f"'{ds}'" in e), None)
+            states[ds] = ("missing: " + said if said and "does not exist" in said else
+                          f"zfs get failed (exit {rc}): {said or last_line(err or '') or 'no output'}")
+        elif p.get("keystatus") == "unavailable":
+            states[ds] = "locked (keystatus unavailable): zfs mount -a -l"
+        elif p.get("mounted") != "yes":
+            states[ds] = f"not mounted (mounted {p.get('mounted', 'unknown')}): zfs mount -a"
+        else:
+            states[ds] = None
+    return states
+
+
 def running_record_names(hostname, inventory):
     """The running record's VMs (Core.running_record): production, live here, and
     this host is their parent."""
@@ -2248,7 +2355,8 @@ NOTIFY_EVENTS = {"self_fence", "member_failed", "vm_moved", "vm_start_failed", "
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
-               "vm_moved", "fence_warning", "fence_warning_cleared"}
+               "vm_moved", "fence_warning", "fence_warning_cleared", "dataset_unavailable",
+               "dataset_available"}
 
 
 def run_cmd(argv, timeout):
@@ -2332,12 +2440,27 @@ class Host:
         except FileNotFoundError:
             return []
 
-    def inventory(self, timeout=CMD_TIMEOUT, snapshots=True, budget=None):
-        """[{vm_name, dataset, config_path, production, parent_host, memory, live,
-        latest_snapshot}] plus [{vm_name or dataset, error}]; never raises.
+    def dataset_states(self, timeout=CMD_TIMEOUT):
+        """{dataset: None or why it is unavailable} for every configured VM dataset: one
+        `zfs get` for all of them (pure dataset_states() reads its output)."""
+        ds = list(self.cfg.vm_datasets)
+        if not ds:
+            return {}
+        rc, out, err = run_cmd(self.cfg.commands["zfs"] + [
+            "get", "-H", "-p", "-o", "name,property,value", "mounted,keystatus"] + ds, timeout)
+        return dataset_states(ds, rc, out, err)
 
-        timeout bounds each command; budget (s), if given, the whole inventory.
-        snapshots=False skips the snapshot lists (fencing needs no snapshots)."""
+    def inventory(self, timeout=CMD_TIMEOUT, snapshots=True, budget=None):
+        """[{vm_name, dataset, vm_dataset, config_path, production, parent_host, memory,
+        live, latest_snapshot}] plus [{vm_name or dataset, error}]; never raises.
+
+        A VM dataset that is unavailable (key-locked, unmounted, missing: dataset_states)
+        is not listed; its error entry has "unavailable": True (the inventory is
+        incomplete).  zfs calls: one `zfs get` plus, per available dataset, one `zfs
+        list` of its VM filesystems and (snapshots=True) one of its snapshots: constant in
+        the number of VMs.  timeout bounds each command; budget (s), if given, the whole
+        inventory.  snapshots=False skips the snapshot lists (only a failover plan and
+        `vms` need them: GET vms)."""
         zfs = self.cfg.commands["zfs"]
         vms, errors = [], []
         live = set(self.running_vms())
@@ -2346,7 +2469,12 @@ class Host:
         def limit():
             return timeout if deadline is None else \
                 max(0.1, min(timeout, deadline - time.monotonic()))
+        states = self.dataset_states(limit())
         for ds in self.cfg.vm_datasets:
+            if states.get(ds) is not None:
+                errors.append({"dataset": ds, "error": f"unavailable: {states[ds]}",
+                               "unavailable": True, "reason": states[ds]})
+                continue
             rc, out, err = run_cmd(zfs + ["list", "-H", "-p", "-o", "name,mountpoint",
                                           "-t", "filesystem", "-d", "1", ds], limit())
             if rc != 0:
@@ -2386,7 +2514,8 @@ class Host:
                 except (OSError, ValueError, RecursionError) as e:
                     errors.append({"vm_name": name, "error": f"{path}: {e}"})
                     continue
-                vms.append({"vm_name": name, "dataset": parts[0], "config_path": path,
+                vms.append({"vm_name": name, "dataset": parts[0], "vm_dataset": ds,
+                            "config_path": path,
                             "production": is_production(vm_cfg),
                             "parent_host": vm_cfg.get("parent_host"),
                             "memory": vm_cfg.get("memory"), "live": name in live,
@@ -3202,6 +3331,8 @@ class Agent:
                            an older one.
       inventory_busy     loop sets it, the ping job clears it: no lock (at worst two
                            refreshes overlap).
+      host_check_busy,   like inventory_busy (check_host); inventory_errors: the ping
+      inventory_errors     job only.
       unresolved         http (failover) adds, ping (resolve_starts) removes: no lock
                            (single dict operations; one entry per uid).
       wd_pid, wd_proc    loop (start), work (restart_watchdog): no lock; a restart
@@ -3237,6 +3368,8 @@ class Agent:
             if cfg.commands.get("notify") else None
         self.inventory_cache = None
         self.inventory_busy = False
+        self.inventory_errors = []
+        self.host_check_busy = False
         self.wd_pid = None
         self.wd_proc = None
         self.wd_restarting = False
@@ -3415,11 +3548,18 @@ class Agent:
                      "candidates yet; the node arms once they have"}
 
     def vms(self):
-        """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live."""
+        """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live.
+        A VM that runs here (vmm_dir) but is not in the inventory (its dataset became
+        unavailable, its vm_config.json is unreadable) is listed as live, with
+        "unlisted": true: a partial inventory never makes a running VM look dead."""
+        seen_at = time.monotonic()
         vms, errors = self.host.inventory()
         self.inventory_cache = vms
+        unavailable = unavailable_datasets(errors)
         with self.lock:
+            self.core.set_datasets(unavailable, seen_at)
             starting = self.core.starting()
+            pending = self.core.demotion_pending()
         out = []
         for v in vms:
             state = ("starting" if v["vm_name"] in starting else
@@ -3429,8 +3569,15 @@ class Agent:
                         "parent_host": v["parent_host"],
                         "current_host": self.cfg.hostname if state != "stopped" else None,
                         "latest_snapshot": v["latest_snapshot"], "memory": v["memory"]})
+        running = self.host.running_vms()
+        listed = {v["vm_name"] for v in vms}
+        for name in sorted(set(running) - listed):
+            out.append({"vm_name": name, "production": False, "live": True, "state": "live",
+                        "parent_host": None, "current_host": self.cfg.hostname,
+                        "latest_snapshot": None, "memory": None, "unlisted": True})
         return {"host": {"hostname": self.cfg.hostname, "free_memory": self.host.free_memory(),
-                         "running_vms": len(self.host.running_vms())},
+                         "running_vms": len(running),
+                         "datasets_unavailable": unavailable, "demotion_pending": pending},
                 "vms": out, "errors": errors}
 
     def local_copy(self, name):
@@ -3441,7 +3588,7 @@ class Agent:
         for attempt in ("cache", "fresh"):
             vms = self.inventory_cache if attempt == "cache" else None
             if vms is None:
-                vms, _ = self.host.inventory()
+                vms, _ = self.host.inventory(snapshots=False)
                 self.inventory_cache = vms
             v = next((x for x in vms if x["vm_name"] == name), None)
             if v is None:
@@ -3604,11 +3751,16 @@ class Agent:
         """§3.6: carry out demotion_steps() on our copies of VMs moved away while we
         were gone (they become backups), then tell the core what was handled.  A
         rewrite that fails stops here: the core asks again, and we do not arm."""
-        inventory, _ = self.host.inventory()
+        seen_at = time.monotonic()
+        inventory, errors = self.host.inventory(snapshots=False)
+        unavailable = unavailable_datasets(errors)
         local = {v["vm_name"]: v for v in inventory}
         say = "(DEBUG) would " if self.debug else ""
-        done = {}
-        for name, parent, step in demotion_steps(local, vms, keep_live):
+        done, deferred = {}, {}
+        for name, parent, step in demotion_steps(local, vms, keep_live, unavailable):
+            if step == "deferred":
+                deferred[name] = parent
+                continue
             if step == "keep":
                 self.log.warning(f"VM {name} runs here, but a failover plan says it was moved "
                                  f"to {parent}: left running (the plan is older than its start "
@@ -3630,7 +3782,7 @@ class Agent:
                                    debug=self.debug)
             done[name] = parent
         with self.lock:
-            self.core.demote_done(done)
+            self.core.demote_done(done, deferred, unavailable, seen_at)
 
     def send(self, a):
         status, answer = self.client.request(a["peer"], a["method"], a["name"], a["body"],
@@ -3825,16 +3977,44 @@ class Agent:
 
         def job():
             try:
-                vms, errors = self.host.inventory()
+                seen_at = time.monotonic()
+                vms, errors = self.host.inventory(snapshots=False)   # issue 11 item 2.11
                 self.inventory_cache = vms
-                for e in errors:
-                    self.log.warning(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
-                                     f"{e['error']}")
+                # an unavailable dataset is the core's to report (once per change); the
+                # other errors are logged once per change too, not every inventory
+                said = sorted(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
+                              f"{e['error']}" for e in errors if not e.get("unavailable"))
+                if said != self.inventory_errors:
+                    for line in said:
+                        if line not in self.inventory_errors:
+                            self.log.warning(line)
+                    self.inventory_errors = said
+                with self.lock:
+                    self.core.set_datasets(unavailable_datasets(errors), seen_at)
                 self.record_running(vms)
                 if self.unresolved:
                     self.resolve_starts()
             finally:
                 self.inventory_busy = False
+        self.pool.submit(job)
+
+    def check_host(self):
+        """Every ping_interval, in a worker: are this host's VM datasets available (one
+        `zfs get`)?  The core logs changes and, when a dataset comes back, asks for the
+        deferred demotions at its next tick (before anything else)."""
+        if self.host_check_busy:
+            return
+        self.host_check_busy = True
+
+        def job():
+            try:
+                seen_at = time.monotonic()
+                states = self.host.dataset_states(timeout=max(1.0, 4 * self.cfg.ping_interval))
+                with self.lock:
+                    self.core.set_datasets({d: w for d, w in states.items() if w is not None},
+                                           seen_at)
+            finally:
+                self.host_check_busy = False
         self.pool.submit(job)
 
     def record_running(self, vms):
@@ -3995,6 +4175,7 @@ class Agent:
                 self.heartbeat(arming)
                 self.check_watchdog()
                 self.ping_round(now)
+                self.check_host()
             if now >= next_inventory:
                 next_inventory = now + inventory_every
                 self.refresh_inventory()
@@ -4581,6 +4762,7 @@ def status_details(st):
     if vms is not None:
         lines.append(f"VMs: {len(vms)} production VM(s) running here"
                      + (f" ({', '.join(vms)})" if vms else ""))
+    lines += host_lines(st)
     members = st.get("members")
     if members:
         lines += ["", "Members:"]
@@ -4593,6 +4775,28 @@ def status_details(st):
                   for r in rows]
     elif st.get("role") == "worker":
         lines.append("Members: ask a candidate (this is a worker; `members` asks one)")
+    return lines
+
+
+def host_lines(h):
+    """What keeps this host from being complete (issue 11 items 2.1, 2.3): datasets
+    unavailable and demotions waiting for them; status and vms print these."""
+    lines = []
+    unavail = h.get("datasets_unavailable") or {}
+    pending = h.get("demotion_pending") or {}
+    if isinstance(unavail, dict) and unavail:
+        lines.append("Datasets: " + "; ".join(f"{ds} UNAVAILABLE ({why})"
+                                              for ds, why in sorted(unavail.items()))
+                     + ": its VMs are invisible here")
+    elif "datasets_unavailable" in h:
+        lines.append("Datasets: all available")
+    if isinstance(pending, dict) and pending:
+        lines.append("Demotion pending: " + ", ".join(
+            f"{vm} (moved to {p})" for vm, p in sorted(pending.items()))
+            + (": waits for the dataset; do not run `hoster vm start-all` yet" if unavail
+               else ""))
+    elif "demotion_pending" in h:
+        lines.append("Demotions: done")
     return lines
 
 
@@ -4650,6 +4854,10 @@ def cmd_vms(cfg, args):
         hosts[h] = inv
         for e in inv.get("errors", []):
             errors.append(f"{h}: {e.get('vm_name') or e.get('dataset')}: {e.get('error')}")
+        pending = (inv.get("host") or {}).get("demotion_pending")
+        if isinstance(pending, dict) and pending:
+            errors.append(f"{h}: demotion pending: " + ", ".join(
+                f"{vm} (moved to {p})" for vm, p in sorted(pending.items())))
         for v in inv.get("vms", []):
             vms.setdefault(v["vm_name"], []).append((h, v))
     if args.json:

@@ -21,6 +21,7 @@ from hoster_ha import (
     Core,
     absence_verdict,
     command_text,
+    demotion_steps,
     failed_start_parent,
     parse_config,
     start_verdict,
@@ -140,6 +141,88 @@ def test_manager_keeps_a_plan_planned_while_the_target_says_starting_or_unknown(
     assert m.plans["p1"]["state"] == "done"
 
 
+# -- item 2.1: locked, unmounted or missing datasets ---------------------------------------
+
+def test_dataset_states_reads_zfs_get():
+    out = ("tank/a\tmounted\tyes\ntank/a\tkeystatus\tavailable\n"
+           "tank/b\tmounted\tno\ntank/b\tkeystatus\tunavailable\n"
+           "tank/c\tmounted\tno\ntank/c\tkeystatus\t-\n"
+           "tank/d\tmounted\tyes\ntank/d\tkeystatus\t-\n")
+    err = "cannot open 'tank/e': dataset does not exist\n"
+    st = hoster_ha.dataset_states(["tank/a", "tank/b", "tank/c", "tank/d", "tank/e"], 1, out,
+                                  err)
+    assert st["tank/a"] is None and st["tank/d"] is None
+    assert st["tank/b"].startswith("locked")
+    assert st["tank/c"].startswith("not mounted")
+    assert st["tank/e"].startswith("missing") and "does not exist" in st["tank/e"]
+    assert hoster_ha.dataset_states(["x"], None, "", "timed out")["x"].startswith(
+        "zfs get failed")
+
+
+def test_demotion_is_deferred_while_a_dataset_is_unavailable():
+    moved = {"vm1": "node2", "vm2": "node3"}
+    local = {"vm2": {"parent_host": "w1", "live": False}}
+    assert demotion_steps(local, moved, False) == [("vm1", "node2", "absent"),
+                                                   ("vm2", "node3", "demote")]
+    assert demotion_steps(local, moved, False, {"tank/enc": "locked"}) == \
+        [("vm1", "node2", "deferred"), ("vm2", "node3", "demote")]
+
+
+def test_core_arms_with_a_deferred_demotion_and_retries_it_when_the_dataset_is_back():
+    w = Core(cfg("w1"), 4100, 0.0)
+    assert Core.demote_retry({"tank/enc"}, {}) is True
+    assert Core.demote_retry({"tank/enc"}, {"tank/enc": "locked"}) is False
+    w.registered = {c: True for c in w.registered}
+    w.moved = {"vm1": ((3, 1), "node2"), "vm2": ((3, 2), "node3")}
+    w.tick(1.0)
+    asked = [a for a in w.take_actions() if a["kind"] == "demote"]
+    assert asked and asked[0]["vms"] == {"vm1": "node2", "vm2": "node3"}
+    locked = {"tank/enc": "locked (keystatus unavailable)"}
+    w.demote_done({"vm2": "node3"}, {"vm1": "node2"}, locked, 1.5)
+    assert w.status(2.0)["demotion_pending"] == {"vm1": "node2"}
+    assert w.status(2.0)["datasets_unavailable"] == locked
+    events = [a for a in w.take_actions() if a["kind"] == "event"]
+    assert [e["event"] for e in events].count("dataset_unavailable") == 1
+    # nothing is asked again while the dataset stays locked (logged once per change)
+    for t in (2.0, 2.5, 3.0):
+        w.set_datasets(locked, t)
+        w.tick(t)
+    acts = w.take_actions()
+    assert not [a for a in acts if a["kind"] == "demote" or
+                a.get("event") == "dataset_unavailable"], acts
+    # the deferred demotion does not keep the node from arming: only vm1 is pending
+    assert set(w.demotion_pending()) == {"vm1"}
+    # unlocked: the next tick asks for the demotion again
+    w.set_datasets({}, 3.5)
+    w.tick(3.6)
+    acts = w.take_actions()
+    assert [a["vms"] for a in acts if a["kind"] == "demote"] == [{"vm1": "node2"}]
+    assert any(a.get("event") == "dataset_available" for a in acts)
+    w.demote_done({"vm1": "node2"}, {}, {}, 3.7)
+    assert w.demotion_pending() == {} and w.demote_deferred == {}
+    # an observation older than the last one changes nothing
+    w.set_datasets(locked, 3.0)
+    assert w.datasets_unavailable == {}
+
+
+def test_arming_waits_for_demotions_but_not_for_deferred_ones():
+    def node(deferred):
+        w = Core(cfg("w1"), 4100, 0.0)
+        w.registered = {c: True for c in w.registered}
+        w.moved = {"vm1": ((3, 1), "node2")}
+        if deferred:
+            w.demote_done({}, {"vm1": "node2"}, {"tank/enc": "locked"}, 0.5)
+        for c in w.candidates:    # quorum and a manager seen
+            w.on_ping_result(c, 0.9, 200, {"vote": "a", "vote_startup_time": 1,
+                                           "vote_term": 1, "vote_lease_ms": 6000,
+                                           "manager": "a", "term": 1}, 1.0)
+        w.tick(1.0)
+        return w
+    assert node(deferred=False).arming is False
+    w = node(deferred=True)
+    assert w.arming is True and w.demotion_pending() == {"vm1": "node2"}
+
+
 # =============================================================================
 # Process tests
 # =============================================================================
@@ -253,5 +336,72 @@ def test_failed_starts_end_live_once_on_the_next_target(tmp_path):
         mlog = c[m].log()
         assert re.search(r"start of VM vm1 on node2 failed .*trying the next best target "
                          r"node3", mlog), mlog[-4000:]
+    finally:
+        c.teardown()
+
+
+def test_power_loss_then_locked_dataset_then_start_all_starts_nothing_running_elsewhere(
+        tmp_path):
+    """Issue 11 item 2.1, end to end: worker1 loses power; its VM vm1 is moved to node2.
+    worker1 boots with its encrypted dataset locked (keylocation=prompt) and without
+    `hoster init`; its agent starts: vm1's copy is invisible, so the demotion is deferred
+    (status says which dataset, why, and what waits) and the node arms anyway.  The
+    operator unlocks the dataset and runs `hoster init`; two ping_intervals later
+    `hoster vm start-all` starts nothing: vm1's copy names node2 by then."""
+    c = Cluster(tmp_path, workers=1, debug=False)
+    nodes = ("node1", "node2", "node3", "worker1")
+    w1 = c["worker1"]
+    pi = c.timings["ping_interval"]
+    w1.add_vm("vm1", snapshots=[snap("vm1", 5 * MIN)], running=True)
+    c["node2"].add_vm("vm1", parent="worker1", snapshots=[snap("vm1", HOUR)])
+    try:
+        c.start_all(nodes)
+        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
+        # the passphrase is asked at boot from now on: a reboot leaves the dataset locked
+        assert w1.zfs("set", "keylocation=prompt", DATASET).returncode == 0
+        assert w1.power_off().returncode == 0
+        w1.proc.wait(5)
+        bound = c.timings["failover_time"] + 30
+
+        def moved():
+            m = c.manager()
+            return m and "VM vm1 is live on node2" in c[m].log()
+        assert c.wait_for(moved, bound, interval=0.2), c["node1"].log()[-3000:]
+
+        assert w1.power_on().returncode == 0
+        assert w1.zfs("get", "-H", "-o", "value", "keystatus", DATASET).stdout.strip() == \
+            "unavailable"
+        assert not os.path.exists(w1.init_marker)
+        w1.start()
+
+        def waiting():
+            st = c.get("worker1", "status")
+            return st.get("armed") and DATASET in (st.get("datasets_unavailable") or {}) \
+                and st.get("demotion_pending") == {"vm1": "node2"} and st
+        st = c.wait_for(waiting, ARM_BOUND, interval=0.2)
+        assert st, (c.get("worker1", "status"), w1.log()[-3000:])
+        assert "locked" in st["datasets_unavailable"][DATASET]
+        text = w1.cli("status").stdout
+        assert f"{DATASET} UNAVAILABLE (locked" in text and \
+            "Demotion pending: vm1 (moved to node2)" in text, text
+        inv = c.get("worker1", "vms", timeout=10)
+        assert inv["host"]["datasets_unavailable"].keys() == {DATASET}
+        assert inv["host"]["demotion_pending"] == {"vm1": "node2"}
+        # the warning is logged once, not every inventory or check
+        assert w1.log().count(f"dataset {DATASET} is unavailable") == 1
+
+        # the operator: zfs mount -a -l, hoster init, waits 2 ping_intervals, start-all
+        w1.unlock_dataset()
+        t_unlock = time.time()
+        w1.set_initialised(True)
+        c.wait_for(lambda: time.time() >= t_unlock + 2 * pi, 5, interval=0.05)
+        r = w1.hoster("vm", "start-all")
+        assert r.returncode == 0, r
+        assert starts(w1, "vm1") == [], w1.calls()[-2000:]
+        assert not live(w1, "vm1") and live(c["node2"], "vm1")
+        assert parent_of(w1, "vm1") == "node2"
+        assert "demote VM vm1 to a backup (parent_host = node2)" in w1.log()
+        st = c.get("worker1", "status")
+        assert st["datasets_unavailable"] == {} and st["demotion_pending"] == {}, st
     finally:
         c.teardown()
