@@ -502,6 +502,8 @@ class Member:
         self.armed = False
         self.maintenance = False
         self.left = False
+        self.ready = None          # from its pings: True, False, None (not said yet)
+        self.not_ready = []
         self.seq = -1              # the member's last applied ping/leave sequence number
         self.last_ping = now
 
@@ -574,6 +576,16 @@ WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (�
 LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
 
 
+def clean_readiness(body):
+    """(ready, not_ready) from a ping body or a GET vms host object: ready True, False or
+    None (not said); not_ready at most 10 reason strings of at most 300 characters."""
+    ready = body.get("ready") if isinstance(body.get("ready"), bool) else None
+    reasons = body.get("not_ready")
+    reasons = [r[:300] for r in reasons if isinstance(r, str)][:10] \
+        if isinstance(reasons, list) else []
+    return ready, reasons
+
+
 def check_fields(body, schema):
     """Return an error text if body lacks a field of schema or has a wrong type, else None."""
     if not isinstance(body, dict):
@@ -616,12 +628,15 @@ def clean_inventory(answer):
         return None
     h = answer["host"]
     free, running = h.get("free_memory"), h.get("running_vms")
+    ready, not_ready = clean_readiness(h)
     host = {"hostname": h.get("hostname"),
             "free_memory": free if isinstance(free, int) and not isinstance(free, bool) else None,
             "running_vms": running if isinstance(running, int) and
-            not isinstance(running, bool) else 0}
+            not isinstance(running, bool) else 0,
+            "ready": ready is not False, "not_ready": not_ready}
     vms = [{"vm_name": v["vm_name"], "production": v.get("production") is True,
             "live": v.get("live") is True, "state": v.get("state"),
+            "ready": v.get("ready") is not False,
             "parent_host": v.get("parent_host") if isinstance(v.get("parent_host"), str) else None,
             "latest_snapshot": _snapshot(v.get("latest_snapshot"))}
            for v in answer["vms"] if isinstance(v, dict) and valid_vm_name(v.get("vm_name"))]
@@ -638,6 +653,8 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
                  (and every rejoined member that sent a fence record);
     inventories: {host: GET vms answer} of every member that is neither failed nor left;
     eligible:    {host: True if it may receive VMs} (armed, not backup, maintenance, left);
+                 besides, a copy whose entry says "ready": false (its host cannot start
+                 it: Hoster not initialised, no vmm, its dataset unavailable) is no target;
     busy:        VM names already being handled (a plan in flight);
     left:        members that left: a VM a copy of which names one of them as its
                  parent_host is never moved (SPEC §3.4 step 1: its VMs run on, unprotected);
@@ -696,7 +713,7 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
         targets = []
         for host, v in copies.get(name, []):
             snap = v.get("latest_snapshot")
-            if not eligible.get(host) or not snap:
+            if not eligible.get(host) or not snap or v.get("ready") is False:
                 continue
             h = inventories[host].get("host", {})
             free = h.get("free_memory")
@@ -708,7 +725,7 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
             holders = sorted(h for h, _ in copies.get(name, []))
             unplaced.append((name, src, "no eligible member holds a snapshot of it"
                              + (f" (copies on {', '.join(holders)}: backup, unarmed, in "
-                                "maintenance or without snapshot)" if holders else
+                                "maintenance, not ready or without snapshot)" if holders else
                                 " (no copy on any reachable member)")))
     return moves, unplaced
 
@@ -779,6 +796,7 @@ class Core:
         # unavailable ({vm: new parent}), and the datasets unavailable then
         self.datasets_unavailable = {}
         self.datasets_seen_at = -math.inf
+        self.host_not_ready = []   # why this host cannot start any VM (item 2.3), or []
         self.demote_deferred = {}
         self.deferred_for = set()
         # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
@@ -931,6 +949,7 @@ class Core:
         if m is None or m.startup_time != body["startup_time"]:
             return 409, {"error": f"{h} is not registered here; register first"}
         m.last_ping = now
+        m.ready, m.not_ready = clean_readiness(body)
         if self._newer(m, body):
             flags = (m.armed, m.maintenance, m.left)
             m.armed, m.maintenance = body["armed"], body["maintenance"]
@@ -1057,7 +1076,8 @@ class Core:
                  "silence": round(now - max(m.last_ping, self.start), 3),
                  "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
                  "backup_node": m.backup_node, "failover_time": m.failover_time,
-                 "address": m.address, "port": m.port, "protocol": m.protocol}
+                 "address": m.address, "port": m.port, "protocol": m.protocol,
+                 "ready": m.ready, "not_ready": list(m.not_ready)}
                 for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
     # -- member side: our pings to the candidates --------------------------------
@@ -1082,7 +1102,8 @@ class Core:
                 "maintenance": self.maintenance or self.maintenance_asked_at is not None,
                 "manager": self.can_act(now),
                 "term": self.manager_term(now) if self.is_manager(now) else
-                self.max_manager_term}
+                self.max_manager_term, "ready": self.ready(),
+                "not_ready": self.not_ready_reasons()}
 
     def outgoing(self, now):
         """This round's requests: [(candidate, "register" | "ping", body)]."""
@@ -1166,6 +1187,31 @@ class Core:
             self._event("dataset_available", "NOTICE", f"dataset {ds} is available again",
                         dataset=ds)
         self._retry_demotions()
+
+    def set_host_readiness(self, reasons):
+        """Why this host cannot start VMs at all (Hoster not initialised, no vmm_dir), as
+        the agent checks every ping_interval; [] when it can.  Logged once per change."""
+        reasons = list(reasons)
+        if reasons != self.host_not_ready:
+            if reasons:
+                self._event("not_ready", "WARNING", "this node cannot start VMs: "
+                            + "; ".join(reasons) + " (it is not a failover target)",
+                            not_ready=reasons)
+            else:
+                self._event("ready", "NOTICE", "this node can start VMs again (Hoster "
+                            "initialised, vmm present)")
+        self.host_not_ready = reasons
+
+    def not_ready_reasons(self, dataset=None):
+        """Why this node is not ready to start VMs (issue 11 item 2.3): the host's
+        reasons, then one per unavailable dataset (only `dataset`'s, if given)."""
+        return list(self.host_not_ready) + [
+            f"dataset {ds} unavailable: {why}" for ds, why in
+            sorted(self.datasets_unavailable.items()) if dataset is None or ds == dataset]
+
+    def ready(self):
+        """Ready for every VM: Hoster initialised, vmm present, every dataset available."""
+        return not self.not_ready_reasons()
 
     def demotion_pending(self):
         """{vm: new parent} of moved VMs whose local copy is not demoted yet."""
@@ -1643,6 +1689,13 @@ class Core:
         busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
         eligible = {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
                     for h, r in job["members"].items()}
+        for h, inv in sorted(job["inv"].items()):
+            if not inv["host"]["ready"] and eligible.get(h):
+                why = "; ".join(inv["host"]["not_ready"]) or "no reason given"
+                self._once(("not_ready", h, why), "NOTICE",
+                           f"member {h} is not ready to start VMs ({why}): it is no failover "
+                           "target for the VMs it cannot start", member=h,
+                           not_ready=inv["host"]["not_ready"])
         skipped = []
         last_ran = {vm: e["to"] for vm, e in self._latest_plans(("done",)).items()}
         moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
@@ -1686,7 +1739,8 @@ class Core:
                     snap = v["latest_snapshot"]
                     compared[h] = {"snapshot": snap["name"] if snap else None,
                                    "creation": snap["creation"] if snap else None,
-                                   "eligible": bool(eligible.get(h)),
+                                   "eligible": bool(eligible.get(h)) and v["ready"],
+                                   "ready": v["ready"],
                                    "free_memory": inv[h]["host"]["free_memory"]}
         best = compared.get(targets[0], {})
         return {"compared": compared,
@@ -1957,9 +2011,11 @@ class Core:
         confirmation that the VM stays absent (start_confirm), + 10 s for the rest."""
         return cfg.start_timeout + 2 * cfg.start_confirm + cfg.fence_timeout + 10
 
-    def handle_failover(self, body, now, local):
+    def handle_failover(self, body, now, local, not_ready=None):
         """Decide on POST failover.  local: {"live": bool, "parent_host"} for our copy of
-        the VM, or None.
+        the VM, or None.  not_ready: why this node cannot start this VM (Hoster not
+        initialised, no vmm, its dataset unavailable; Agent.failover checks), or None:
+        refused before anything touches the VM's config.
 
         Returns (status, answer), or ("start", entry) when the caller must start the VM
         and then call finish_failover().  entry["restore_parent"] is what the copy's
@@ -1995,6 +2051,9 @@ class Core:
         if not self.armed or self.left or self.leaving:
             return 409, {"error": "this node is not armed" + (
                 " (it is leaving the cluster)" if self.left or self.leaving else "")}
+        if not_ready:
+            return 409, {"error": f"not ready to start VM {name}: {'; '.join(not_ready)}",
+                         "not_ready": list(not_ready)}
         if local is None:
             return 409, {"error": f"no copy of VM {name} here"}
         if local["live"] or name in self.starting():
@@ -2115,6 +2174,7 @@ class Core:
                 "survival_margin_s": round(self.survival_margin(now), 3),
                 "approaching_fence": self.approach_warned,
                 "datasets_unavailable": dict(self.datasets_unavailable),
+                "ready": self.ready(), "not_ready": self.not_ready_reasons(),
                 "demotion_pending": self.demotion_pending(),
                 "members": self.member_list(now) if self.is_candidate else None}
 
@@ -2148,6 +2208,7 @@ class Core:
                  "candidate" if m.hostname in self.candidates else "worker",
                  "state": self.member_state(m, now), "armed": m.armed,
                  "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
+                 "ready": m.ready, "not_ready": list(m.not_ready),
                  "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
                 for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
@@ -2356,7 +2417,7 @@ EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
                "vm_moved", "fence_warning", "fence_warning_cleared", "dataset_unavailable",
-               "dataset_available"}
+               "dataset_available", "not_ready", "ready"}
 
 
 def run_cmd(argv, timeout):
@@ -3556,16 +3617,21 @@ class Agent:
         vms, errors = self.host.inventory()
         self.inventory_cache = vms
         unavailable = unavailable_datasets(errors)
+        host_reasons = self.host_readiness()
         with self.lock:
             self.core.set_datasets(unavailable, seen_at)
+            self.core.set_host_readiness(host_reasons)
             starting = self.core.starting()
             pending = self.core.demotion_pending()
+            not_ready = self.core.not_ready_reasons()
         out = []
         for v in vms:
             state = ("starting" if v["vm_name"] in starting else
                      "live" if v["live"] else "stopped")
             out.append({"vm_name": v["vm_name"], "production": v["production"],
                         "live": state != "stopped", "state": state,
+                        # ready: this host can start it (item 2.3)
+                        "ready": not host_reasons and v["vm_dataset"] not in unavailable,
                         "parent_host": v["parent_host"],
                         "current_host": self.cfg.hostname if state != "stopped" else None,
                         "latest_snapshot": v["latest_snapshot"], "memory": v["memory"]})
@@ -3576,7 +3642,8 @@ class Agent:
                         "parent_host": None, "current_host": self.cfg.hostname,
                         "latest_snapshot": None, "memory": None, "unlisted": True})
         return {"host": {"hostname": self.cfg.hostname, "free_memory": self.host.free_memory(),
-                         "running_vms": len(running),
+                         "running_vms": len(running), "ready": not not_ready,
+                         "not_ready": not_ready,
                          "datasets_unavailable": unavailable, "demotion_pending": pending},
                 "vms": out, "errors": errors}
 
@@ -3609,10 +3676,16 @@ class Agent:
     def failover(self, body):
         """POST failover: decide in the core, start the VM here, confirm it is live."""
         v = None if body.get("check") else self.local_copy(body["vm_name"])
+        reasons = None if body.get("check") else self.host_readiness()
         with self.lock:
+            if reasons is not None:
+                self.core.set_host_readiness(reasons)
+                # its dataset's state (every dataset's, if no copy is visible: it may be
+                # in an unavailable one), as checked every ping_interval
+                reasons = self.core.not_ready_reasons(v.get("vm_dataset") if v else None)
             decision = self.core.handle_failover(
                 body, time.monotonic(), None if v is None else
-                {"live": v["live"], "parent_host": v["parent_host"]})
+                {"live": v["live"], "parent_host": v["parent_host"]}, reasons)
         if decision[0] != "start":
             return decision
         entry = decision[1]
@@ -3841,6 +3914,9 @@ class Agent:
              [({}, int(st["role"] == "manager"))]),
             ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
             ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
+            ("hoster_ha_ready", "gauge", ("1 if this node can start its VMs (Hoster "
+              "initialised, vmm present, every VM dataset available)"),
+             [({}, int(st["ready"]))]),
             ("hoster_ha_reachable_candidates", "gauge", ("candidates reached within "
               "survival_window"), [({}, len(st["reachable_candidates"]))]),
             ("hoster_ha_candidate_reachable", "gauge", ("1 if the candidate answered a ping "
@@ -3998,6 +4074,17 @@ class Agent:
                 self.inventory_busy = False
         self.pool.submit(job)
 
+    def host_readiness(self):
+        """Why this host cannot start VMs at all, [] if it can (issue 11 item 2.3):
+        Hoster's init marker (every reboot empties /var/run) and vmm_dir (vmm.ko)."""
+        reasons = []
+        if not os.path.exists(self.cfg.hoster_init_file):
+            reasons.append(f"Hoster not initialised (no {self.cfg.hoster_init_file}): "
+                           "run hoster init")
+        if not os.path.isdir(self.cfg.vmm_dir):
+            reasons.append(f"no {self.cfg.vmm_dir} (vmm.ko not loaded): run hoster init")
+        return reasons
+
     def check_host(self):
         """Every ping_interval, in a worker: are this host's VM datasets available (one
         `zfs get`)?  The core logs changes and, when a dataset comes back, asks for the
@@ -4009,8 +4096,10 @@ class Agent:
         def job():
             try:
                 seen_at = time.monotonic()
+                reasons = self.host_readiness()
                 states = self.host.dataset_states(timeout=max(1.0, 4 * self.cfg.ping_interval))
                 with self.lock:
+                    self.core.set_host_readiness(reasons)
                     self.core.set_datasets({d: w for d, w in states.items() if w is not None},
                                            seen_at)
             finally:
@@ -4766,10 +4855,11 @@ def status_details(st):
     members = st.get("members")
     if members:
         lines += ["", "Members:"]
-        rows = [("HOSTNAME", "ROLE", "STATE", "ARMED", "MAINT", "LAST SEEN")]
+        rows = [("HOSTNAME", "ROLE", "STATE", "ARMED", "MAINT", "READY", "LAST SEEN")]
         for m in members:
             rows.append((m["hostname"], m["role"], m["state"], "yes" if m["armed"] else "no",
-                         "yes" if m["maintenance"] else "no", f"{_ago(m['last_seen_s'])} ago"))
+                         "yes" if m["maintenance"] else "no", _ready_text(m),
+                         f"{_ago(m['last_seen_s'])} ago"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
                   for r in rows]
@@ -4779,9 +4869,12 @@ def status_details(st):
 
 
 def host_lines(h):
-    """What keeps this host from being complete (issue 11 items 2.1, 2.3): datasets
-    unavailable and demotions waiting for them; status and vms print these."""
+    """What keeps this host from being complete (issue 11 items 2.1, 2.3): readiness,
+    datasets unavailable and demotions waiting for them; status prints these."""
     lines = []
+    if isinstance(h.get("ready"), bool):
+        lines.append("Ready: yes" if h["ready"] else
+                     "Ready: NO (" + "; ".join(h.get("not_ready") or []) + ")")
     unavail = h.get("datasets_unavailable") or {}
     pending = h.get("demotion_pending") or {}
     if isinstance(unavail, dict) and unavail:
@@ -4798,6 +4891,12 @@ def host_lines(h):
     elif "demotion_pending" in h:
         lines.append("Demotions: done")
     return lines
+
+
+def _ready_text(m):
+    r = m.get("ready")
+    return "yes" if r is True else "-" if r is None else \
+        "NO: " + "; ".join(m.get("not_ready") or ["?"])
 
 
 def fetch_members(cfg):
@@ -4825,11 +4924,13 @@ def cmd_members(cfg, args):
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
-    rows = [("HOSTNAME", "ADDRESS", "PORT", "SILENCE", "ARMED", "MAINT", "LEFT", "BACKUP")]
+    rows = [("HOSTNAME", "ADDRESS", "PORT", "SILENCE", "ARMED", "MAINT", "LEFT", "BACKUP",
+             "READY")]
     for m in answer["members"]:
         rows.append((m["hostname"], m["address"], str(m["port"]), f"{m['silence']:.1f}s",
                      "yes" if m["armed"] else "no", "yes" if m["maintenance"] else "no",
-                     "yes" if m["left"] else "no", "yes" if m["backup_node"] else "no"))
+                     "yes" if m["left"] else "no", "yes" if m["backup_node"] else "no",
+                     _ready_text(m)))
     print(f"membership as seen by candidate {answer['hostname']}:")
     print_table(rows)
     return 0
@@ -4854,6 +4955,8 @@ def cmd_vms(cfg, args):
         hosts[h] = inv
         for e in inv.get("errors", []):
             errors.append(f"{h}: {e.get('vm_name') or e.get('dataset')}: {e.get('error')}")
+        if (inv.get("host") or {}).get("ready") is False:
+            errors.append(f"{h}: not ready: " + "; ".join(inv["host"].get("not_ready") or []))
         pending = (inv.get("host") or {}).get("demotion_pending")
         if isinstance(pending, dict) and pending:
             errors.append(f"{h}: demotion pending: " + ", ".join(

@@ -223,6 +223,58 @@ def test_arming_waits_for_demotions_but_not_for_deferred_ones():
     assert w.arming is True and w.demotion_pending() == {"vm1": "node2"}
 
 
+# -- item 2.3: ready to be a target ---------------------------------------------------------
+
+def test_a_target_not_ready_refuses_before_touching_the_copy():
+    w = armed()
+    status, ans = w.handle_failover(fo(), 1.0, {"live": False, "parent_host": "w1"},
+                                    ["Hoster not initialised (no /var/run/hoster_init)"])
+    assert status == 409 and "not ready to start VM vm1: Hoster not initialised" in \
+        ans["error"]
+    assert w.failovers == {}
+
+
+def test_readiness_in_ping_status_and_member_table():
+    w = Core(cfg("w1"), 4100, 0.0)
+    assert w.ping_body(1.0)["ready"] is True
+    w.set_host_readiness(["Hoster not initialised (no /x)"])
+    w.set_datasets({"tank/enc": "locked"}, 1.0)
+    body = w.ping_body(2.0)
+    assert body["ready"] is False and body["not_ready"] == [
+        "Hoster not initialised (no /x)", "dataset tank/enc unavailable: locked"]
+    assert w.not_ready_reasons("tank/plain") == ["Hoster not initialised (no /x)"]
+    st = w.status(2.0)
+    assert st["ready"] is False and len(st["not_ready"]) == 2
+    events = [a["event"] for a in w.take_actions() if a["kind"] == "event"]
+    assert events.count("not_ready") == 1
+    w.set_host_readiness(["Hoster not initialised (no /x)"])    # no change: no event
+    assert not [a for a in w.take_actions() if a.get("event") == "not_ready"]
+    # a candidate keeps what the member's pings say
+    a = Core(cfg("a"), 1000, 0.0)
+    a.handle_register(w.register_body(), 1.0)
+    assert a.handle_ping(body, 2.0)[0] == 200
+    view = {m["hostname"]: m for m in a.members_view(2.0)}["w1"]
+    assert view["ready"] is False and view["not_ready"] == body["not_ready"]
+    assert {m["hostname"]: m for m in a.member_list(2.0)}["w1"]["ready"] is False
+
+
+def test_planner_skips_a_copy_that_is_not_ready():
+    def inv(host, creation, ready=True):
+        return {"host": {"hostname": host, "free_memory": 1, "running_vms": 0,
+                         "ready": ready,
+                         "not_ready": [] if ready else ["Hoster not initialised"]},
+                "vms": [{"vm_name": "vm1", "production": True, "live": False,
+                         "state": "stopped", "parent_host": "w1", "ready": ready,
+                         "latest_snapshot": {"name": "s", "creation": creation, "guid": "1"}}]}
+    invs = {h: hoster_ha.clean_inventory(i) for h, i in
+            (("n2", inv("n2", 200, ready=False)), ("n3", inv("n3", 100)))}
+    moves, unplaced = hoster_ha.plan_failover({"w1": set()}, invs, {"n2": True, "n3": True})
+    assert moves == [("vm1", "w1", ["n3"])] and unplaced == []
+    invs.pop("n3")
+    moves, unplaced = hoster_ha.plan_failover({"w1": set()}, invs, {"n2": True})
+    assert moves == [] and "not ready" in unplaced[0][2]
+
+
 # =============================================================================
 # Process tests
 # =============================================================================
@@ -403,5 +455,62 @@ def test_power_loss_then_locked_dataset_then_start_all_starts_nothing_running_el
         assert "demote VM vm1 to a backup (parent_host = node2)" in w1.log()
         st = c.get("worker1", "status")
         assert st["datasets_unavailable"] == {} and st["demotion_pending"] == {}, st
+    finally:
+        c.teardown()
+
+
+def test_a_target_without_hoster_init_is_skipped_and_named(tmp_path):
+    """Issue 11 item 2.3: node2 holds vm1's newest replica, but its Hoster is not
+    initialised (its init marker is gone, as after a reboot before `hoster init`).  It
+    reports ready: false with the reason (status, members, metric, ping), and when
+    worker1 loses power the manager names it and starts vm1 on node3; node2's copy is
+    never touched."""
+    c = Cluster(tmp_path, workers=1, debug=False)
+    nodes = ("node1", "node2", "node3", "worker1")
+    c["worker1"].add_vm("vm1", snapshots=[snap("vm1", 5 * MIN)], running=True)
+    c["node2"].add_vm("vm1", parent="worker1", snapshots=[snap("vm1", HOUR)])
+    c["node3"].add_vm("vm1", parent="worker1", snapshots=[snap("vm1", 2 * HOUR)])
+    n2 = c["node2"]
+    try:
+        c.start_all(nodes)
+        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
+        n2.set_initialised(False)
+        before = os.stat(os.path.join(n2.host.vm_dir("vm1"), "vm_config.json")).st_mtime_ns
+
+        def named():
+            view = {m["hostname"]: m for m in c.get("node1", "members").get("members", [])}
+            return view.get("node2", {}).get("ready") is False and view["node2"]
+        view = c.wait_for(named, 10, interval=0.2)
+        assert view and "Hoster not initialised" in view["not_ready"][0], view
+        st = c.get("node2", "status")
+        assert st["ready"] is False and st["armed"] is True   # armed, but no target
+        text = n2.cli("members").stdout
+        assert re.search(r"node2 .* NO: Hoster not initialised", text), text
+        assert "Ready: NO (Hoster not initialised" in n2.cli("status").stdout
+        import urllib.request
+        with urllib.request.urlopen(f"http://{n2.address}:{c.port}/metrics", timeout=5) as r:
+            assert "\nhoster_ha_ready 0\n" in r.read().decode()
+
+        assert c["worker1"].power_off().returncode == 0
+
+        def moved():
+            m = c.manager()
+            return m and "VM vm1 is live on node3" in c[m].log() and m
+        m = c.wait_for(moved, c.timings["failover_time"] + 30, interval=0.2)
+        assert m, c["node1"].log()[-4000:]
+        assert re.search(r"member node2 is not ready to start VMs \(Hoster not initialised",
+                         c[m].log()), c[m].log()[-4000:]
+        assert starts(n2, "vm1") == [] and starts(c["node3"], "vm1") != []
+        # a start sent to it anyway is refused with the reason, before the copy is touched
+        term = c.get("node2", "status")["term"]
+        status, ans = c.client.request(
+            {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"},
+            "POST", "failover", {"vm_name": "vm1", "from_host": "worker1", "term": term,
+                                 "uid": "test-not-ready"}, timeout=10)
+        assert status == 409 and "not ready to start VM vm1: Hoster not initialised" in \
+            ans["error"], (status, ans)
+        assert parent_of(n2, "vm1") == "worker1"
+        assert os.stat(os.path.join(n2.host.vm_dir("vm1"), "vm_config.json")).st_mtime_ns \
+            == before
     finally:
         c.teardown()
