@@ -514,3 +514,58 @@ def test_a_target_without_hoster_init_is_skipped_and_named(tmp_path):
             == before
     finally:
         c.teardown()
+
+
+# -- item 2.11: a cheaper inventory ---------------------------------------------------------
+
+def zfs_calls(node):
+    """The arguments of every zfs call on node ("get ...", "list ...")."""
+    return [ln.split(" ", 2)[2] for ln in node.calls().splitlines()
+            if ln.split(" ", 2)[1:2] == ["zfs"]]
+
+
+def test_inventory_zfs_calls_do_not_grow_with_the_number_of_vms(tmp_path):
+    """Host.inventory runs one `zfs get` and one `zfs list` per dataset (plus one
+    snapshot listing per dataset when asked), whatever the number of VMs."""
+    import logging
+    c = LocalCluster(str(tmp_path), debug=True)    # folders and fakes only: no agent runs
+    counts = {}
+    for n, name in ((2, "node1"), (30, "node2")):
+        node = c[name]
+        for i in range(n):
+            node.add_vm(f"vm{i}", snapshots=[snap(f"vm{i}", HOUR), snap(f"vm{i}", MIN)])
+        host = hoster_ha.Host(hoster_ha.load_config(node.config), logging.getLogger("t"))
+        mark = len(zfs_calls(node))
+        vms, errors = host.inventory(snapshots=False)
+        assert len(vms) == n and errors == [] and vms[0]["latest_snapshot"] is None
+        plain = zfs_calls(node)[mark:]
+        vms, errors = host.inventory()
+        assert all(v["latest_snapshot"]["name"] == "snap-60" for v in vms)
+        full = zfs_calls(node)[mark + len(plain):]
+        counts[n] = (len(plain), len(full))
+        assert not any("snapshot" in call for call in plain), plain
+        assert sum("snapshot" in call for call in full) == 1, full
+    assert counts[2] == counts[30] == (2, 3), counts
+
+
+def test_the_periodic_inventory_lists_no_snapshots_only_vms_does(tmp_path):
+    c = Cluster(tmp_path, debug=True)
+    n1 = c["node1"]
+    for i in range(5):
+        n1.add_vm(f"vm{i}", snapshots=[snap(f"vm{i}", HOUR)], running=i == 0)
+    try:
+        n1.start()
+        # the first inventory runs at start, then every 10 s; the dataset check every
+        # ping_interval
+        assert c.wait_for(lambda: sum(call.startswith("get ") for call in zfs_calls(n1)) >= 3
+                          and any(call.startswith("list ") for call in zfs_calls(n1)), 15)
+        status = c.get("node1", "status")
+        assert status.get("vms_running") == ["vm0"], status
+        calls = zfs_calls(n1)
+        assert not [call for call in calls if "snapshot" in call], calls
+        inv = c.get("node1", "vms", timeout=10)        # a failover plan and `vms` need them
+        assert {v["vm_name"]: v["latest_snapshot"]["name"] for v in inv["vms"]} == \
+            {f"vm{i}": f"snap-{HOUR}" for i in range(5)}
+        assert sum("snapshot" in call for call in zfs_calls(n1)) == 1
+    finally:
+        c.teardown()
