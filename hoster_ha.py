@@ -5076,7 +5076,9 @@ def build_parser():
                     help="do not detach (for daemon(8) and rc.d)")
     add("stop", "leave the cluster (2 candidates must acknowledge), stop the agent and stand "
         "its watchdog down")
-    add("status", "show whether the agent and watchdog run, and the node's cluster state",
+    add("status", ("show whether the agent and watchdog run, the node's cluster state, "
+                   "whether it is ready (Hoster initialised, datasets available) and "
+                   "pending demotions"),
         json_flag=True)
     add("members", "show the membership table of a candidate", json_flag=True)
     add("vms", "show every VM of the cluster: where it runs, replicas, newest snapshots",
