@@ -102,6 +102,10 @@ DEFAULT_COMMANDS = {
     "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
     "zfs": ["zfs"],
     "hostname": ["sysctl", "-n", "kern.hostname"],  # the name Hoster compares parent_host with
+    # stops what a failed `hoster vm start` launched: Hoster's supervisor runs as
+    # "/opt/hoster-core/vm_supervisor_service for NAME" (HosterCore vm/start.go); {vm} is
+    # the VM name as a regular expression (dots escaped).  pkill exits 1 if none ran.
+    "vm_kill_supervisor": ["pkill", "-9", "-f", "/vm_supervisor_service for {vm}$"],
 }
 
 # commands without a default: not run unless configured
@@ -123,7 +127,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
     "hoster_config_dir", "hoster_init_file", "vm_priority", "max_replica_age",
-    "restart_after_stop",
+    "restart_after_stop", "start_timeout", "start_confirm",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -157,6 +161,8 @@ class Config:
         return None
 
     def command(self, key, vm=None):
+        if vm is not None and key == "vm_kill_supervisor":
+            vm = vm.replace(".", "\\.")   # a pattern: VM names may hold dots
         return [a.replace("{vm}", vm) if vm is not None else a for a in self.commands[key]]
 
     def hoster_file(self, name):
@@ -408,6 +414,14 @@ def parse_config(data, path="<config>", debug=False):
             raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
         commands[k] = list(v)
 
+    start_timeout = get("start_timeout", "number", 60)
+    if not 0 < start_timeout <= 3600:
+        raise ConfigError(f"{path}: key 'start_timeout': must be greater than 0 and at most "
+                          f"3600 seconds, got {start_timeout}")
+    start_confirm = get("start_confirm", "number", 3)
+    if not 0 < start_confirm <= 600:
+        raise ConfigError(f"{path}: key 'start_confirm': must be greater than 0 and at most "
+                          f"600 seconds, got {start_confirm}")
     mps = get("max_parallel_starts", "int", 8)
     if mps < 1:
         raise ConfigError(f"{path}: key 'max_parallel_starts': must be at least 1")
@@ -451,6 +465,8 @@ def parse_config(data, path="<config>", debug=False):
         state_dir=get("state_dir", "str", "/var/db/hoster_ha"),
         log_file=log_file,
         max_parallel_starts=mps,
+        start_timeout=start_timeout,
+        start_confirm=start_confirm,
         kernel_watchdog=kernel_wd,
         vm_priority=dict(prio),
         max_replica_age=max_age,
@@ -497,6 +513,8 @@ class Member:
         self.armed = False
         self.maintenance = False
         self.left = False
+        self.ready = None          # from its pings: True, False, None (not said yet)
+        self.not_ready = []
         self.seq = -1              # the member's last applied ping/leave sequence number
         self.last_ping = now
 
@@ -565,11 +583,20 @@ LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection this often
                             # (or every 10 ping_intervals, if that is sooner)
-START_TIMEOUT = 60       # s: hoster vm start until /dev/vmm/NAME exists
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
 WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (§3.5)
 LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
+
+
+def clean_readiness(body):
+    """(ready, not_ready) from a ping body or a GET vms host object: ready True, False or
+    None (not said); not_ready at most 10 reason strings of at most 300 characters."""
+    ready = body.get("ready") if isinstance(body.get("ready"), bool) else None
+    reasons = body.get("not_ready")
+    reasons = [r[:300] for r in reasons if isinstance(r, str)][:10] \
+        if isinstance(reasons, list) else []
+    return ready, reasons
 
 
 def check_fields(body, schema):
@@ -614,13 +641,16 @@ def clean_inventory(answer):
         return None
     h = answer["host"]
     free, running, wall = h.get("free_memory"), h.get("running_vms"), h.get("time")
+    ready, not_ready = clean_readiness(h)
     host = {"hostname": h.get("hostname"),
             "time": wall if _is_number(wall) else None,
             "free_memory": free if isinstance(free, int) and not isinstance(free, bool) else None,
             "running_vms": running if isinstance(running, int) and
-            not isinstance(running, bool) else 0}
+            not isinstance(running, bool) else 0,
+            "ready": ready is not False, "not_ready": not_ready}
     vms = [{"vm_name": v["vm_name"], "production": v.get("production") is True,
             "live": v.get("live") is True, "state": v.get("state"),
+            "ready": v.get("ready") is not False,
             "parent_host": v.get("parent_host") if isinstance(v.get("parent_host"), str) else None,
             "latest_snapshot": _snapshot(v.get("latest_snapshot"))}
            for v in answer["vms"] if isinstance(v, dict) and valid_vm_name(v.get("vm_name"))]
@@ -637,6 +667,8 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
                  (and every rejoined member that sent a fence record);
     inventories: {host: GET vms answer} of every member that is neither failed nor left;
     eligible:    {host: True if it may receive VMs} (armed, not backup, maintenance, left);
+                 besides, a copy whose entry says "ready": false (its host cannot start
+                 it: Hoster not initialised, no vmm, its dataset unavailable) is no target;
     busy:        VM names already being handled (a plan in flight);
     left:        members that left: a VM a copy of which names one of them as its
                  parent_host is never moved (SPEC §3.4 step 1: its VMs run on, unprotected);
@@ -695,7 +727,7 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
         targets = []
         for host, v in copies.get(name, []):
             snap = v.get("latest_snapshot")
-            if not eligible.get(host) or not snap:
+            if not eligible.get(host) or not snap or v.get("ready") is False:
                 continue
             h = inventories[host].get("host", {})
             free = h.get("free_memory")
@@ -707,12 +739,13 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
             holders = sorted(h for h, _ in copies.get(name, []))
             unplaced.append((name, src, "no eligible member holds a snapshot of it"
                              + (f" (copies on {', '.join(holders)}: backup, unarmed, in "
-                                "maintenance or without snapshot)" if holders else
+                                "maintenance, not ready or without snapshot)" if holders else
                                 " (no copy on any reachable member)")))
     return moves, unplaced
 
 
-def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, left=()):
+def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, left=(),
+                 waiting=None):
     """Which of `vms` -- the production VMs member `host` ran before an orderly stop --
     to start again on `host` alone (issue 14 item 5; an orderly stop is not a failure,
     so never on a replica elsewhere).  inventories: {member: GET vms answer} of every
@@ -722,7 +755,9 @@ def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, l
     its latest done failover plan (last_ran) did not start it elsewhere -- so a VM a copy
     of which names a member that left (not asked: its VMs may run) is never started.
     skipped gets
-    (vm, host, reason) for the rest.  Returns the VM names, sorted."""
+    (vm, host, reason) for the rest; waiting gets (vm, host, reason) for those that host
+    cannot start yet (not ready: Hoster not initialised, its dataset locked), to be
+    tried again.  Returns the VM names, sorted."""
     copies = {}
     for h, inv in inventories.items():
         for v in inv.get("vms", []):
@@ -746,7 +781,12 @@ def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, l
                          if set(others) & set(left) else "") if others else None)
         why = why or (f"its latest failover plan started it on {ran}"
                       if ran not in (None, host) else None)
-        if why is None:
+        host_inv = inventories.get(host, {}).get("host", {})
+        if why is None and (own.get("ready") is False or host_inv.get("ready") is False):
+            if waiting is not None:
+                waiting.append((name, host, "not ready: " + ("; ".join(
+                    host_inv.get("not_ready") or []) or "its dataset is not available")))
+        elif why is None:
             out.append(name)
         elif skipped is not None and not (name in busy or live and host in live):
             skipped.append((name, host, why))
@@ -781,9 +821,12 @@ def vm_protection(inventories, eligible, max_age):
         parents = sorted({v.get("parent_host") for _, v in cs if v.get("production")} &
                          set(inventories))
         home = set(live) | set(parents)
-        replicas = [(h, v["latest_snapshot"]) for h, v in cs
-                    if h not in home and v.get("latest_snapshot")]
-        ok = [(h, snap) for h, snap in replicas if eligible.get(h)]
+        replicas = [(h, v) for h, v in cs if h not in home and v.get("latest_snapshot")]
+        # a target that cannot start this VM (not ready: Hoster not initialised, its
+        # dataset locked) does not protect it
+        ok = [(h, v["latest_snapshot"]) for h, v in replicas if eligible.get(h) and
+              v.get("ready") is not False and
+              inventories[h].get("host", {}).get("ready") is not False]
         ages = [inventories[h]["host"]["time"] - snap["creation"] for h, snap in ok
                 if _is_number(inventories[h].get("host", {}).get("time"))]
         age = round(max(0.0, min(ages)), 3) if ages else None
@@ -856,6 +899,14 @@ class Core:
         self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
         self.demoted = {}          # vm -> new parent, applied locally
         self.demote_asked = {}
+        # this host's VM datasets (issue 11 item 2.1): {dataset: why unavailable} as last
+        # seen (and when); demotions the agent could not do because a dataset was
+        # unavailable ({vm: new parent}), and the datasets unavailable then
+        self.datasets_unavailable = {}
+        self.datasets_seen_at = -math.inf
+        self.host_not_ready = []   # why this host cannot start any VM (item 2.3), or []
+        self.demote_deferred = {}
+        self.deferred_for = set()
         # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
         self.failovers = {}
         self.refused = set()       # uids a check found unknown here: refused for good
@@ -1015,6 +1066,7 @@ class Core:
         if m is None or m.startup_time != body["startup_time"]:
             return 409, {"error": f"{h} is not registered here; register first"}
         m.last_ping = now
+        m.ready, m.not_ready = clean_readiness(body)
         if self._newer(m, body):
             flags = (m.armed, m.maintenance, m.left)
             m.armed, m.maintenance = body["armed"], body["maintenance"]
@@ -1141,7 +1193,8 @@ class Core:
                  "silence": round(now - max(m.last_ping, self.start), 3),
                  "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
                  "backup_node": m.backup_node, "failover_time": m.failover_time,
-                 "address": m.address, "port": m.port, "protocol": m.protocol}
+                 "address": m.address, "port": m.port, "protocol": m.protocol,
+                 "ready": m.ready, "not_ready": list(m.not_ready)}
                 for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
     # -- member side: our pings to the candidates --------------------------------
@@ -1167,7 +1220,8 @@ class Core:
                 "maintenance": self.maintenance or self.maintenance_asked_at is not None,
                 "manager": self.can_act(now),
                 "term": self.manager_term(now) if self.is_manager(now) else
-                self.max_manager_term}
+                self.max_manager_term, "ready": self.ready(),
+                "not_ready": self.not_ready_reasons()}
 
     def outgoing(self, now):
         """This round's requests: [(candidate, "register" | "ping", body)]."""
@@ -1195,9 +1249,92 @@ class Core:
             if old is None or key > old[0] or (key == old[0] and old[1] is None):
                 self.moved[m["vm_name"]] = (key, m["new_parent"])
 
-    def demote_done(self, vms):
-        """The agent has demoted these local copies ({vm: new parent}) to backups."""
+    def demote_done(self, vms, deferred=None, unavailable=None, seen_at=None):
+        """The agent has demoted these local copies ({vm: new parent}) to backups.
+        deferred: {vm: new parent} it could not demote because no copy is visible while
+        datasets were unavailable (`unavailable`, {dataset: why}, as its inventory saw
+        them at seen_at): retried once one of them is available (demote_retry)."""
         self.demoted.update(vms)
+        for vm in vms:
+            self.demote_deferred.pop(vm, None)
+        if deferred:
+            self.demote_deferred.update(deferred)
+            self.deferred_for = set(unavailable or ())
+            self._event("note", "NOTICE", "demotion of "
+                        + ", ".join(f"{vm} (moved to {p})" for vm, p in sorted(deferred.items()))
+                        + " waits: no copy is visible while dataset(s) "
+                        + ", ".join(sorted(self.deferred_for)) + " are unavailable here",
+                        deferred=dict(deferred))
+        if unavailable is not None and seen_at is not None:
+            self.set_datasets(unavailable, seen_at)
+        self._retry_demotions()
+
+    @staticmethod
+    def demote_retry(deferred_for, unavailable_now):
+        """Issue 11 item 2.1: demotions deferred while datasets `deferred_for` were
+        unavailable are retried as soon as one of them is available again (the moved VMs'
+        copies may be visible now: they must be demoted before anyone starts them)."""
+        return bool(set(deferred_for) - set(unavailable_now))
+
+    def _retry_demotions(self):
+        if self.demote_deferred and self.demote_retry(self.deferred_for,
+                                                      self.datasets_unavailable):
+            self._event("note", "NOTICE", "dataset(s) available again: demoting "
+                        + ", ".join(f"{vm} (moved to {p})"
+                                    for vm, p in sorted(self.demote_deferred.items()))
+                        + " before anything else")
+            # the next tick asks for them again
+            self.demote_deferred, self.demote_asked = {}, {}
+
+    def set_datasets(self, unavailable, seen_at):
+        """This host's VM datasets that are unavailable ({dataset: why}: key-locked,
+        not mounted, missing), as seen at seen_at (the agent's check every ping_interval,
+        and every inventory; an older observation than the last one is ignored).  Such a
+        dataset's VMs are invisible: the inventory is incomplete.  Logged once per change."""
+        if seen_at < self.datasets_seen_at:
+            return
+        self.datasets_seen_at = seen_at
+        new = dict(unavailable)
+        old, self.datasets_unavailable = self.datasets_unavailable, new
+        for ds in sorted(set(new) - set(old)):
+            self._event("dataset_unavailable", "WARNING",
+                        f"dataset {ds} is unavailable: {new[ds]}; its VMs are invisible "
+                        "here: this node is not a failover target for them, and demotions "
+                        "of VMs moved away wait for it", dataset=ds, reason=new[ds])
+        for ds in sorted(set(old) - set(new)):
+            self._event("dataset_available", "NOTICE", f"dataset {ds} is available again",
+                        dataset=ds)
+        self._retry_demotions()
+
+    def set_host_readiness(self, reasons):
+        """Why this host cannot start VMs at all (Hoster not initialised, no vmm_dir), as
+        the agent checks every ping_interval; [] when it can.  Logged once per change."""
+        reasons = list(reasons)
+        if reasons != self.host_not_ready:
+            if reasons:
+                self._event("not_ready", "WARNING", "this node cannot start VMs: "
+                            + "; ".join(reasons) + " (it is not a failover target)",
+                            not_ready=reasons)
+            else:
+                self._event("ready", "NOTICE", "this node can start VMs again (Hoster "
+                            "initialised, vmm present)")
+        self.host_not_ready = reasons
+
+    def not_ready_reasons(self, dataset=None):
+        """Why this node is not ready to start VMs (issue 11 item 2.3): the host's
+        reasons, then one per unavailable dataset (only `dataset`'s, if given)."""
+        return list(self.host_not_ready) + [
+            f"dataset {ds} unavailable: {why}" for ds, why in
+            sorted(self.datasets_unavailable.items()) if dataset is None or ds == dataset]
+
+    def ready(self):
+        """Ready for every VM: Hoster initialised, vmm present, every dataset available."""
+        return not self.not_ready_reasons()
+
+    def demotion_pending(self):
+        """{vm: new parent} of moved VMs whose local copy is not demoted yet."""
+        return {vm: p for vm, (_, p) in self.moved.items()
+                if p not in (None, self.hostname) and self.demoted.get(vm) != p}
 
     def on_ping_result(self, cand, sent_at, status, answer, now):
         """Record one ping outcome.  Late (> ping_timeout) or malformed answers are failures."""
@@ -1382,8 +1519,11 @@ class Core:
             self._event("maintenance", "NOTICE", "maintenance on (acknowledged by "
                         f"{', '.join(sorted(self.maintenance_acks))}): the node is disarmed "
                         "and will not be failed over", on=True)
-        todo = {vm: p for vm, (_, p) in self.moved.items()
-                if p not in (None, self.hostname) and self.demoted.get(vm) != p}
+        # a demotion deferred for an unavailable dataset is not asked for again (until
+        # _retry_demotions) and does not keep us unarmed (the node may arm with a locked
+        # dataset; that dataset's VMs are invisible here)
+        todo = {vm: p for vm, p in self.demotion_pending().items()
+                if self.demote_deferred.get(vm) != p}
         if todo and todo != self.demote_asked and sum(self.registered.values()) >= 2:
             self.demote_asked = dict(todo)
             # Once armed, a live copy here is ours by the cluster's own rule (we would have
@@ -1397,8 +1537,8 @@ class Core:
         if self.maintenance or self.left:
             self.arming = self.armed = False
         elif not self.armed:
-            self.arming = quorum and self.manager_view(now)[0] is not None and not todo \
-                and self.flags_clear()
+            self.arming = quorum and self.manager_view(now)[0] is not None and \
+                not todo and self.flags_clear()
         if self.arming and watchdog_armed and not self.armed:
             self.armed = True
             self._event("armed", "NOTICE", "armed: quorum reached, manager "
@@ -1767,8 +1907,16 @@ class Core:
         job = self.job
         busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
         eligible = self._eligible(job["members"])
+        for h, inv in sorted(job["inv"].items()):
+            if not inv["host"]["ready"] and eligible.get(h):
+                why = "; ".join(inv["host"]["not_ready"]) or "no reason given"
+                self._once(("not_ready", h, why), "NOTICE",
+                           f"member {h} is not ready to start VMs ({why}): it is no failover "
+                           "target for the VMs it cannot start", member=h,
+                           not_ready=inv["host"]["not_ready"])
         skipped = []
         last_ran = {vm: e["to"] for vm, e in self._latest_plans(("done",)).items()}
+        waiting = []   # restart: VMs its host cannot start yet (not ready): tried again
         if job["restart"]:
             (h, vms), = job["sources"].items()
             moves, unplaced = [], []
@@ -1776,7 +1924,7 @@ class Core:
             if r is not None and r["armed"] and not (r["maintenance"] or r["left"]):
                 moves = [(vm, h, [h]) for vm in
                          plan_restart(h, vms, job["inv"], busy, last_ran, skipped,
-                                      job["left"])]
+                                      job["left"], waiting)]
         else:
             moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
                                             job["failed"], job["left"], job["owners"],
@@ -1786,7 +1934,10 @@ class Core:
                        f"VM {vm} of {src} is not " + ("started again after its orderly stop"
                                                       if job["restart"] else "failed over")
                        + f": {reason}")
-        job["unplaced"] = {src for _, src, _ in unplaced}
+        job["unplaced"] = {src for _, src, _ in unplaced} | {src for _, src, _ in waiting}
+        for vm, src, reason in waiting:
+            self._once(("restart_wait", vm, job["episodes"][src]), "NOTICE",
+                       f"VM {vm} waits to be started again on {src}: {reason}")
         for vm, src, reason in unplaced:
             self._once(("unplaced", vm, self._episode(src)), "ERROR",
                        f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
@@ -1823,7 +1974,8 @@ class Core:
                     snap = v["latest_snapshot"]
                     compared[h] = {"snapshot": snap["name"] if snap else None,
                                    "creation": snap["creation"] if snap else None,
-                                   "eligible": bool(eligible.get(h)),
+                                   "eligible": bool(eligible.get(h)) and v["ready"],
+                                   "ready": v["ready"],
                                    "free_memory": inv[h]["host"]["free_memory"]}
         best = compared.get(targets[0], {})
         return {"compared": compared,
@@ -1897,7 +2049,8 @@ class Core:
             job["inflight"].add(uid)
             self._send(e["to"], peer, "POST", "failover",
                        {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
-                        "uid": uid}, START_TIMEOUT + 10, ("failover", job["id"], uid))
+                        "uid": uid}, self.start_answer_timeout(self.cfg),
+                       ("failover", job["id"], uid))
         if not job["queue"] and not job["inflight"]:
             self._finish_job(now)
 
@@ -1999,9 +2152,12 @@ class Core:
         e = self.plans.get(purpose[1])
         if e is None or e["state"] != "planned" or status != 200 or not isinstance(answer, dict):
             return
+        # "starting" (the target is still confirming the start, or cleaning up after a
+        # failed one) and "unknown" (it could not confirm the VM gone) keep the plan
+        # planned: the VM stays busy and the target is asked again next round
         if answer.get("known") is False:
             e["state"] = "abandoned"
-        elif answer.get("state") in ("live", "starting"):
+        elif answer.get("state") == "live":
             e["state"] = "done"
         elif answer.get("state") == "failed":
             e["state"] = "failed"
@@ -2088,11 +2244,24 @@ class Core:
 
     # -- the target of a failover (§3.4, "The target applies ...") -----------------
 
-    def handle_failover(self, body, now, local):
-        """Decide on POST failover.  local: {"live": bool} for our copy of the VM, or None.
+    @staticmethod
+    def start_answer_timeout(cfg):
+        """How long a manager waits for a target's answer to POST failover: the start
+        (start_timeout, the VM must appear within it), its confirmation (start_confirm),
+        and after a failed start the cleanup (bounded by fence_timeout) and the
+        confirmation that the VM stays absent (start_confirm), + 10 s for the rest."""
+        return cfg.start_timeout + 2 * cfg.start_confirm + cfg.fence_timeout + 10
+
+    def handle_failover(self, body, now, local, not_ready=None):
+        """Decide on POST failover.  local: {"live": bool, "parent_host"} for our copy of
+        the VM, or None.  not_ready: why this node cannot start this VM (Hoster not
+        initialised, no vmm, its dataset unavailable; Agent.failover checks), or None:
+        refused before anything touches the VM's config.
 
         Returns (status, answer), or ("start", entry) when the caller must start the VM
-        and then call finish_failover()."""
+        and then call finish_failover().  entry["restore_parent"] is what the copy's
+        parent_host must be set back to if the start fails (failed_start_parent; None:
+        lock it)."""
         term, uid = body["term"], body["uid"]
         if self.fenced:
             return 409, {"error": "this node is fencing itself"}
@@ -2110,6 +2279,9 @@ class Core:
         if known is not None:
             if known["state"] == "failed":
                 return 409, {"error": known.get("error", "start failed"), "uid": uid}
+            if known["state"] == "unknown":
+                return 409, {"error": known.get("error", "start failed"), "uid": uid,
+                             "live": True}
             return 200, {"ok": True, "uid": uid, "vm_name": known["vm_name"],
                          "state": known["state"]}
         name = body["vm_name"]
@@ -2120,17 +2292,38 @@ class Core:
         if not self.armed or self.left or self.leaving:
             return 409, {"error": "this node is not armed" + (
                 " (it is leaving the cluster)" if self.left or self.leaving else "")}
+        if not_ready:
+            return 409, {"error": f"not ready to start VM {name}: {'; '.join(not_ready)}",
+                         "not_ready": list(not_ready)}
         if local is None:
             return 409, {"error": f"no copy of VM {name} here"}
         if local["live"] or name in self.starting():
             return 409, {"error": f"VM {name} is already live here", "live": True}
         entry = {"uid": uid, "vm_name": name, "from_host": body["from_host"], "term": term,
-                 "state": "starting"}
+                 "state": "starting",
+                 "restore_parent": failed_start_parent(local.get("parent_host"), self.hostname,
+                                                       body["from_host"])}
         self.failovers[uid] = entry
         return "start", entry
 
-    def finish_failover(self, uid, ok, error, now):
+    def finish_failover(self, uid, ok, error, now, unknown=False):
+        """The start of `uid` ended: ok (the VM stayed live for start_confirm), or failed
+        with `error` after the target stopped what it launched, restored the copy's
+        parent_host and saw the VM stay absent for start_confirm.  unknown: the VM could
+        not be confirmed gone: it may still run or start here, so the answer says `live`
+        (the manager starts it nowhere else) and GET vms keeps listing it as starting,
+        until a later cleanup confirms it gone (finish_failover again, not unknown)."""
         e = self.failovers[uid]
+        if unknown:
+            e["state"], e["error"] = "unknown", error
+            self._event("vm_start_failed", "CRIT",
+                        f"start of VM {e['vm_name']} failed here ({error}) and the VM could "
+                        "not be confirmed gone: it may still run or start here; the cluster "
+                        "starts it nowhere else until it is (retried every inventory; check "
+                        "by hand)", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
+                        reason=error, unknown=True)
+            return 409, {"error": f"{error}; not confirmed gone here", "uid": uid,
+                         "live": True}
         e["state"] = "live" if ok else "failed"
         if ok:
             self._event("vm_started", "NOTICE", f"started VM {e['vm_name']} here (failover from "
@@ -2144,7 +2337,14 @@ class Core:
         return 409, {"error": error, "uid": uid}
 
     def starting(self):
-        return {e["vm_name"] for e in self.failovers.values() if e["state"] == "starting"}
+        """VMs a failover start is under way for here, or whose failed start could not be
+        confirmed gone (state unknown): GET vms lists them as live ("starting")."""
+        return {e["vm_name"] for e in self.failovers.values()
+                if e["state"] in ("starting", "unknown")}
+
+    def unresolved_starts(self):
+        """{uid: entry} of failed starts not confirmed gone (state unknown)."""
+        return {u: dict(e) for u, e in self.failovers.items() if e["state"] == "unknown"}
 
     # -- host-side rules that need this node's state (the pure ones follow the class) --
 
@@ -2180,7 +2380,8 @@ class Core:
         """VMs a failover is starting here, or started here and that run (`running`):
         a fence records and locks them whatever their copy says (fence_plan's `ours`)."""
         return {e["vm_name"] for e in self.failovers.values()
-                if e["state"] == "starting" or e["state"] == "live" and e["vm_name"] in running}
+                if e["state"] in ("starting", "unknown") or
+                e["state"] == "live" and e["vm_name"] in running}
 
     def running_record(self, vms=None, started=None, old=()):
         """What state_dir/running.json must say now (§3.6): ("write", names),
@@ -2213,6 +2414,9 @@ class Core:
                 "candidate_silence": self.silence_ages(now),
                 "survival_margin_s": round(self.survival_margin(now), 3),
                 "approaching_fence": self.approach_warned,
+                "datasets_unavailable": dict(self.datasets_unavailable),
+                "ready": self.ready(), "not_ready": self.not_ready_reasons(),
+                "demotion_pending": self.demotion_pending(),
                 "members": self.member_list(now) if self.is_candidate else None,
                 # the manager's last protection round: {vm: reason} of the unprotected
                 "protection": {"checked": len(self.protection),
@@ -2251,6 +2455,7 @@ class Core:
                  "candidate" if m.hostname in self.candidates else "worker",
                  "state": self.member_state(m, now), "armed": m.armed,
                  "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
+                 "ready": m.ready, "not_ready": list(m.not_ready),
                  "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
                 for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
@@ -2307,7 +2512,7 @@ def fence_plan(hostname, inventory, running, ours=(), old=None):
             "destroy": sorted(running)}
 
 
-def demotion_steps(local, moved, keep_live):
+def demotion_steps(local, moved, keep_live, unavailable=()):
     """§3.6: what a returning host does to its copies of VMs the cluster moved away.
 
     local: {vm: {"parent_host", "live"}} of this host's copies; moved: {vm: new parent};
@@ -2318,13 +2523,17 @@ def demotion_steps(local, moved, keep_live):
       "done"     already a stopped backup of the new parent;
       "keep"     live here and keep_live: left running, reported (check by hand);
       "demote"   rewrite parent_host to the new parent;
-      "destroy"  live here: destroy it, then rewrite parent_host.
+      "destroy"  live here: destroy it, then rewrite parent_host;
+      "deferred" no copy visible, but datasets are unavailable (`unavailable`: a key-locked
+                 or unmounted dataset hides its VMs): not done; retried once they are
+                 available (Core.demote_retry), else an operator's start-all after the
+                 unlock would start a copy that still names this host.
     Every VM is handled (Core.demote_done) once its step succeeded."""
     steps = []
     for name, parent in sorted(moved.items()):
         v = local.get(name)
         if v is None:
-            step = "absent"
+            step = "deferred" if unavailable else "absent"
         elif v.get("parent_host") == parent and not v.get("live"):
             step = "done"
         elif v.get("live"):
@@ -2333,6 +2542,98 @@ def demotion_steps(local, moved, keep_live):
             step = "demote"
         steps.append((name, parent, step))
     return steps
+
+
+def failed_start_parent(old_parent, hostname, from_host):
+    """§3.4: the parent_host a target's copy gets back after a failed failover start
+    (change-parent or cireset rewrote it to this host first): what it was before, so the
+    copy is a backup (or locked) again and an operator's `hoster vm start-all` here never
+    starts it while the cluster runs it elsewhere.  A copy that named this host already
+    (or nothing) gets the source host; None: lock it (parent_host = __HA_LOCKED_...__),
+    for a VM placed back on the host it came from."""
+    if isinstance(old_parent, str) and old_parent and old_parent != hostname:
+        return old_parent
+    if isinstance(from_host, str) and from_host and from_host != hostname:
+        return from_host
+    return None
+
+
+def start_verdict(now, appear_by, confirm, seen_at, vanished_at):
+    """§3.4, a start is confirmed, not assumed: after `hoster vm start` returned 0, the VM
+    must appear (vmm_dir/NAME) by appear_by and then stay present for `confirm` seconds.
+    seen_at: when it was first seen (None: not yet); vanished_at: when it was first found
+    gone again after that (None: not so far).  Returns ("wait", None), ("ok", None) or
+    ("failed", why)."""
+    if seen_at is not None and vanished_at is not None:
+        return "failed", (f"it appeared and vanished {max(0.0, vanished_at - seen_at):.1f} s "
+                          "later (bhyve died)")
+    if seen_at is None:
+        if now >= appear_by:
+            return "failed", "it did not appear in time"
+        return "wait", None
+    if now - seen_at >= confirm:
+        return "ok", None
+    return "wait", None
+
+
+def absence_verdict(now, absent_since, confirm, give_up_at):
+    """After a failed start, before the target reports the failure: the VM must stay
+    absent for `confirm` seconds (absent_since: since when it has been absent without a
+    break; None: present now).  Returns "wait", "confirmed" or "unknown" (not confirmed
+    by give_up_at: the target must not report an ordinary failure, the VM may still run
+    here)."""
+    if absent_since is not None and now - absent_since >= confirm:
+        return "confirmed"
+    if now >= give_up_at:
+        return "unknown"
+    return "wait"
+
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def command_text(out, err, limit=300):
+    """What a command said, for a log line: the last non-empty line of its stdout and of
+    its stderr (Hoster prints its errors on stdout, with ANSI colours: stripped)."""
+    parts = []
+    for text in (out, err):
+        lines = [ln.strip() for ln in ANSI_RE.sub("", text or "").splitlines() if ln.strip()]
+        if lines and lines[-1] not in parts:
+            parts.append(lines[-1])
+    return " / ".join(parts)[:limit] or "no output"
+
+
+def unavailable_datasets(errors):
+    """{dataset: why} of the unavailable datasets among Host.inventory's errors."""
+    return {e["dataset"]: e.get("reason") or e["error"] for e in errors
+            if isinstance(e, dict) and e.get("unavailable")}
+
+
+def dataset_states(datasets, rc, out, err):
+    """{dataset: None (available) or why not} from one `zfs get -H -p -o
+    name,property,value mounted,keystatus DS...` (exit status rc, stdout, stderr).  A
+    dataset is available when it exists, is mounted and its key (if encrypted) is
+    loaded; otherwise its VMs are invisible (HOSTER-FACTS "ZFS")."""
+    props = {}
+    for line in (out or "").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3:
+            props.setdefault(parts[0], {})[parts[1]] = parts[2]
+    errs = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
+    states = {}
+    for ds in datasets:
+        p = props.get(ds)
+        if p is None:
+            said = next((e for e in errs if f"'{ds}'" in e), None)
+            states[ds] = ("missing: " + said if said and "does not exist" in said else
+                          f"zfs get failed (exit {rc}): {said or last_line(err or '') or 'no output'}")
+        elif p.get("keystatus") == "unavailable":
+            states[ds] = "locked (keystatus unavailable): zfs mount -a -l"
+        elif p.get("mounted") != "yes":
+            states[ds] = f"not mounted (mounted {p.get('mounted', 'unknown')}): zfs mount -a"
+        else:
+            states[ds] = None
+    return states
 
 
 def running_record_names(hostname, inventory):
@@ -2363,7 +2664,8 @@ EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
                "vm_moved", "fence_warning", "fence_warning_cleared", "vm_unprotected",
-               "vm_protected", "vm_restarted"}
+               "vm_protected", "vm_restarted", "dataset_unavailable", "dataset_available",
+               "not_ready", "ready"}
 
 
 def run_cmd(argv, timeout):
@@ -2447,12 +2749,27 @@ class Host:
         except FileNotFoundError:
             return []
 
-    def inventory(self, timeout=CMD_TIMEOUT, snapshots=True, budget=None):
-        """[{vm_name, dataset, config_path, production, parent_host, memory, live,
-        latest_snapshot}] plus [{vm_name or dataset, error}]; never raises.
+    def dataset_states(self, timeout=CMD_TIMEOUT):
+        """{dataset: None or why it is unavailable} for every configured VM dataset: one
+        `zfs get` for all of them (pure dataset_states() reads its output)."""
+        ds = list(self.cfg.vm_datasets)
+        if not ds:
+            return {}
+        rc, out, err = run_cmd(self.cfg.commands["zfs"] + [
+            "get", "-H", "-p", "-o", "name,property,value", "mounted,keystatus"] + ds, timeout)
+        return dataset_states(ds, rc, out, err)
 
-        timeout bounds each command; budget (s), if given, the whole inventory.
-        snapshots=False skips the snapshot lists (fencing needs no snapshots)."""
+    def inventory(self, timeout=CMD_TIMEOUT, snapshots=True, budget=None):
+        """[{vm_name, dataset, vm_dataset, config_path, production, parent_host, memory,
+        live, latest_snapshot}] plus [{vm_name or dataset, error}]; never raises.
+
+        A VM dataset that is unavailable (key-locked, unmounted, missing: dataset_states)
+        is not listed; its error entry has "unavailable": True (the inventory is
+        incomplete).  zfs calls: one `zfs get` plus, per available dataset, one `zfs
+        list` of its VM filesystems and (snapshots=True) one of its snapshots: constant in
+        the number of VMs.  timeout bounds each command; budget (s), if given, the whole
+        inventory.  snapshots=False skips the snapshot lists (only a failover plan and
+        `vms` need them: GET vms)."""
         zfs = self.cfg.commands["zfs"]
         vms, errors = [], []
         live = set(self.running_vms())
@@ -2461,7 +2778,12 @@ class Host:
         def limit():
             return timeout if deadline is None else \
                 max(0.1, min(timeout, deadline - time.monotonic()))
+        states = self.dataset_states(limit())
         for ds in self.cfg.vm_datasets:
+            if states.get(ds) is not None:
+                errors.append({"dataset": ds, "error": f"unavailable: {states[ds]}",
+                               "unavailable": True, "reason": states[ds]})
+                continue
             rc, out, err = run_cmd(zfs + ["list", "-H", "-p", "-o", "name,mountpoint",
                                           "-t", "filesystem", "-d", "1", ds], limit())
             if rc != 0:
@@ -2501,7 +2823,8 @@ class Host:
                 except (OSError, ValueError, RecursionError) as e:
                     errors.append({"vm_name": name, "error": f"{path}: {e}"})
                     continue
-                vms.append({"vm_name": name, "dataset": parts[0], "config_path": path,
+                vms.append({"vm_name": name, "dataset": parts[0], "vm_dataset": ds,
+                            "config_path": path,
                             "production": is_production(vm_cfg),
                             "parent_host": vm_cfg.get("parent_host"),
                             "memory": vm_cfg.get("memory"), "live": name in live,
@@ -3318,6 +3641,10 @@ class Agent:
                            an older one.
       inventory_busy     loop sets it, the ping job clears it: no lock (at worst two
                            refreshes overlap).
+      host_check_busy,   like inventory_busy (check_host); inventory_errors: the ping
+      inventory_errors     job only.
+      unresolved         http (failover) adds, ping (resolve_starts) removes: no lock
+                           (single dict operations; one entry per uid).
       wd_pid, wd_proc    loop (start), work (restart_watchdog): no lock; a restart
                            runs only while unarmed and one at a time (wd_restarting).
       wd_restarting      loop sets it (execute), work clears it: no lock.
@@ -3356,11 +3683,14 @@ class Agent:
             if cfg.commands.get("notify") else None
         self.inventory_cache = None
         self.inventory_busy = False
+        self.inventory_errors = []
+        self.host_check_busy = False
         self.wd_pid = None
         self.wd_proc = None
         self.wd_restarting = False
         self.wd_armed_ack = False
         self.inflight = {}
+        self.unresolved = {}      # uid -> (copy, restore_parent, error) of unknown starts
         self.stop_requested = threading.Event()
         self.leaving = False
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
@@ -3534,22 +3864,42 @@ class Agent:
                      "candidates yet; the node arms once they have"}
 
     def vms(self):
-        """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live."""
+        """GET vms: this host's VMs (SPEC §4.3), a VM being started counted as live.
+        A VM that runs here (vmm_dir) but is not in the inventory (its dataset became
+        unavailable, its vm_config.json is unreadable) is listed as live, with
+        "unlisted": true: a partial inventory never makes a running VM look dead."""
+        seen_at = time.monotonic()
         vms, errors = self.host.inventory()
         self.inventory_cache = vms
+        unavailable = unavailable_datasets(errors)
+        host_reasons = self.host_readiness()
         with self.lock:
+            self.core.set_datasets(unavailable, seen_at)
+            self.core.set_host_readiness(host_reasons)
             starting = self.core.starting()
+            pending = self.core.demotion_pending()
+            not_ready = self.core.not_ready_reasons()
         out = []
         for v in vms:
             state = ("starting" if v["vm_name"] in starting else
                      "live" if v["live"] else "stopped")
             out.append({"vm_name": v["vm_name"], "production": v["production"],
                         "live": state != "stopped", "state": state,
+                        # ready: this host can start it (item 2.3)
+                        "ready": not host_reasons and v["vm_dataset"] not in unavailable,
                         "parent_host": v["parent_host"],
                         "current_host": self.cfg.hostname if state != "stopped" else None,
                         "latest_snapshot": v["latest_snapshot"], "memory": v["memory"]})
+        running = self.host.running_vms()
+        listed = {v["vm_name"] for v in vms}
+        for name in sorted(set(running) - listed):
+            out.append({"vm_name": name, "production": False, "live": True, "state": "live",
+                        "parent_host": None, "current_host": self.cfg.hostname,
+                        "latest_snapshot": None, "memory": None, "unlisted": True})
         return {"host": {"hostname": self.cfg.hostname, "free_memory": self.host.free_memory(),
-                         "running_vms": len(self.host.running_vms()),
+                         "running_vms": len(running), "ready": not not_ready,
+                         "not_ready": not_ready,
+                         "datasets_unavailable": unavailable, "demotion_pending": pending,
                          "time": round(time.time(), 3)},
                 "vms": out, "errors": errors}
 
@@ -3561,7 +3911,7 @@ class Agent:
         for attempt in ("cache", "fresh"):
             vms = self.inventory_cache if attempt == "cache" else None
             if vms is None:
-                vms, _ = self.host.inventory()
+                vms, _ = self.host.inventory(snapshots=False)
                 self.inventory_cache = vms
             v = next((x for x in vms if x["vm_name"] == name), None)
             if v is None:
@@ -3582,59 +3932,164 @@ class Agent:
     def failover(self, body):
         """POST failover: decide in the core, start the VM here, confirm it is live."""
         v = None if body.get("check") else self.local_copy(body["vm_name"])
+        reasons = None if body.get("check") else self.host_readiness()
         with self.lock:
+            if reasons is not None:
+                self.core.set_host_readiness(reasons)
+                # its dataset's state (every dataset's, if no copy is visible: it may be
+                # in an unavailable one), as checked every ping_interval
+                reasons = self.core.not_ready_reasons(v.get("vm_dataset") if v else None)
             decision = self.core.handle_failover(
-                body, time.monotonic(), None if v is None else {"live": v["live"]})
+                body, time.monotonic(), None if v is None else
+                {"live": v["live"], "parent_host": v["parent_host"]}, reasons)
         if decision[0] != "start":
             return decision
+        entry = decision[1]
         error = self.start_vm(v)
+        unknown = False
+        if error is not None:
+            unknown = not self.undo_start(v, entry["restore_parent"], error)
+            if unknown:
+                self.unresolved[entry["uid"]] = (v, entry["restore_parent"], error)
         with self.lock:
             answer = self.core.finish_failover(body["uid"], error is None, error,
-                                               time.monotonic())
+                                               time.monotonic(), unknown=unknown)
         if error is None:
             self.note_running(v["vm_name"])
         return answer
 
     def start_vm(self, v):
-        """Apply the failover strategy, start the VM, wait until it is live.  Error or None."""
-        name = v["vm_name"]
-        strategy = STRATEGIES.get(v.get("failover_strategy") or "", self.cfg.failover_strategy)
-        deadline = time.monotonic() + START_TIMEOUT
+        """Apply the failover strategy, run `hoster vm start`, and confirm the start: the
+        VM must appear within start_timeout and stay present for start_confirm
+        (start_verdict).  Returns None, or the error (the caller cleans up)."""
+        name, cfg = v["vm_name"], self.cfg
+        strategy = STRATEGIES.get(v.get("failover_strategy") or "", cfg.failover_strategy)
+        appear_by = time.monotonic() + cfg.start_timeout
         if strategy == "change-parent":
             try:
-                self.host.set_parent(v["config_path"], self.cfg.hostname)
+                self.host.set_parent(v["config_path"], cfg.hostname)
             except (OSError, ValueError) as e:
                 return f"cannot set parent_host in {v['config_path']}: {e}"
         else:
-            rc, _, err = run_cmd(self.cfg.command("vm_cireset", name), START_TIMEOUT)
+            rc, out, err = run_cmd(cfg.command("vm_cireset", name),
+                                   max(1.0, appear_by - time.monotonic()))
             if rc != 0:
-                return f"hoster vm cireset {name} exited {rc}: {last_line(err)}"
+                return f"hoster vm cireset {name} exited {rc}: {command_text(out, err)}"
         with self.lock:
             if self.core.fenced:
                 return "this node is fencing itself"
-        rc, _, err = run_cmd(self.cfg.command("vm_start", name),
-                             max(1.0, deadline - time.monotonic()))
+        rc, out, err = run_cmd(cfg.command("vm_start", name),
+                               max(1.0, appear_by - time.monotonic()))
+        if rc is None:
+            return f"hoster vm start {name} did not return within {cfg.start_timeout:g} s"
         if rc != 0:
-            return f"vm start {name} exited {rc}: {last_line(err)}"
-        live = os.path.join(self.cfg.vmm_dir, name)
-        started = time.monotonic()
-        while not os.path.exists(live):
-            if time.monotonic() >= deadline:
-                return f"{live} did not appear within {START_TIMEOUT} s"
-            # usually there at once (hoster vm start returns once bhyve runs): look often
-            # at first, so a start is not 0.1 s later than it needs to be
-            time.sleep(0.01 if time.monotonic() - started < 1 else 0.1)
-        return None
+            return f"hoster vm start {name} exited {rc}: {command_text(out, err)}"
+        live = os.path.join(cfg.vmm_dir, name)
+        seen_at = vanished_at = None
+        t0 = time.monotonic()
+        while True:   # bounded: appear_by, then start_confirm
+            now = time.monotonic()
+            present = os.path.exists(live)
+            if present and seen_at is None:
+                seen_at = now
+            elif not present and seen_at is not None and vanished_at is None:
+                vanished_at = now
+            verdict, why = start_verdict(now, appear_by, cfg.start_confirm, seen_at,
+                                         vanished_at)
+            if verdict == "ok":
+                return None
+            if verdict == "failed":
+                if seen_at is None:
+                    why = f"{live} did not appear within {cfg.start_timeout:g} s"
+                return f"VM {name} did not stay up after `hoster vm start`: {why}"
+            # look often at first: a start should not be 0.1 s later than it needs to be
+            time.sleep(0.01 if now - t0 < 1 else 0.05)
+
+    def undo_start(self, v, restore_parent, error):
+        """After a failed start, before the failure is reported (SPEC §3.4): stop what
+        `hoster vm start` may have launched (commands.vm_kill_supervisor), destroy the VM
+        if it exists, set the copy's parent_host back (restore_parent; None: lock it) and
+        watch the VM stay absent for start_confirm (absence_verdict).  Bounded by
+        fence_timeout + start_confirm.  True when all of that succeeded; False: the VM
+        may still run or start here (the caller answers so that the manager waits)."""
+        name, cfg = v["vm_name"], self.cfg
+        self.log.warning(f"start of VM {name} failed: {error}; stopping what it launched "
+                         "before reporting the failure")
+        give_up = time.monotonic() + cfg.fence_timeout + cfg.start_confirm
+        ok = True
+        argv = cfg.command("vm_kill_supervisor", name)
+
+        def kill():
+            rc, out, err = run_cmd(argv, max(0.5, min(10.0, give_up - time.monotonic())))
+            if rc not in (0, 1):   # pkill: 0 killed some, 1 none ran
+                self.log.error(f"{' '.join(argv)} failed ({rc}): {command_text(out, err)}")
+                return False
+            return True
+        ok = kill()
+        live = os.path.join(cfg.vmm_dir, name)
+        if os.path.exists(live):
+            self.host.destroy_all([name], max(0.5, give_up - time.monotonic() -
+                                              cfg.start_confirm))
+        parent = restore_parent if restore_parent is not None else lock_name(time.time())
+        try:
+            self.host.set_parent(v["config_path"], parent)
+            self.log.log(NOTICE, f"VM {name}: parent_host set back to {parent} after the "
+                                 "failed start")
+        except (OSError, ValueError) as e:
+            self.log.log(CRIT, f"cannot set parent_host of VM {name} back to {parent} after "
+                               f"a failed start: {e}")
+            ok = False
+        absent_since = None
+        while True:   # bounded: give_up
+            now = time.monotonic()
+            if os.path.exists(live):
+                absent_since = None
+                if now >= give_up:
+                    return False
+                self.log.warning(f"VM {name} appeared after its failed start: destroying it")
+                ok = kill() and ok
+                self.host.destroy_all([name], max(0.5, give_up - now))
+                continue
+            if absent_since is None:
+                absent_since = now
+            verdict = absence_verdict(now, absent_since, cfg.start_confirm, give_up)
+            if verdict == "confirmed":
+                return ok
+            if verdict == "unknown":
+                return False
+            time.sleep(0.05)
+
+    def resolve_starts(self):
+        """Failed starts that could not be confirmed gone (Core.unresolved_starts): clean
+        up again; once the VM is confirmed gone, the core turns the start into an ordinary
+        failure and the manager places the VM again (inventory job, worker thread)."""
+        with self.lock:
+            pending = self.core.unresolved_starts()
+        for uid in pending:
+            item = self.unresolved.get(uid)
+            if item is None:
+                continue
+            v, restore_parent, error = item
+            if self.undo_start(v, restore_parent, error):
+                self.unresolved.pop(uid, None)
+                with self.lock:
+                    self.core.finish_failover(uid, False, error + " (confirmed gone later)",
+                                              time.monotonic())
 
     def demote(self, vms, keep_live=False):
         """§3.6: carry out demotion_steps() on our copies of VMs moved away while we
         were gone (they become backups), then tell the core what was handled.  A
         rewrite that fails stops here: the core asks again, and we do not arm."""
-        inventory, _ = self.host.inventory()
+        seen_at = time.monotonic()
+        inventory, errors = self.host.inventory(snapshots=False)
+        unavailable = unavailable_datasets(errors)
         local = {v["vm_name"]: v for v in inventory}
         say = "(DEBUG) would " if self.debug else ""
-        done = {}
-        for name, parent, step in demotion_steps(local, vms, keep_live):
+        done, deferred = {}, {}
+        for name, parent, step in demotion_steps(local, vms, keep_live, unavailable):
+            if step == "deferred":
+                deferred[name] = parent
+                continue
             if step == "keep":
                 self.log.warning(f"VM {name} runs here, but a failover plan says it was moved "
                                  f"to {parent}: left running (the plan is older than its start "
@@ -3656,7 +4111,7 @@ class Agent:
                                    debug=self.debug)
             done[name] = parent
         with self.lock:
-            self.core.demote_done(done)
+            self.core.demote_done(done, deferred, unavailable, seen_at)
 
     def send(self, a):
         status, answer = self.client.request(a["peer"], a["method"], a["name"], a["body"],
@@ -3720,6 +4175,9 @@ class Agent:
              [({}, int(st["role"] == "manager"))]),
             ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
             ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
+            ("hoster_ha_ready", "gauge", ("1 if this node can start its VMs (Hoster "
+              "initialised, vmm present, every VM dataset available)"),
+             [({}, int(st["ready"]))]),
             ("hoster_ha_reachable_candidates", "gauge", ("candidates reached within "
               "survival_window"), [({}, len(st["reachable_candidates"]))]),
             ("hoster_ha_candidate_reachable", "gauge", ("1 if the candidate answered a ping "
@@ -3867,12 +4325,23 @@ class Agent:
 
         def job():
             try:
-                vms, errors = self.host.inventory()
+                seen_at = time.monotonic()
+                vms, errors = self.host.inventory(snapshots=False)   # issue 11 item 2.11
                 self.inventory_cache = vms
-                for e in errors:
-                    self.log.warning(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
-                                     f"{e['error']}")
+                # an unavailable dataset is the core's to report (once per change); the
+                # other errors are logged once per change too, not every inventory
+                said = sorted(f"inventory: {e.get('vm_name') or e.get('dataset')}: "
+                              f"{e['error']}" for e in errors if not e.get("unavailable"))
+                if said != self.inventory_errors:
+                    for line in said:
+                        if line not in self.inventory_errors:
+                            self.log.warning(line)
+                    self.inventory_errors = said
+                with self.lock:
+                    self.core.set_datasets(unavailable_datasets(errors), seen_at)
                 self.record_running(vms)
+                if self.unresolved:
+                    self.resolve_starts()
             finally:
                 self.inventory_busy = False
         self.pool.submit(job)
@@ -3933,6 +4402,38 @@ class Agent:
                 remove_file(self.paths.stopped)
         except OSError as e:
             self.log.error(f"cannot write {self.paths.stopped}: {e}")
+
+    def host_readiness(self):
+        """Why this host cannot start VMs at all, [] if it can (issue 11 item 2.3):
+        Hoster's init marker (every reboot empties /var/run) and vmm_dir (vmm.ko)."""
+        reasons = []
+        if not os.path.exists(self.cfg.hoster_init_file):
+            reasons.append(f"Hoster not initialised (no {self.cfg.hoster_init_file}): "
+                           "run hoster init")
+        if not os.path.isdir(self.cfg.vmm_dir):
+            reasons.append(f"no {self.cfg.vmm_dir} (vmm.ko not loaded): run hoster init")
+        return reasons
+
+    def check_host(self):
+        """Every ping_interval, in a worker: are this host's VM datasets available (one
+        `zfs get`)?  The core logs changes and, when a dataset comes back, asks for the
+        deferred demotions at its next tick (before anything else)."""
+        if self.host_check_busy:
+            return
+        self.host_check_busy = True
+
+        def job():
+            try:
+                seen_at = time.monotonic()
+                reasons = self.host_readiness()
+                states = self.host.dataset_states(timeout=max(1.0, 4 * self.cfg.ping_interval))
+                with self.lock:
+                    self.core.set_host_readiness(reasons)
+                    self.core.set_datasets({d: w for d, w in states.items() if w is not None},
+                                           seen_at)
+            finally:
+                self.host_check_busy = False
+        self.pool.submit(job)
 
     def record_running(self, vms):
         """state_dir/running.json := what Core.running_record decides for a fresh
@@ -4094,6 +4595,7 @@ class Agent:
                 self.heartbeat(arming)
                 self.check_watchdog()
                 self.ping_round(now)
+                self.check_host()
             if now >= next_inventory:
                 next_inventory = now + inventory_every
                 self.refresh_inventory()
@@ -4689,19 +5191,52 @@ def status_details(st):
                      f"protected, {len(bad)} not"
                      + (" (" + ", ".join(f"{vm}: {why}" for vm, why in bad.items()) + ")"
                         if bad else ""))
+    lines += host_lines(st)
     members = st.get("members")
     if members:
         lines += ["", "Members:"]
-        rows = [("HOSTNAME", "ROLE", "STATE", "ARMED", "MAINT", "LAST SEEN")]
+        rows = [("HOSTNAME", "ROLE", "STATE", "ARMED", "MAINT", "READY", "LAST SEEN")]
         for m in members:
             rows.append((m["hostname"], m["role"], m["state"], "yes" if m["armed"] else "no",
-                         "yes" if m["maintenance"] else "no", f"{_ago(m['last_seen_s'])} ago"))
+                         "yes" if m["maintenance"] else "no", _ready_text(m),
+                         f"{_ago(m['last_seen_s'])} ago"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
                   for r in rows]
     elif st.get("role") == "worker":
         lines.append("Members: ask a candidate (this is a worker; `members` asks one)")
     return lines
+
+
+def host_lines(h):
+    """What keeps this host from being complete (issue 11 items 2.1, 2.3): readiness,
+    datasets unavailable and demotions waiting for them; status prints these."""
+    lines = []
+    if isinstance(h.get("ready"), bool):
+        lines.append("Ready: yes" if h["ready"] else
+                     "Ready: NO (" + "; ".join(h.get("not_ready") or []) + ")")
+    unavail = h.get("datasets_unavailable") or {}
+    pending = h.get("demotion_pending") or {}
+    if isinstance(unavail, dict) and unavail:
+        lines.append("Datasets: " + "; ".join(f"{ds} UNAVAILABLE ({why})"
+                                              for ds, why in sorted(unavail.items()))
+                     + ": its VMs are invisible here")
+    elif "datasets_unavailable" in h:
+        lines.append("Datasets: all available")
+    if isinstance(pending, dict) and pending:
+        lines.append("Demotion pending: " + ", ".join(
+            f"{vm} (moved to {p})" for vm, p in sorted(pending.items()))
+            + (": waits for the dataset; do not run `hoster vm start-all` yet" if unavail
+               else ""))
+    elif "demotion_pending" in h:
+        lines.append("Demotions: done")
+    return lines
+
+
+def _ready_text(m):
+    r = m.get("ready")
+    return "yes" if r is True else "-" if r is None else \
+        "NO: " + "; ".join(m.get("not_ready") or ["?"])
 
 
 def fetch_members(cfg):
@@ -4729,11 +5264,13 @@ def cmd_members(cfg, args):
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
-    rows = [("HOSTNAME", "ADDRESS", "PORT", "SILENCE", "ARMED", "MAINT", "LEFT", "BACKUP")]
+    rows = [("HOSTNAME", "ADDRESS", "PORT", "SILENCE", "ARMED", "MAINT", "LEFT", "BACKUP",
+             "READY")]
     for m in answer["members"]:
         rows.append((m["hostname"], m["address"], str(m["port"]), f"{m['silence']:.1f}s",
                      "yes" if m["armed"] else "no", "yes" if m["maintenance"] else "no",
-                     "yes" if m["left"] else "no", "yes" if m["backup_node"] else "no"))
+                     "yes" if m["left"] else "no", "yes" if m["backup_node"] else "no",
+                     _ready_text(m)))
     print(f"membership as seen by candidate {answer['hostname']}:")
     print_table(rows)
     return 0
@@ -4758,6 +5295,12 @@ def cmd_vms(cfg, args):
         hosts[h] = inv
         for e in inv.get("errors", []):
             errors.append(f"{h}: {e.get('vm_name') or e.get('dataset')}: {e.get('error')}")
+        if (inv.get("host") or {}).get("ready") is False:
+            errors.append(f"{h}: not ready: " + "; ".join(inv["host"].get("not_ready") or []))
+        pending = (inv.get("host") or {}).get("demotion_pending")
+        if isinstance(pending, dict) and pending:
+            errors.append(f"{h}: demotion pending: " + ", ".join(
+                f"{vm} (moved to {p})" for vm, p in sorted(pending.items())))
         for v in inv.get("vms", []):
             vms.setdefault(v["vm_name"], []).append((h, v))
     # protection: the manager's rule (vm_protection) on the inventories just fetched
@@ -4886,7 +5429,9 @@ def build_parser():
                     help="do not detach (for daemon(8) and rc.d)")
     add("stop", "leave the cluster (2 candidates must acknowledge), stop the agent and stand "
         "its watchdog down")
-    add("status", "show whether the agent and watchdog run, and the node's cluster state",
+    add("status", ("show whether the agent and watchdog run, the node's cluster state, "
+                   "whether it is ready (Hoster initialised, datasets available) and "
+                   "pending demotions"),
         json_flag=True)
     add("members", "show the membership table of a candidate", json_flag=True)
     add("vms", "show every VM of the cluster: where it runs, replicas, newest snapshots",

@@ -21,7 +21,9 @@ core.handle_failover with its local copy; an accepted start rewrites
 parent_host (change-parent) at once, the VM is live `start_delay` seconds
 later (1-3 s, seeded), and then finish_failover's answer travels back (the
 link may lose it).  `failstart NODE VM` makes the next start of VM there
-fail.  The host-side rules are hoster_ha's, never a copy: a fence (the core's,
+fail; the target then sets the copy's parent_host back to what the core's
+start entry says (restore_parent, hoster_ha.failed_start_parent) before the
+failure travels back.  The host-side rules are hoster_ha's, never a copy: a fence (the core's,
 or the watchdog's) carries out hoster_ha.fence_plan (the record: the production
 VMs the node runs as their parent and the failover starts under way there; the
 locks, parent_host = __HA_LOCKED_...__: every production VM whose parent is the
@@ -538,7 +540,7 @@ class Sim:
         body = msg.body
         v = d.vms.get(body["vm_name"])
         status, answer = d.core.handle_failover(body, dnow, None if v is None else
-                                                {"live": v["live"]})
+                                                {"live": v["live"], "parent_host": v["parent"]})
         if status != "start":
             return status, answer
         name, uid = body["vm_name"], body["uid"]
@@ -553,15 +555,15 @@ class Sim:
         self.emit(f"{d.name}/host", "INFO", f"starting VM {name} (parent_host = {d.name}, "
                                             f"live in {delay:.1f} s)")
         self.at(self.t + delay / d.rate, "vm_start", d.name, d.host_epoch, d.incarnation,
-                msg, uid, name)
+                msg, uid, name, answer["restore_parent"])
         return "defer", None
 
-    def _ev_vm_start(self, name, epoch, incarnation, msg, uid, vm):
+    def _ev_vm_start(self, name, epoch, incarnation, msg, uid, vm, restore=None):
         d = self.nodes[name]
         if d.host_epoch != epoch:
             return          # fenced or powered off meanwhile: the start never finished
         if d.state == PAUSED:
-            self.at(self.t + 0.5, "vm_start", name, epoch, incarnation, msg, uid, vm)
+            self.at(self.t + 0.5, "vm_start", name, epoch, incarnation, msg, uid, vm, restore)
             return          # a hung host: the start finishes when it resumes
         ok = vm not in d.fail_next
         d.fail_next.discard(vm)
@@ -572,7 +574,11 @@ class Sim:
         else:
             self.failed_starts.add(vm)
             error = f"vm start {vm} exited 1: simulated failure"
-            self.emit(f"{name}/host", "INFO", f"start of VM {vm} failed")
+            # the target sets the copy's parent_host back before it reports the failure
+            # (Core.handle_failover's restore_parent; None: locked)
+            d.vms[vm]["parent"] = restore if restore is not None else LOCK_PREFIX + "sim__"
+            self.emit(f"{name}/host", "INFO", f"start of VM {vm} failed (parent_host = "
+                                              f"{d.vms[vm]['parent']})")
         if d.state != RUNNING or d.incarnation != incarnation:
             return          # the agent died meanwhile: nobody answers
         status, answer = d.core.finish_failover(uid, ok, error, d.now(self.t))

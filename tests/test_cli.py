@@ -563,7 +563,14 @@ def test_status_details_candidate_and_worker():
     assert "one more lost candidate fences this node" in text
     assert "Manager since: 12 min ago" in text
     assert "VMs: 1 production VM(s) running here (vm1)" in text
-    assert re.search(r"w1\s+worker\s+failed\s+yes\s+no\s+75 s ago", text), text
+    assert re.search(r"w1\s+worker\s+failed\s+yes\s+no\s+-\s+75 s ago", text), text
+    # readiness, datasets and demotions (issue 11 items 2.1, 2.3)
+    text = "\n".join(hoster_ha.status_details(dict(
+        st, ready=False, not_ready=["dataset tank/enc unavailable: locked"],
+        datasets_unavailable={"tank/enc": "locked"}, demotion_pending={"vm2": "node3"})))
+    assert "Ready: NO (dataset tank/enc unavailable: locked)" in text
+    assert "Datasets: tank/enc UNAVAILABLE (locked)" in text
+    assert "Demotion pending: vm2 (moved to node3): waits for the dataset" in text
     worker = "\n".join(hoster_ha.status_details(
         {"role": "worker", "manager": "node1", "reachable_candidates": ["node1"],
          "members": None}))

@@ -160,6 +160,7 @@ def test_defaults():
     assert cfg.backup_node is False
     assert cfg.kernel_watchdog is False
     assert cfg.max_parallel_starts == 8
+    assert cfg.start_timeout == 60 and cfg.start_confirm == 3
     assert cfg.log_file is None
     assert cfg.tls is None
     assert cfg.commands == {
@@ -168,6 +169,7 @@ def test_defaults():
         "vm_destroy": ["bhyvectl", "--destroy", "--vm={vm}"],
         "reboot": ["shutdown", "-r", "now"],
         "reboot_now": ["reboot", "-nq"],
+        "vm_kill_supervisor": ["pkill", "-9", "-f", "/vm_supervisor_service for {vm}$"],
         "free_memory": ["sysctl", "-n", "vm.stats.vm.v_free_count", "hw.pagesize"],
         "zfs": ["zfs"],
         "hostname": ["sysctl", "-n", "kern.hostname"],

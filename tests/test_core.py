@@ -782,7 +782,9 @@ def test_members_view_fields_and_silence():
     assert deliver(w, a, 90.0)[:2] == ("register", 200)   # before a's start (odd clock)
     view, = a.members_view(105.0)
     assert set(view) == {"hostname", "startup_time", "silence", "armed", "maintenance", "left",
-                         "backup_node", "failover_time", "address", "port", "protocol"}
+                         "backup_node", "failover_time", "address", "port", "protocol",
+                         "ready", "not_ready"}
+    assert view["ready"] is None and view["not_ready"] == []   # no ping yet
     assert view["hostname"] == "w"
     assert view["startup_time"] == 4000
     assert view["address"] == "127.0.0.9" and view["port"] == 9100

@@ -386,6 +386,14 @@ def test_protection_reasons_and_replica_age():
     invs["w2"]["vms"][0]["latest_snapshot"] = {"name": "x@s", "creation": 4000, "guid": "1"}
     p = hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]
     assert (p["protected"], p["protection"], p["replica_age_seconds"]) == (True, None, 1000)
+    invs["w2"]["vms"][0]["ready"] = False          # its dataset is locked on w2
+    assert hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]["protection"] == \
+        "no eligible target"
+    invs["w2"]["vms"][0]["ready"] = True
+    invs["w2"]["host"]["ready"] = False           # Hoster not initialised on w2
+    assert hoster_ha.vm_protection(invs, eligible, 86400)["vm1"]["protection"] == \
+        "no eligible target"
+    invs["w2"]["host"]["ready"] = True
     p = hoster_ha.vm_protection(invs, eligible, 999)["vm1"]
     assert (p["protected"], p["protection"], p["replica_age_seconds"]) == \
         (False, "replica too old", 1000)
@@ -632,3 +640,20 @@ def test_a_fenced_host_logs_its_fence_record_again_when_it_comes_back(tmp_path):
     path.unlink()                                  # no record: nothing said
     hoster_ha.Agent.log_fence_record(agent)
     assert len(log.lines) == 1
+
+
+def test_orderly_stop_vms_wait_until_their_host_is_ready():
+    """Back from an orderly stop but Hoster not initialised: nothing is started (the
+    target would refuse), the VM waits and is started once the host is ready."""
+    from test_failover_core import host_inv, vm
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", vm("vm1", "w1")), "w2": host_inv("w2")}
+    invs["w1"]["host"].update(ready=False, not_ready=["Hoster not initialised"])
+    net, t = make_net(invs=invs, stopped={"w1": ["vm1"]})
+    net.run(t + 0.5, 40.0, step=0.5)
+    assert net.sends(name="failover") == [] and net.live_on("vm1") == []
+    assert any("VM vm1 waits to be started again on w1: not ready: Hoster not initialised"
+               in e["msg"] for e in net.events("a"))
+    invs["w1"]["host"].update(ready=True, not_ready=[])
+    net.run(net.now + 0.5, net.now + 30, step=0.5, until=lambda _: net.live_on("vm1"))
+    assert net.live_on("vm1") == ["w1"]

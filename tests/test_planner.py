@@ -348,12 +348,14 @@ def test_clean_inventory_keeps_good_entries_and_drops_junk():
                       {"production": True}, good],
               "errors": []}
     out = clean_inventory(answer)
-    assert out["host"] == {"hostname": "h", "free_memory": 5, "running_vms": 2, "time": None}
+    # a host or copy that does not say `ready` counts as ready (issue 11 item 2.3)
+    assert out["host"] == {"hostname": "h", "free_memory": 5, "running_vms": 2,
+                           "ready": True, "not_ready": [], "time": None}
     for wall, kept in ((1.7e9, 1.7e9), (True, None), ("1", None), (float("nan"), None)):
         answer["host"]["time"] = wall     # the host's wall clock (protection's replica age)
         assert clean_inventory(answer)["host"]["time"] == kept
     assert out["vms"] == [{"vm_name": "ok-1.x_y", "production": True, "live": False,
-                           "state": "stopped", "parent_host": "m",
+                           "state": "stopped", "parent_host": "m", "ready": True,
                            "latest_snapshot": {"name": snap(7)["name"], "creation": 7,
                                                "guid": snap(7)["guid"]}}]
     assert clean_inventory({"host": {}, "vms": []})["vms"] == []

@@ -987,6 +987,47 @@ def run_supervisor(h, name):
             pass
 
 
+def run_pkill(h, args):
+    """`pkill [-SIGNAL] -f PATTERN`, limited to this fake host's supervisors (the real one
+    would match every process of the machine): each whose command line (argv joined by
+    spaces) PATTERN matches (a regular expression, searched) gets the signal.  Exit 0 if
+    one matched, 1 if none, 2 for arguments the fake does not know."""
+    import re
+
+    sig, full, rest = signal.SIGTERM, False, list(args)
+    while rest and rest[0].startswith("-") and len(rest) > 1:
+        a = rest.pop(0)
+        if a == "-f":
+            full = True
+        elif a[1:].isdigit():
+            sig = int(a[1:])
+        elif hasattr(signal, "SIG" + a[1:].upper().removeprefix("SIG")):
+            sig = getattr(signal, "SIG" + a[1:].upper().removeprefix("SIG"))
+        else:
+            raise Fail(f"pkill: illegal option -- {a[1:]}", 2)
+    if not full or len(rest) != 1:
+        raise Fail("fake pkill: only `pkill [-SIGNAL] -f PATTERN` is supported", 2)
+    try:
+        pattern = re.compile(rest[0])
+    except re.error as e:
+        raise Fail(f"pkill: Cannot compile regular expression `{rest[0]}' ({e})", 2)
+    hit = False
+    for pid in supervisors(h):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                line = " ".join(a.decode("utf-8", "replace")
+                                for a in f.read().split(b"\0") if a)
+        except OSError:
+            continue
+        if pattern.search(line):
+            try:
+                os.kill(pid, sig)
+                hit = True
+            except OSError:
+                pass
+    return 0 if hit else 1
+
+
 # -- power -------------------------------------------------------------------------------
 
 def ours(h, pid):
@@ -1101,6 +1142,8 @@ def main(argv):
             take_down(h, " ".join(["power"] + args))
         elif cmd == "power" and args == ["on"]:
             power_on(h)
+        elif cmd == "pkill":
+            return run_pkill(h, args)
         elif cmd == "hostname" and not args:
             print(h.hostname())
         elif cmd == "sysctl":

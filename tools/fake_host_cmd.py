@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Fake host commands for tests and the demo: zfs, hoster, bhyvectl, shutdown, reboot,
-sysctl, hostname, power (and Hoster's vm_supervisor_service, which `hoster vm start` runs).
+sysctl, hostname, pkill, power (and Hoster's vm_supervisor_service, which `hoster vm
+start` runs).
 
 Installed as symlinks named after the command in NODE/bin/; the state lives in NODE/
 (the folder above bin/), so each fake host is one folder.  Nothing here touches the real
@@ -114,6 +115,8 @@ Hoster (hoster init / vm start / vm start-all / vm stop / vm cireset)
     NODE/destroy_delay             seconds a `bhyvectl --destroy` takes (a big guest)
     `bhyvectl --destroy --vm=NAME` of a VM that does not exist exits 1 ("vm_open: NAME
     could not be opened: No such file or directory" on stderr).
+    `pkill [-SIGNAL] -f PATTERN` signals this host's fake supervisors whose command line
+    matches PATTERN (never another process); exit 0 if one matched, 1 if none.
 
 Power, for the network-namespace fault tests (tests/netns.py) and boot tests
     NODE/reboot_takes_host_down  marker: a fake shutdown/reboot takes the host down the way

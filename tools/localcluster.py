@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "hoster_ha.py")
 FAKE = os.path.join(ROOT, "tools", "fake_host_cmd.py")
 FAKE_COMMANDS = ("zfs", "hoster", "bhyvectl", "shutdown", "reboot", "sysctl", "hostname",
-                 "power", "vm_supervisor_service")
+                 "power", "vm_supervisor_service", "pkill")
 _spec = importlib.util.spec_from_file_location(
     "fake_host", os.path.join(ROOT, "tools", "fake_host.py"))
 fake_host = importlib.util.module_from_spec(_spec)
@@ -278,7 +278,9 @@ class LocalCluster:
                     "reboot": [f"{b}/shutdown", "-r", "now"], "reboot_now": [f"{b}/reboot", "-nq"],
                     "free_memory": [f"{b}/sysctl", "-n", "vm.stats.vm.v_free_count",
                                     "hw.pagesize"],
-                    "hostname": [f"{b}/sysctl", "-n", "kern.hostname"]}  # NODE/hostname
+                    "hostname": [f"{b}/sysctl", "-n", "kern.hostname"],  # NODE/hostname
+                    "vm_kill_supervisor": [f"{b}/pkill", "-9", "-f",
+                                           "/vm_supervisor_service for {vm}$"]}
         cfg = {"hostname": node.name, "secret": self.secret,
                "candidates": [{"hostname": n.name, "protocol": "http", "address": n.address,
                                "port": self.port} for n in self.nodes.values() if n.candidate],
@@ -286,7 +288,10 @@ class LocalCluster:
                "vmm_dir": os.path.join(node.dir, "vmm"), "commands": commands,
                "run_dir": node.run_dir, "state_dir": node.state_dir, "log_file": node.log_file,
                "hoster_config_dir": node.dir,  # Hoster's files: never the machine's
-               "hoster_init_file": node.init_marker}
+               "hoster_init_file": node.init_marker,
+               # a start is confirmed after 1 s (the default 3 s would slow every test);
+               # a test's timings may override both
+               "start_confirm": 1, "start_timeout": 10}
         if not node.candidate:
             cfg.update(address=node.address, port=self.port)
         cfg.update(self.timings)
