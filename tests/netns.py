@@ -61,12 +61,18 @@ DATASET = "zroot/vm-encrypted"
 # files NetCluster.add_vm keeps current -- a Python process each would make bursts of
 # CPU that starve pings on a 2-core machine.
 FAKE_ZFS = """#!/bin/sh
-# fake zfs (tests/netns.py): the `list` outputs of tools/fake_host_cmd.py, precomputed
+# fake zfs (tests/netns.py): the `list` and `get mounted,keystatus` outputs of
+# tools/fake_host_cmd.py, precomputed
 node=$(dirname "$(dirname "$0")")
 printf '%s zfs %s\\n' "$(date +%s.%N)" "$*" >> "$node/calls.log"
 case " $* " in
 *" list "*" snapshot "*) cat "$node/zfs-snapshots.txt" 2>/dev/null ;;
 *" list "*) cat "$node/zfs-filesystems.txt" 2>/dev/null ;;
+*" get "*" mounted,keystatus "*)
+	# every dataset mounted with its key loaded (the netns faults are network and power ones)
+	for ds in $(echo "$*" | sed 's/.* mounted,keystatus //'); do
+		printf '%s\tmounted\tyes\n%s\tkeystatus\tavailable\n' "$ds" "$ds"
+	done ;;
 *) echo "fake zfs: unsupported arguments $*" >&2; exit 64 ;;
 esac
 """
@@ -462,6 +468,10 @@ class NetCluster:
             os.chmod(h.path("bin", c), 0o755)
         self._write_zfs(h)
         open(h.path("reboot_takes_host_down"), "w").close()
+        # Hoster's init marker: these hosts are initialised at every boot (no
+        # NODE/hoster_init_path knob, so the fake's `power on` leaves it; test_realhost
+        # covers a host that is not)
+        open(h.path("hoster_init"), "w").close()
         b = h.path("bin")
         commands = {"zfs": [f"{b}/zfs"], "vm_start": [f"{b}/hoster", "vm", "start", "{vm}"],
                     "vm_cireset": [f"{b}/hoster", "vm", "cireset", "{vm}"],
@@ -478,7 +488,8 @@ class NetCluster:
                "listen_address": h.address, "vm_datasets": [DATASET],
                "vmm_dir": h.path("vmm"), "commands": commands,
                "run_dir": h.run_dir, "state_dir": h.state_dir, "log_file": h.log_file,
-               "hoster_config_dir": h.path()}  # Hoster's files (none): never the machine's
+               "hoster_config_dir": h.path(),  # Hoster's files (none): never the machine's
+               "hoster_init_file": h.path("hoster_init")}  # `hoster init` ran (below)
         if not h.candidate:
             cfg.update(address=h.address, port=PORT)
         cfg.update(self.timings)
