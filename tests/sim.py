@@ -948,7 +948,7 @@ class Sim:
         self.rejoins.append(ob)
 
     def _settle(self, ob, silent):
-        ft, w, e = self.bounds()
+        _, w, e = self.bounds()
         h, ts = ob["node"], ob["t_s"]
         failure = ob["kind"] == "failure"
         ready, fell = [self._detected(ob) if failure else ob["ready"]], [ts] if failure else []
@@ -1152,10 +1152,15 @@ class Sim:
         become manager (between its own steps a node's votes only expire), so the others are
         examined only when it is manager.  A full check also runs every `audit` seconds,
         in case a core ever lets a vote become valid by the mere passing of time."""
-        if touched is not None and not (touched.alive and
-                                        touched.core.is_manager(touched.now(self.t))):
-            return
-        m = self.managers()
+        if touched is None:
+            m = self.managers()
+        else:
+            if not (touched.cfg.is_candidate and touched.alive and
+                    touched.core.is_manager(touched.now(self.t))):
+                return
+            m = [x.name for x in self.nodes.values()
+                 if x is touched or x.cfg.is_candidate and x.alive and
+                 x.core.is_manager(x.now(self.t))]
         if len(m) > 1:
             views = "; ".join(f"{x}: votes {self.nodes[x].core.valid_votes(self.nodes[x].now(self.t))}"
                               for x in m)

@@ -5,11 +5,10 @@ found (a core bug, fixed, or a simulator artefact, fixed in tests/sim.py).  Repl
 with `python3 tests/sim.py [--vms] --seed N`.
 """
 
-import hoster_ha
 import pytest
-
 import sim
 
+import hoster_ha
 
 # -- the simulator's clock ------------------------------------------------------------
 
