@@ -772,6 +772,7 @@ class Core:
         self.views = {}            # other candidate -> (received_at, {member: view})
         self.failed = {}           # failed member -> its startup_time
         self.settled = set()       # episodes (_episode) whose failover is done
+        self.settled_seen = {}     # settled episode -> the members whose inventory it had
         self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
         self.job = None
         self.job_seq = 0
@@ -891,6 +892,12 @@ class Core:
             return 404, {"error": "this node is not a candidate"}
         h = body["hostname"]
         old = self.members.get(h)
+        if old is not None and old.startup_time == body["startup_time"]:
+            # An incarnation we know already: a register delayed or replayed (within the
+            # signature window), or one whose answer was lost.  It changes nothing: a
+            # stale one must not make a dead member look alive again, nor reset what its
+            # pings told us (armed, left, maintenance), which would veto its failure.
+            return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.moved_vms(h)}
         self.members[h] = Member(body, now)
         if old is None or old.startup_time != body["startup_time"]:
             self._event("registered", "NOTICE",
@@ -1482,7 +1489,18 @@ class Core:
         moved_to = {}
         for vm, e in self._latest_plans(("planned", "done", "failed", "abandoned")).items():
             moved_to.setdefault(e["to"], set()).add(vm)
+        present = None
         for h, st in self.failed.items():
+            ep = ("failed", h, st)
+            if ep in self.settled and ep in self.settled_seen:
+                # A member whose inventory that job did not have (it was down, failed or
+                # unknown then) is here now: its copies may name h as their parent (a VM
+                # the job could not see), so h's failover runs once more with it
+                if present is None:
+                    present = {x for v in self._fresh_views(now) for x, r in v.items()
+                               if x not in self.failed and not r["left"]}
+                if present - self.settled_seen[ep]:
+                    self.settled.discard(ep)
             if ("failed", h, st) not in self.settled and \
                     self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
                 sources[h] = self._fenced_vms(h) | moved_to.get(h, set())
@@ -1743,6 +1761,7 @@ class Core:
                 self.retry_at[ep] = (now + delay, delay)
                 continue
             self.settled.add(ep)
+            self.settled_seen[ep] = set(job["inv"]) | set(job["left"])
             self.retry_at.pop(ep, None)
 
     def _check_inherited_plans(self, now):
