@@ -1825,6 +1825,23 @@ def run_random(seed, tick=1.0, stop_on_violation=True, term_drop="violation", vm
     return sim, sch
 
 
+def save_schedule(sch, path):
+    """Write a random schedule as JSON (a regression keeps it even if the generator
+    changes)."""
+    with open(path, "w") as f:
+        json.dump(sch, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def run_schedule(path, tick=1.0, **kw):
+    """Run a schedule saved by save_schedule.  Returns (sim, schedule)."""
+    with open(path) as f:
+        sch = json.load(f)
+    sim = sim_for(sch, tick=tick, **kw)
+    sim.run(sch["cmds"], until=sch.get("until"))
+    return sim, sch
+
+
 def sim_for(sch, tick=1.0, **kw):
     """The Sim a random schedule runs in."""
     return Sim(nodes=sch["nodes"], seed=sch["seed"], tick=tick, rates=sch["rates"],

@@ -1,14 +1,21 @@
 """Regressions of the simulator and of the core that the honest fault model found.
 
 Every seed of the random generators that ever failed stays here by name, with what it
-found (a core bug, fixed, or a simulator artefact, fixed in tests/sim.py).  Replay one
-with `python3 tests/sim.py [--vms] --seed N`.
+found (a core bug, fixed in hoster_ha.py, or a simulator or generator artefact, fixed in
+tests/sim.py).  Where the fix is in the core or the simulator, the schedule as it was
+when it failed is kept in tests/sim_seeds/GENERATOR-SEED.json (sim.save_schedule) and
+replayed too, so the regression survives changes to the generators.  Replay a seed with
+`python3 tests/sim.py [--vms] --seed N`.
 """
+
+import os
 
 import pytest
 import sim
 
 import hoster_ha
+
+SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim_seeds")
 
 # -- the simulator's clock ------------------------------------------------------------
 
@@ -45,3 +52,104 @@ def test_election_seeds_whose_time_ran_backwards(seed):
     the past; the scheduler would now raise SimError."""
     s, _ = sim.run_random(seed, tick=1.0, honest=False)
     assert not s.failures, s.failures
+
+
+# -- seeds of the honest fault model that failed, by what they found --------------------
+
+def run_vm_seed(seed):
+    """The seed as the generator makes it now, and, if it was saved, the schedule it was
+    when it failed (tests/sim_seeds/: the generator may change)."""
+    s, _ = sim.run_random(seed, tick=1.0, vms=True, stop_on_violation=False)
+    assert not s.violations and not s.failures, "\n".join(s.violations + s.failures)
+    path = os.path.join(SEEDS, f"failover-{seed}.json")
+    if os.path.exists(path):
+        s, _ = sim.run_schedule(path, stop_on_violation=False)
+        assert not s.violations and not s.failures, "\n".join(s.violations + s.failures)
+    return s
+
+
+def run_election_seed(seed):
+    s, sch = sim.run_random(seed, tick=1.0, stop_on_violation=False)
+    assert not s.violations and not s.failures, "\n".join(s.violations + s.failures)
+    return s
+
+
+# Core bugs (fixed in hoster_ha.py)
+
+def test_seed_806_a_late_register_does_not_revive_a_dead_member():
+    """worker2's watchdog dies, so it fences itself; registers it sent at its start
+    arrive late (within the signature window) at 2 candidates, which replaced their
+    record of worker2 with a fresh, unarmed one, and its failure was vetoed for 70 s
+    (VM w2a restarted past the bound).  Now a register of a known incarnation changes
+    nothing."""
+    run_vm_seed(806)
+
+
+def test_a_known_incarnations_register_keeps_the_record():
+    cfg = sim.node_config("node1", 0)
+    core = hoster_ha.Core(cfg, 1000, 0.0)
+    body = {"hostname": "worker1", "address": "10.0.1.4", "port": 8081, "protocol": "http",
+            "startup_time": 5000, "backup_node": False, "failover_strategy": "change-parent",
+            "failover_time": 60, "fenced_vms": []}
+    assert core.handle_register(body, 1.0)[0] == 200
+    core.handle_ping({"hostname": "worker1", "startup_time": 5000, "seq": 3, "armed": True,
+                      "maintenance": False, "left": False, "manager": False, "term": 0}, 2.0)
+    status, answer = core.handle_register(dict(body), 50.0)     # late or replayed
+    m = core.members["worker1"]
+    assert status == 200 and answer["ok"] is True
+    assert m.armed and m.last_ping == 2.0 and m.seq == 3
+    assert core.handle_register(dict(body, startup_time=6000), 51.0)[0] == 200
+    assert not core.members["worker1"].armed    # a new incarnation starts afresh
+
+
+def test_seed_1208_a_vm_seen_only_after_its_replica_host_returns_is_handled():
+    """worker3 (a backup node running w3a) fences; the only other copy of w3a is on
+    worker1, which was down and failed when worker3's failover ran, so that job never
+    saw w3a and settled.  worker1 came back, and w3a was never placed nor reported.  Now
+    a settled failover runs once more when a member whose inventory it lacked is back
+    (here: w3a is reported unplaceable, vm_start_failed)."""
+    s = run_vm_seed(1208)
+    assert any(ev == "vm_start_failed" and vm == "w3a" and t < 120
+               for t, _, ev, vm in s.vm_events)
+
+
+# Simulator artefacts (fixed in tests/sim.py)
+
+def test_seed_34_at_most_one_lost_term_file():
+    """Every candidate lost its term file in one run, so terms repeated.  README's rule
+    covers one lost file (the other two hold every acting term): the generator loses at
+    most one per run."""
+    run_election_seed(34)
+
+
+@pytest.mark.parametrize("seed", [555, 1825])
+def test_seeds_where_the_agent_and_its_watchdog_died_together(seed):
+    """555: worker2's watchdog died 1.8 s before its agent was killed; 1825: the watchdog
+    of an agent killed 7 s earlier was killed (the real watchdog fences within 1/4 s of
+    the PID going: the simulator's delayed watchdog fence is a worst case for hangs).
+    Nobody fenced, and the VMs ran twice.  Both companions dying within the watchdog-gone
+    rule's 6 s is outside the fault model (kernel_watchdog covers it; see
+    test_agent_and_watchdog_dying_together_is_not_covered)."""
+    run_vm_seed(seed)
+
+
+def test_agent_and_watchdog_dying_together_is_not_covered():
+    """What the model leaves out, shown: without kernel_watchdog, an armed agent killed
+    within WATCHDOG_GONE_CHECKS * ping_interval after its ha_watchdog died is fenced by
+    nobody, and its VM is started elsewhere while it still runs."""
+    cmds = [[0, "start node1"], [0, "start node2"], [0, "start node3"], [0, "start worker1"],
+            [0, "vm worker1 vmA snapshot=400 live=1"],
+            [0, "vm worker2 vmA parent=worker1 snapshot=300"], [0, "start worker2"],
+            [40, "killwatchdog worker1"], [42, "kill worker1"]]
+    s = sim.Sim(stop_on_violation=False)
+    s.run(cmds, until=150)
+    assert any("VM vmA is live on worker2 and on worker1" in v for v in s.violations), \
+        s.violations
+
+
+@pytest.mark.parametrize("seed", [1221, 1440, 1758])
+def test_seeds_whose_manager_changed_without_a_death(seed):
+    """A manager that lost its majority (ping answers late or lost twice in a row) or a
+    candidate that stopped (a rolling restart) before the obligation began: the election
+    bound now counts from then."""
+    run_vm_seed(seed)
