@@ -1761,7 +1761,7 @@ class Core:
                 self.retry_at[ep] = (now + delay, delay)
                 continue
             self.settled.add(ep)
-            self.settled_seen[ep] = set(job["inv"]) | set(job["left"])
+            self.settled_seen[ep] = set(job["inv"])
             self.retry_at.pop(ep, None)
 
     def _check_inherited_plans(self, now):

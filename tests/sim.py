@@ -935,14 +935,20 @@ class Sim:
         return ob
 
     def _detected(self, ob):
-        """When 2 candidates' views can say H is silent for failover_time: a candidate
-        counts a member's silence from its own start at the earliest (members.json), so
-        after candidate restarts this is the second earliest of max(t_s, its start) + FT
-        over the candidates that run now (the failure obligation's `ready`)."""
+        """When 2 candidates' views can say H is silent for failover_time, armed, not left
+        and not in maintenance: a candidate counts a member's silence from its own start
+        at the earliest (members.json), so after candidate restarts this is the second
+        earliest of max(t_s, its start) + FT over the candidates that run now and whose
+        record of H says so (a refused maintenance or leave leaves a stale flag on one
+        candidate: that view does not count, and does not veto either) (the failure
+        obligation's `ready`)."""
         h, ft = ob["node"], self.bounds()[0]
+
+        def ok(m):      # the view that may fail H (README, Safety rules): a stale flag
+            return m is not None and m.armed and not m.left and not m.maintenance
         starts = sorted(max(ob["t_s"], c.started_t) + ft for c in self.nodes.values()
                         if c.cfg.is_candidate and c.state == RUNNING and c.name != h
-                        and h in c.core.members)
+                        and ok(c.core.members.get(h)))
         return starts[1] if len(starts) >= 2 else math.inf
 
     def _on_rejoin(self, n):

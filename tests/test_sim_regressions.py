@@ -153,3 +153,22 @@ def test_seeds_whose_manager_changed_without_a_death(seed):
     candidate that stopped (a rolling restart) before the obligation began: the election
     bound now counts from then."""
     run_vm_seed(seed)
+
+
+def test_seed_3420_a_left_member_that_is_back_is_asked_too():
+    """worker2 (a backup node holding the only other copy of w1a) left, then worker1 lost
+    power; worker1's failover ran without worker2 (a left member is not asked) and
+    settled.  worker2 came back; the re-run of a settled failover (seed 1208) ignored it
+    because it had been left, not absent.  Now it counts as absent: w1a is reported
+    unplaceable."""
+    s = run_vm_seed(3420)
+    assert any(ev == "vm_start_failed" and vm == "w1a" for _, _, ev, vm in s.vm_events)
+
+
+def test_seed_2394_a_stale_maintenance_flag_neither_vetoes_nor_counts():
+    """A `maintenance on` that reached node2 only (refused) left node2's record of worker1
+    in maintenance; worker1 fenced and the candidates restarted one by one (rolling), so 2
+    silent views saying "armed, not in maintenance" came only once the last restarted
+    candidate had seen worker1 silent for failover_time.  The core is right (README,
+    Safety rules); the checker's bound now counts only such views."""
+    run_vm_seed(2394)
