@@ -265,6 +265,7 @@ class Sim:
         self.vm_events = []             # (t, node, event, vm) of core events naming a VM
         self.live_since = {}            # production VM -> (host, t) while it is live somewhere
         self.ran_on = {}                # production VM -> the host it last went live on
+        self.went_live = {}             # production VM -> [(host, t)] every time it did
         self.heard = {}                 # node -> sim time a candidate last accepted its ping
         self.obligations = {}           # node H -> its current failure obligation
         self.rejoins = []               # rejoin obligations (Sim._check_recovery)
@@ -470,6 +471,7 @@ class Sim:
                   if x is not n and name in x.vms and x.vms[name]["live"]]
         self.live_since[name] = (n.name, self.t)
         self.ran_on[name] = n.name
+        self.went_live.setdefault(name, []).append((n.name, self.t))
         if others:
             self.violation(f"VM {name} is live on {n.name} and on {', '.join(others)}")
 
@@ -1021,6 +1023,14 @@ class Sim:
             if live is not None and (live[0] != h or not failure) and live[1] <= deadline:
                 self.recoveries.append((h, vm, ts, deadline,
                                         f"live on {live[0]} at {live[1]:.1f}", tm))
+                continue
+            # it was live again in time, and lost since to another failure (that one has
+            # its own obligation)
+            again = [(x, t0) for x, t0 in self.went_live.get(vm, ())
+                     if ts <= t0 <= deadline and (x != h or not failure)]
+            if again:
+                self.recoveries.append((h, vm, ts, deadline, f"live on {again[0][0]} at "
+                                        f"{again[0][1]:.1f}, lost since", tm))
                 continue
             if not placeable or vm in self.failed_starts:
                 told = [x for x in self.vm_events if x[2] == "vm_start_failed" and x[3] == vm

@@ -172,3 +172,11 @@ def test_seed_2394_a_stale_maintenance_flag_neither_vetoes_nor_counts():
     candidate had seen worker1 silent for failover_time.  The core is right (README,
     Safety rules); the checker's bound now counts only such views."""
     run_vm_seed(2394)
+
+
+def test_seed_3455_a_vm_recovered_in_time_and_lost_again_counts_as_recovered():
+    """w2a was started on node2 within its bound; node2's agent was restarted fast 0.4 s
+    later (its watchdog fenced it) and w2a died again.  The checker looked only at where
+    w2a ran at the deadline; now a start within the bound counts (node2's own failure
+    has its own obligation)."""
+    run_vm_seed(3455)
