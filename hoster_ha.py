@@ -1530,15 +1530,21 @@ class Core:
         return ("rejoin", h, m.startup_time if m else None)
 
     def _start_job(self, now, sources):
-        hosts = {}
-        for view in self._fresh_views(now):
+        # A member has left when 2 fresh views say so (a leave takes effect with 2
+        # acknowledgements, so it shows in any 2 of 3 views; with fewer views, one is
+        # enough): a refused leave's stale flag on one candidate must not hide the
+        # member's VMs (they would be skipped as a left member's, for good)
+        views = self._fresh_views(now)
+        need = 2 if len(views) >= 3 else 1
+        hosts, says_left = {}, {}
+        for view in views:
             for h, r in view.items():
                 if h not in self.failed:
-                    if r["left"]:
-                        hosts[h] = None
-                    hosts.setdefault(h, r)
-        left = {h for h, r in hosts.items() if r is None}
-        hosts = {h: r for h, r in hosts.items() if r is not None}
+                    says_left[h] = says_left.get(h, 0) + bool(r["left"])
+                    if h not in hosts or hosts[h]["left"] and not r["left"]:
+                        hosts[h] = r    # our own view first
+        left = {h for h, n in says_left.items() if n >= need}
+        hosts = {h: r for h, r in hosts.items() if h not in left}
         owners = {}   # VMs wanted only because a plan moved them to a failed source
         for h in set(sources) & set(self.failed):
             for vm in sources[h] - self._fenced_vms(h):

@@ -206,7 +206,7 @@ class Node:
 class Msg:
     """One request in flight: a ping round's register/ping, or a core "send" action."""
     __slots__ = ("src", "inc", "dst", "kind", "body", "sent_at", "timeout_at", "rid", "method",
-                 "done", "answered", "t_sent", "nonce", "t_done")
+                 "done", "answered", "t_sent", "nonce", "t_done", "proc")
 
     def __init__(self, src, inc, dst, kind, body, sent_at, timeout_at, rid=None, method="POST"):
         self.src, self.inc, self.dst, self.kind = src, inc, dst, kind
@@ -217,6 +217,7 @@ class Msg:
         self.t_sent = None  # sim time it was sent (the signature's timestamp)
         self.nonce = None   # the request's X-HA-Nonce
         self.t_done = None  # sim time its answer or failure reached the sender
+        self.proc = None    # the sender's process incarnation (a pause does not change it)
 
 
 class Sim:
@@ -512,6 +513,7 @@ class Sim:
             body = json.loads(json.dumps(body))
         msg = Msg(n.name, n.inc, a["to"], a["name"], body, now,
                   self.t + a["timeout"] / n.rate, rid=a["id"], method=a["method"])
+        msg.proc = n.incarnation
         if self.vm_mode and (a["name"] == "vms" or (a["name"] == "failover"
                                                    and not (body or {}).get("check"))):
             self.requests.append(msg)   # a job waits for these (Sim._check_recovery)
@@ -734,10 +736,15 @@ class Sim:
         msg.done = True
         msg.t_done = self.t
         n = self.nodes[msg.src]
-        if msg.rid is not None and n.state == PAUSED and n.inc == msg.inc:
-            n.stash.append((msg, status, answer))   # read when the process resumes
-            return
-        if n.inc != msg.inc or n.state != RUNNING:
+        if msg.rid is not None:
+            # the core's own requests belong to its process, not to an event epoch: an
+            # answer that comes after a pause of the sender still reaches it
+            if msg.proc != n.incarnation or not n.alive:
+                return
+            if n.state == PAUSED:
+                n.stash.append((msg, status, answer))   # read when the process resumes
+                return
+        elif n.inc != msg.inc or n.state != RUNNING:
             return
         now = n.now(self.t)
         if msg.kind == "register":
@@ -766,6 +773,8 @@ class Sim:
         core = n.core
         now = n.now(self.t)
         core.tick(now, watchdog_armed=core.arming and n.wd_alive)
+        if not core.armed:
+            n.armed_since = None    # (maintenance, a leave: it disarmed)
         if n.wd_alive:
             n.hb_t, n.hb_armed = self.t, core.armed      # heartbeat to the watchdog
         self._actions(n)
@@ -907,7 +916,7 @@ class Sim:
         try, up to RETRY_MAX later: the VM's vm_start_failed report is enough.)"""
         return any(name in x.vms and x.vms[name]["snap"] is not None and
                    not x.cfg.backup_node and x.state == RUNNING and
-                   x.armed_since is not None and x.armed_since <= by and
+                   x.core.armed and x.armed_since is not None and x.armed_since <= by and
                    not x.core.maintenance and not x.core.left
                    for x in self.nodes.values() if x.name not in gone)
 
@@ -989,6 +998,9 @@ class Sim:
         # ... and so may a running manager that lost its majority (votes lapse when 2 or
         # 3 ping answers in a row are late or lost: the honest network's spikes)
         fell += [x for x in self.office_lost if x >= ts - e]
+        # ... and so may a candidate that started (there may have been no manager before)
+        fell += [x.started_t for x in self.nodes.values() if x.cfg.is_candidate and
+                 x.started_t is not None and x.started_t >= ts - e]
         slack = self.RECOVERY_SLACK + self.start_delay[1]
         mgrs = [x for x in self.nodes.values() if x.manager_t is not None and x.alive]
         what = f"{h} silent since {ts:.1f}" if failure else f"{h} rejoined at {ts:.1f}"
@@ -1009,7 +1021,7 @@ class Sim:
         # a job waits for its requests: until they time out, or are answered (a slow
         # handler may take its time within the timeout)
         stuck = [msg.timeout_at if not msg.answered else msg.t_done for msg in self.requests
-                 if msg.src == m.name and msg.inc == m.inc and msg.timeout_at >= ts and
+                 if msg.src == m.name and msg.proc == m.incarnation and msg.timeout_at >= ts and
                  (not msg.answered or msg.t_done - msg.t_sent > self.SLOW_ANSWER)]
         deadline = max(ready + [tm + w] + stuck) + slack
         if self.t < deadline:

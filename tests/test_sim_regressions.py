@@ -181,3 +181,32 @@ def test_seed_3455_a_vm_recovered_in_time_and_lost_again_counts_as_recovered():
     w2a ran at the deadline; now a start within the bound counts (node2's own failure
     has its own obligation)."""
     run_vm_seed(3455)
+
+
+def test_seed_5204_one_stale_left_flag_does_not_make_a_member_left():
+    """worker2 rejoined with a fence record (w2a) and armed; then a `stop` that reached
+    node3 only was refused.  The manager's failover job took any one view that said
+    "left" as left: w2a was skipped as a left member's VM, the episode settled, and w2a
+    was never started.  Now a job needs 2 views (of 3) saying left, like failures do."""
+    run_vm_seed(5204)
+
+
+def test_seed_4019_answers_after_a_pause_reach_the_manager():
+    """Simulator: the manager (paused 4 s) waited for a slow inventory whose answer came
+    after it resumed; the simulator dropped it (it belonged to the pre-pause event epoch),
+    so the job waited forever.  The core's own requests now belong to its process."""
+    run_vm_seed(4019)
+
+
+@pytest.mark.parametrize("seed", [4629, 5374])
+def test_seeds_whose_first_election_follows_the_final_restarts(seed):
+    """Checker: no manager existed before the candidates started again; a candidate's
+    start now counts for the election bound like a fall."""
+    run_vm_seed(seed)
+
+
+def test_seed_4632_a_target_in_maintenance_is_not_placeable():
+    """Checker: node3 (the only copy with a snapshot) was in maintenance at the deadline;
+    the checker took it for eligible because it had armed before maintenance.  The
+    vm_start_failed report is what the manager owes then."""
+    run_vm_seed(4632)
