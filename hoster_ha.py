@@ -1742,6 +1742,12 @@ class Core:
                             f"failover of VM {e['vm']} from {e['from']} failed on {e['to']}: "
                             f"{status or ''} {err}", vm_name=e["vm"], from_host=e["from"],
                             to_host=e["to"], uid=uid, reason=str(err))
+                if job is not None and job["id"] == purpose[1] and \
+                        isinstance(answer, dict) and answer.get("refused") is True:
+                    # the target refused before starting anything (not armed yet, in
+                    # maintenance): like a VM without a target, its source is tried
+                    # again until a target takes it (a start that ran and failed is not)
+                    job.setdefault("unplaced", set()).add(e["from"])
         self._replicate([e], None)
         job = self.job
         if job is not None and job["id"] == purpose[1]:
@@ -1914,11 +1920,13 @@ class Core:
         name = body["vm_name"]
         if self.cfg.debug:
             return 409, {"error": "this node runs in debug mode and never starts a VM"}
+        # refused: nothing was started, and this node may take it later ("refused")
         if self.maintenance or self.maintenance_asked_at is not None:
-            return 409, {"error": "this node is in maintenance"}
+            return 409, {"error": "this node is in maintenance", "refused": True}
         if not self.armed or self.left or self.leaving:
             return 409, {"error": "this node is not armed" + (
-                " (it is leaving the cluster)" if self.left or self.leaving else "")}
+                " (it is leaving the cluster)" if self.left or self.leaving else ""),
+                "refused": True}
         if local is None:
             return 409, {"error": f"no copy of VM {name} here"}
         if local["live"] or name in self.starting():

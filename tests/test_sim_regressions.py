@@ -69,7 +69,7 @@ def run_vm_seed(seed):
 
 
 def run_election_seed(seed):
-    s, sch = sim.run_random(seed, tick=1.0, stop_on_violation=False)
+    s, _ = sim.run_random(seed, tick=1.0, stop_on_violation=False)
     assert not s.violations and not s.failures, "\n".join(s.violations + s.failures)
     return s
 
@@ -210,3 +210,20 @@ def test_seed_4632_a_target_in_maintenance_is_not_placeable():
     the checker took it for eligible because it had armed before maintenance.  The
     vm_start_failed report is what the manager owes then."""
     run_vm_seed(4632)
+
+
+def test_seed_4937_a_target_that_refused_is_asked_again():
+    """w1a's only target, node2, had just restarted (a rolling restart) and was not armed
+    yet: it refused the start (409 "not armed"); with no other target the manager
+    reported vm_start_failed and settled worker1's failover, so w1a was never started.
+    Now a refusal (nothing started: the answer says "refused") makes the source be tried
+    again like a VM without a target; a start that ran and failed is still not."""
+    run_vm_seed(4937)
+
+
+def test_seed_6239_an_armed_agent_restarted_is_fenced():
+    """Generator: `restart` (a new agent at once, never fenced) of an armed worker cut
+    from 2 candidates: its new incarnation never armed, the old one was failed over, and
+    its VMs ran twice.  The real watchdog fences an armed node whose agent's PID is gone:
+    the honest schedules use `fastrestart` (and boot 30 s later) instead."""
+    run_vm_seed(6239)

@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-import sim  # noqa: E402
+import sim
 
 CHUNK = 50
 
@@ -47,13 +47,13 @@ def run_chunk(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=int(os.environ.get("SIM_SOAK_SEEDS", 100000)),
+    p.add_argument("--seeds", type=int, default=int(os.environ.get("SIM_SOAK_SEEDS", "100000")),
                    help="schedules in all, split evenly between the generators "
                         "(default 100000; env SIM_SOAK_SEEDS)")
-    p.add_argument("--start", type=int, default=int(os.environ.get("SIM_SOAK_START", 0)),
+    p.add_argument("--start", type=int, default=int(os.environ.get("SIM_SOAK_START", "0")),
                    help="first seed of each generator (default 0)")
     p.add_argument("--minutes", type=float,
-                   default=float(os.environ.get("SIM_SOAK_MINUTES", 0)) or None,
+                   default=float(os.environ.get("SIM_SOAK_MINUTES", "0")) or None,
                    help="stop after this long (env SIM_SOAK_MINUTES; default: no bound)")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
