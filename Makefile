@@ -2,6 +2,8 @@
 # plain POSIX make syntax only (no $(shell), conditionals, pattern rules, :=).
 #
 #   make test       the test suite (pytest)
+#   make sim-soak   100,000 random simulator schedules on every core (SIM_SOAK_SEEDS=N,
+#                   SIM_SOAK_MINUTES=M to bound the run time); a table of violations
 #   make demo       a 3-candidate cluster on loopback, debug mode, fake host commands
 #   make lint       sh -n and shellcheck on the rc.d script, mandoc -T lint on the man page
 #   make install    [DESTDIR=/stage] [PREFIX=/usr/local]
@@ -19,10 +21,10 @@ RCDIR=		$(DESTDIR)$(PREFIX)/etc/rc.d
 ETCDIR=		$(DESTDIR)$(PREFIX)/etc/hoster_ha
 MAN8DIR=	$(DESTDIR)$(PREFIX)/share/man/man8
 
-.PHONY: all test demo lint install uninstall
+.PHONY: all test demo soak sim-soak lint install uninstall
 
 all:
-	@echo "targets: test demo lint install uninstall (see the top of Makefile)"
+	@echo "targets: test demo soak sim-soak lint install uninstall (see the top of Makefile)"
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -32,6 +34,9 @@ demo:
 
 soak:
 	$(PYTHON) tools/soak.py
+
+sim-soak:
+	$(PYTHON) tools/sim_soak.py
 
 lint:
 	sh -n rc.d/hoster_ha

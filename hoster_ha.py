@@ -920,6 +920,7 @@ class Core:
         self.views = {}            # other candidate -> (received_at, {member: view})
         self.failed = {}           # failed member -> its startup_time
         self.settled = set()       # episodes (_episode) whose failover is done
+        self.settled_seen = {}     # settled episode -> the members whose inventory it had
         self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
         self.job = None
         self.job_seq = 0
@@ -1048,6 +1049,12 @@ class Core:
             return 404, {"error": "this node is not a candidate"}
         h = body["hostname"]
         old = self.members.get(h)
+        if old is not None and old.startup_time == body["startup_time"]:
+            # An incarnation we know already: a register delayed or replayed (within the
+            # signature window), or one whose answer was lost.  It changes nothing: a
+            # stale one must not make a dead member look alive again, nor reset what its
+            # pings told us (armed, left, maintenance), which would veto its failure.
+            return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.moved_vms(h)}
         self.members[h] = Member(body, now)
         if old is None or old.startup_time != body["startup_time"]:
             self._event("registered", "NOTICE",
@@ -1768,7 +1775,18 @@ class Core:
         moved_to = {}
         for vm, e in self._latest_plans(("planned", "done", "failed", "abandoned")).items():
             moved_to.setdefault(e["to"], set()).add(vm)
+        present = None
         for h, st in self.failed.items():
+            ep = ("failed", h, st)
+            if ep in self.settled and ep in self.settled_seen:
+                # A member whose inventory that job did not have (it was down, failed or
+                # unknown then) is here now: its copies may name h as their parent (a VM
+                # the job could not see), so h's failover runs once more with it
+                if present is None:
+                    present = {x for v in self._fresh_views(now) for x, r in v.items()
+                               if x not in self.failed and not r["left"]}
+                if present - self.settled_seen[ep]:
+                    self.settled.discard(ep)
             if ("failed", h, st) not in self.settled and \
                     self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
                 sources[h] = self._fenced_vms(h) | moved_to.get(h, set())
@@ -1810,16 +1828,22 @@ class Core:
         return ("rejoin", h, m.startup_time if m else None)
 
     def _live_members(self, now):
-        """({member: a view of it} of every member neither failed nor left, {left})."""
-        hosts = {}
-        for view in self._fresh_views(now):
+        """({member: a view of it} of every member neither failed nor left, {left}).
+        A member has left when 2 fresh views say so (a leave takes effect with 2
+        acknowledgements, so it shows in any 2 of 3 views; with fewer views, one is
+        enough): a refused leave's stale flag on one candidate must not hide the
+        member's VMs (they would be skipped as a left member's, for good)."""
+        views = self._fresh_views(now)
+        need = 2 if len(views) >= 3 else 1
+        hosts, says_left = {}, {}
+        for view in views:
             for h, r in view.items():
                 if h not in self.failed:
-                    if r["left"]:
-                        hosts[h] = None
-                    hosts.setdefault(h, r)
-        return ({h: r for h, r in hosts.items() if r is not None},
-                {h for h, r in hosts.items() if r is None})
+                    says_left[h] = says_left.get(h, 0) + bool(r["left"])
+                    if h not in hosts or hosts[h]["left"] and not r["left"]:
+                        hosts[h] = r    # our own view first
+        left = {h for h, n in says_left.items() if n >= need}
+        return {h: r for h, r in hosts.items() if h not in left}, left
 
     @staticmethod
     def _eligible(members):
@@ -2097,6 +2121,12 @@ class Core:
                             f"failover of VM {e['vm']} from {e['from']} failed on {e['to']}: "
                             f"{status or ''} {err}", vm_name=e["vm"], from_host=e["from"],
                             to_host=e["to"], uid=uid, reason=str(err))
+                if job is not None and job["id"] == purpose[1] and \
+                        isinstance(answer, dict) and answer.get("refused") is True:
+                    # the target refused before starting anything (not armed yet, in
+                    # maintenance): like a VM without a target, its source is tried
+                    # again until a target takes it (a start that ran and failed is not)
+                    job.setdefault("unplaced", set()).add(e["from"])
         self._replicate([e], None)
         job = self.job
         if job is not None and job["id"] == purpose[1]:
@@ -2122,6 +2152,7 @@ class Core:
                 self.retry_at[ep] = (now + delay, delay)
                 continue
             self.settled.add(ep)
+            self.settled_seen[ep] = set(job["inv"])
             self.retry_at.pop(ep, None)
 
     def _check_inherited_plans(self, now):
@@ -2287,14 +2318,16 @@ class Core:
         name = body["vm_name"]
         if self.cfg.debug:
             return 409, {"error": "this node runs in debug mode and never starts a VM"}
+        # refused: nothing was started, and this node may take it later ("refused")
         if self.maintenance or self.maintenance_asked_at is not None:
-            return 409, {"error": "this node is in maintenance"}
+            return 409, {"error": "this node is in maintenance", "refused": True}
         if not self.armed or self.left or self.leaving:
             return 409, {"error": "this node is not armed" + (
-                " (it is leaving the cluster)" if self.left or self.leaving else "")}
+                " (it is leaving the cluster)" if self.left or self.leaving else ""),
+                "refused": True}
         if not_ready:
             return 409, {"error": f"not ready to start VM {name}: {'; '.join(not_ready)}",
-                         "not_ready": list(not_ready)}
+                         "not_ready": list(not_ready), "refused": True}
         if local is None:
             return 409, {"error": f"no copy of VM {name} here"}
         if local["live"] or name in self.starting():
