@@ -2416,7 +2416,7 @@ class Core:
                 if e["state"] in ("starting", "unknown") or
                 e["state"] == "live" and e["vm_name"] in running}
 
-    def running_record(self, vms=None, started=None, old=()):
+    def running_record(self, vms=None, started=(), old=()):
         """What state_dir/running.json must say now (§3.6): ("write", names),
         ("remove", None) or None (leave the file as it is).
 
@@ -2424,15 +2424,16 @@ class Core:
         are armed: a host that loses power leaves no fence record, and its next agent
         sends these as `fenced_vms`, so the manager restarts those live nowhere even if
         the host is back before failover_time.  vms: a fresh inventory (the record :=
-        its production VMs that are live here with parent_host = us); started: a VM a
-        failover has just started here (the record := old + it, at once: the next
-        inventory may come after a power loss).  Not armed (or leaving): untouched,
-        except in maintenance, which removes it (the node is not failed over)."""
+        its production VMs that are live here with parent_host = us); started: the VMs a
+        failover started here since that inventory was taken (it may predate the start),
+        or, without vms, the one it has just started (the record := old + it, at once:
+        the next inventory may come after a power loss).  Not armed (or leaving):
+        untouched, except in maintenance, which removes it (the node is not failed over)."""
         if not self.armed or self.left or self.leaving:
             return ("remove", None) if self.maintenance else None
-        if started is not None:
-            return "write", sorted(set(old) | {started})
-        return "write", running_record_names(self.hostname, vms or [])
+        if vms is None:
+            return "write", sorted(set(old) | set(started))
+        return "write", sorted(set(running_record_names(self.hostname, vms)) | set(started))
 
     def status(self, now):
         manager, term = self.manager_view(now)
@@ -3751,6 +3752,7 @@ class Agent:
                          stopped_vms=self.read_stopped(),
                          members_state=read_state(p.members), plans_state=read_state(p.plans))
         self.running_record = None
+        self.noted = {}      # {VM: when note_running put it in the record} (running_lock)
         self.running_lock = threading.Lock()
         self.running_closed = False
         ctx = server_ssl_context(cfg.tls) if cfg.tls else None
@@ -4372,7 +4374,7 @@ class Agent:
                     self.inventory_errors = said
                 with self.lock:
                     self.core.set_datasets(unavailable_datasets(errors), seen_at)
-                self.record_running(vms)
+                self.record_running(vms, seen_at)
                 if self.unresolved:
                     self.resolve_starts()
             finally:
@@ -4468,12 +4470,15 @@ class Agent:
                 self.host_check_busy = False
         self.pool.submit(job)
 
-    def record_running(self, vms):
+    def record_running(self, vms, seen_at):
         """state_dir/running.json := what Core.running_record decides for a fresh
-        inventory `vms` (worker thread)."""
+        inventory `vms`, begun at monotonic time seen_at (worker thread).  A failover
+        start noted since then stays in: the inventory may have read the VM before it
+        was live (or before its parent_host was rewritten)."""
         with self.running_lock:
+            self.noted = {n: t for n, t in self.noted.items() if t >= seen_at}
             with self.lock:
-                decision = self.core.running_record(vms)
+                decision = self.core.running_record(vms, started=self.noted)
             self._apply_running(decision)
 
     def note_running(self, name):
@@ -4484,7 +4489,8 @@ class Agent:
             if old is None:
                 old = read_fence_record(self.paths.running)
             with self.lock:
-                decision = self.core.running_record(started=name, old=old)
+                decision = self.core.running_record(started=[name], old=old)
+            self.noted[name] = time.monotonic()
             if decision is not None and decision[0] == "write":
                 self._apply_running(decision)
 

@@ -106,13 +106,16 @@ def inv(host):
 def test_running_record_while_armed_lists_production_vms_run_here_as_parent():
     _, w = _armed_worker()
     assert w.running_record(inv("w")) == ("write", ["own"])
-    assert w.running_record(started="new", old=["own"]) == ("write", ["new", "own"])
+    assert w.running_record(started=["new"], old=["own"]) == ("write", ["new", "own"])
+    # an inventory begun before a failover start finished did not see that VM live (or
+    # still saw the old parent_host): the start noted since stays in the record
+    assert w.running_record(inv("w"), started=["new"]) == ("write", ["new", "own"])
 
 
 def test_running_record_untouched_when_unarmed_or_leaving_and_removed_in_maintenance():
     w = make_core("w")
     assert w.running_record(inv("w")) is None
-    assert w.running_record(started="x", old=[]) is None
+    assert w.running_record(started=["x"], old=[]) is None
     w.maintenance = True
     assert w.running_record(inv("w")) == ("remove", None)
     _, a = _armed_worker()
