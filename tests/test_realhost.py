@@ -316,7 +316,19 @@ class Cluster(LocalCluster):
         return answer if status == 200 and isinstance(answer, dict) else {}
 
     def armed(self, names):
-        return all(self.get(n, "status").get("armed") is True for n in names)
+        """Every node says it is armed, and every candidate's table says so too (the
+        candidates learn it from the node's next ping; a member failed before that
+        counts as unarmed and its VMs are not moved)."""
+        status = {n: self.get(n, "status") for n in names}
+        if not all(s.get("armed") is True for s in status.values()):
+            return False
+        for n in names:
+            if n.startswith("node"):
+                table = {m.get("hostname"): m.get("armed")
+                         for m in status[n].get("members") or []}
+                if not all(table.get(h) is True for h in names):
+                    return False
+        return True
 
     def manager(self):
         return self.get("node1", "status").get("manager")
