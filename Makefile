@@ -4,7 +4,7 @@
 #   make test       the test suite (pytest)
 #   make sim-soak   100,000 random simulator schedules on every core (SIM_SOAK_SEEDS=N,
 #                   SIM_SOAK_MINUTES=M to bound the run time); a table of violations
-#   make demo       a 3-candidate cluster on loopback, debug mode, fake host commands
+#   make demo       3 candidates + 2 workers on loopback, fake host commands: a failover
 #   make lint       sh -n and shellcheck on the rc.d script, mandoc -T lint on the man page
 #   make install    [DESTDIR=/stage] [PREFIX=/usr/local]
 #   make uninstall  same variables as install
@@ -26,8 +26,18 @@ MAN8DIR=	$(DESTDIR)$(PREFIX)/share/man/man8
 all:
 	@echo "targets: test demo soak sim-soak lint install uninstall (see the top of Makefile)"
 
+# With pytest-xdist installed (CI installs it) the tests run on 3 workers: a network
+# test or a cluster test mostly waits, and a simulator chunk mostly computes.
+# tests/conftest.py keeps together what shares a cluster (TEST_JOBS=1: one at a time).
+TEST_JOBS?=	3
 test:
-	$(PYTHON) -m pytest -q tests
+	@if [ "$(TEST_JOBS)" -gt 1 ] && $(PYTHON) -c 'import xdist' 2>/dev/null; then \
+		echo "$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadgroup tests"; \
+		$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadgroup tests; \
+	else \
+		echo "$(PYTHON) -m pytest -q tests  (pip install pytest-xdist: 3 workers, faster)"; \
+		$(PYTHON) -m pytest -q tests; \
+	fi
 
 demo:
 	$(PYTHON) tools/demo.py

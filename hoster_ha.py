@@ -1405,29 +1405,35 @@ class Core:
     def is_manager(self, now):
         return len(self.valid_votes(now)) >= 2
 
-    def manager_term(self, now):
+    def manager_term(self, now, votes=None):
         """The highest term among our valid votes, never below a term we already acted
-        with (a lapsed high-term vote must not lower it: candidates would refuse us)."""
-        votes = self.valid_votes(now)
+        with (a lapsed high-term vote must not lower it: candidates would refuse us).
+        votes: valid_votes(now), if the caller has them already."""
+        votes = self.valid_votes(now) if votes is None else votes
         return max(max(votes.values()), self.term_floor) if len(votes) >= 2 else 0
+
+    def acting_term(self, now):
+        """The term we act with if we can act (can_act), else None: one look at the votes."""
+        votes = self.valid_votes(now)
+        if len(votes) < 2:
+            return None
+        term = self.manager_term(now, votes)
+        acked = [v for v in votes if (self.persisted_term if v == self.hostname
+                                      else self.answers[v].term_seen) >= term]
+        return term if len(acked) >= 2 else None
 
     def can_act(self, now):
         """Manager, and at least 2 of the voters have persisted our term (term_seen).
 
         Any later manager's majority shares one of those voters, whose later grant is
         then above our term: the terms of managers that act strictly increase."""
-        votes = self.valid_votes(now)
-        if len(votes) < 2:
-            return False
-        term = self.manager_term(now)
-        acked = [v for v in votes if (self.persisted_term if v == self.hostname
-                                      else self.answers[v].term_seen) >= term]
-        return len(acked) >= 2
+        return self.acting_term(now) is not None
 
     def manager_view(self, now):
         """(manager hostname or None, term) as this node sees it."""
-        if self.can_act(now):
-            return self.hostname, self.manager_term(now)
+        term = self.acting_term(now)
+        if term is not None:
+            return self.hostname, term
         best = (None, 0)
         if self.is_candidate:
             for c, (term, at) in self.announced.items():
@@ -2521,10 +2527,11 @@ def fence_plan(hostname, inventory, running, ours=(), old=None):
       vms     the record's VMs (what rejoin may place, §3.6): the production VMs running
               here as their parent, the `ours` ones, a running copy already locked (the
               other fencer's), and the old record's;
-      locked  every VM this incident locked (the record's `locked`, restored on rejoin
-              unless moved): every production VM whose parent_host is this host,
-              running or not (Hoster's own fence does the same: a VM the planner may move
-              must be locked on the host it leaves), and the `ours` ones;
+      locked  every VM this incident locked (the record's `locked`): every production VM
+              whose parent_host is this host, running or not (Hoster's own fence does the
+              same: a VM the planner may move must be locked on the host it leaves), and the
+              `ours` ones.  On rejoin a moved one is demoted and a placed one gets its
+              parent back; a stopped one stays locked for the operator (README, Survival);
       lock    the inventory entries to lock now (those not locked already);
       destroy every running VM, production or not."""
     old = old if isinstance(old, dict) else {}
@@ -2628,7 +2635,8 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 def command_text(out, err, limit=300):
     """What a command said, for a log line: the last non-empty line of its stdout and of
-    its stderr (Hoster prints its errors on stdout, with ANSI colours: stripped)."""
+    its stderr (Hoster prints its errors on stdout; ANSI codes, if any, are stripped:
+    HosterCore's emojlog prints none, HOSTER-FACTS says it does)."""
     parts = []
     for text in (out, err):
         lines = [ln.strip() for ln in ANSI_RE.sub("", text or "").splitlines() if ln.strip()]

@@ -413,6 +413,7 @@ class Sim:
         if not n.armed_logged:
             self.violation(f"{n.name} fenced but was never armed in this incarnation ({reason})")
         self._stop(n, FENCED)
+        n.hb_armed = False      # the host reboots: the watchdog of its next boot is new
         if not n.vms:
             self.emit(who, "FENCE", f"VMs destroyed, host rebooting ({reason})")
             return
@@ -1288,6 +1289,7 @@ class Sim:
             n.fence_record = sorted(set(n.fence_record or []) | set(record[1]))
         if n.alive:
             self._stop(n, DOWN)
+        n.hb_armed = False      # the watchdog is gone with the power; the next boot's is new
         n.host_epoch += 1
         n.fence_pending = None
         gone = sorted(x for x, v in n.vms.items() if v["live"])
@@ -2106,6 +2108,12 @@ def _check_chunk(args):
         if r is not None:
             out.append((seed,) + r)
     return out
+
+
+def seed_processes():
+    """Processes for a chunk of seeds: 2, or 1 under pytest-xdist (its workers already
+    keep both cores busy)."""
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 def check_seeds(gen, seeds, processes=2, chunk=25, tick=1.0):

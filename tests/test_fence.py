@@ -120,6 +120,9 @@ def test_vm_being_started_by_a_failover_is_locked_and_one_that_appears_is_destro
     is destroyed too before the reboot."""
     import threading
     n, cfg, host, log = node(tmp_path)
+    # the fence's inventory gets fence_timeout / 4 (at least 1 s): on a busy 2-core
+    # machine 1 s is not always enough for the fake zfs, and the record came out empty
+    cfg.fence_timeout = 8
     n.add_vm("own", running=True)
     n.add_vm("arriving")                                 # change-parent done, not live yet
     with open(os.path.join(n.dir, "destroy_delay"), "w") as f:

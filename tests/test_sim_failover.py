@@ -94,7 +94,7 @@ def run_seed(seed):
     return sim.sim_for(sch, tick=TICK), sch
 
 
-CHUNK = 250     # seeds per test; each test runs its chunk on 2 processes (sim.check_seeds)
+CHUNK = 125     # seeds per test, run on 2 processes (1 under pytest-xdist: sim.check_seeds)
 CHUNKS = [(r.start, r.stop) for r in (_seeds()[i:i + CHUNK]
                                       for i in range(0, len(_seeds()), CHUNK))]
 
@@ -113,7 +113,7 @@ def run_one(seed):
 
 @pytest.mark.parametrize("lo,hi", CHUNKS, ids=[f"{a}-{b}" for a, b in CHUNKS])
 def test_random_failover(lo, hi):
-    bad = sim.check_seeds("failover", range(lo, hi), processes=2)
+    bad = sim.check_seeds("failover", range(lo, hi), processes=sim.seed_processes())
     if bad:
         lines = [f"seed {x}: {kind}: {text}" for x, kind, text in bad]
         print(f"{len(bad)} of {hi - lo} seeds failed:\n  " + "\n  ".join(lines))

@@ -43,7 +43,7 @@ def _seeds():
     return range(int(spec))
 
 
-CHUNK = 250     # seeds per test; each test runs its chunk on 2 processes (sim.check_seeds)
+CHUNK = 125     # seeds per test, run on 2 processes (1 under pytest-xdist: sim.check_seeds)
 CHUNKS = [(s.start, s.stop) for s in (_seeds()[i:i + CHUNK]
                                       for i in range(0, len(_seeds()), CHUNK))]
 
@@ -56,7 +56,7 @@ def _report(seed, sch, s, what):
 
 def failing(gen, seeds, replay):
     """pytest.fail with every failing seed of the chunk and the first one's story."""
-    bad = sim.check_seeds(gen, seeds, processes=2)
+    bad = sim.check_seeds(gen, seeds, processes=sim.seed_processes())
     if not bad:
         return
     seed = bad[0][0]
