@@ -30,6 +30,7 @@ wait has a deadline.
 import json
 import os
 import signal
+import sys
 import time
 import zlib
 
@@ -147,7 +148,25 @@ def build(base):
     for host, pages in FREE_PAGES.items():
         with open(os.path.join(c[host].dir, "free_pages"), "w") as f:
             f.write(f"{pages}\n")
+    # commands.notify (issue 14 item 4): every event as one JSON object on stdin, appended
+    # to NODE/notified.jsonl
+    for n in NODES:
+        cfg = read_json(c[n].config)
+        cfg["commands"]["notify"] = [
+            sys.executable, "-c", "import sys; open(sys.argv[1], 'a').write("
+            "sys.stdin.read().strip() + '\\n')", os.path.join(c[n].dir, "notified.jsonl")]
+        with open(c[n].config, "w") as f:
+            json.dump(cfg, f)
     return c
+
+
+def notified(node):
+    """The events node's notify command received ([] before the first)."""
+    try:
+        with open(os.path.join(node.dir, "notified.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
@@ -194,6 +213,18 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
             assert [n for n in NODES if live(c[n], vm)] == [EXPECTED[vm]], (vm, where)
         for host, vm in EXTRA_RUNNING.items():
             assert live(c[host], vm) and all(len(starts(c[n], vm)) == 0 for n in NODES)
+
+        # -- the manager's notify command got the failure and every move, each a JSON
+        # object with the event's name, time, node, message and details
+        assert c.wait_for(lambda: sum(e.get("event") == "vm_moved"
+                                      for e in notified(c[manager])) >= len(VMS), 10)
+        events = notified(c[manager])
+        failed = [e for e in events if e.get("event") == "member_failed"]
+        assert [e.get("host") or e.get("member") for e in failed] == [DEAD], failed
+        moved = {e["vm_name"]: e["to_host"] for e in events if e.get("event") == "vm_moved"}
+        assert moved == EXPECTED, events
+        for e in failed + [e for e in events if e.get("event") == "vm_moved"]:
+            assert e["node"] == manager and isinstance(e["time"], float) and e["message"], e
 
         # -- parent_host rewritten on the target, every other key kept
         for vm, target in EXPECTED.items():
