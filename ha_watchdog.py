@@ -249,6 +249,9 @@ class Watchdog:
         self.log.log(ha.EMERG, f"{reason}, initiating fencing")
         ha.EventLog(self.paths.events, self.cfg.hostname).append("watchdog_fence", reason=reason)
         ha.fence_host(self.cfg, ha.Host(self.cfg, self.log), self.log, reason, debug)
+        if self.cfg.commands.get("notify"):   # after the fence's commands: never delays them
+            ha.notify_detached(self.cfg.commands["notify"], self.cfg.hostname, self.log,
+                               "watchdog_fence", f"{reason}, initiating fencing", reason=reason)
         if debug:
             self.log.log(ha.NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
         self.stand_down(disarm=False)  # a fence that hangs is still reset by the kernel

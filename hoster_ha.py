@@ -3642,6 +3642,25 @@ class Notifier:
                              "further failures are not logged until it works again")
 
 
+def notify_detached(argv, node, log, event, message, **details):
+    """The fencing watchdog's notification (issue 14 item 4, "sent by the fencing host when
+    it can"): commands.notify started in its own session with the event on its stdin,
+    never waited for (the host is going down; a fence is never delayed).  False if it
+    could not be started (logged)."""
+    ev = dict(details, event=event, time=round(time.time(), 3), node=node, message=message)
+    try:
+        p = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            p.stdin.write((json.dumps(ev, sort_keys=True, default=str) + "\n").encode())
+        finally:
+            p.stdin.close()
+    except OSError as e:
+        log.warning(f"commands.notify failed for event {event} ({e})")
+        return False
+    return True
+
+
 def prometheus_text(series):
     """[(name, type, help, [(labels dict, value)])] in Prometheus text format 0.0.4."""
     def esc(v):

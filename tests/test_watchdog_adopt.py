@@ -13,6 +13,7 @@ agent is the first thing it sees when it resumes.  Nothing real is fenced: debug
 logs.
 """
 
+import json
 import logging
 import os
 import signal
@@ -243,3 +244,41 @@ def test_watchdog_process_fences_when_a_new_agent_beats_the_pid_check(tmp_path):
                     p.kill()
                 p.wait(5)
         assert c.wait_for(lambda: not our_pids(c.base), 10, interval=0.05), our_pids(c.base)
+
+
+def test_the_watchdog_fence_is_notified_after_its_fence_commands(env, tmp_path):
+    """Issue 14 item 4: a fence is sent by the fencing host when it can -- the watchdog's
+    too: commands.notify gets `watchdog_fence` as JSON, started after the fence's commands
+    and never waited for."""
+    cfg, w, logs, start_agent = env
+    out = tmp_path / "notified.jsonl"
+    cfg.commands["notify"] = [sys.executable, "-c", "import sys; open(sys.argv[1], 'a')"
+                              ".write(sys.stdin.read())", str(out)]
+    old = start_agent()
+    now = time.monotonic()
+    w.heartbeat(old.pid, True, now)
+    kill(old)
+    reason = w.check(now + 0.3)
+    assert reason
+    assert w.fence(reason) == 1
+    deadline, lines = time.monotonic() + 10, []
+    while not lines and time.monotonic() < deadline:   # the notify command runs detached
+        lines = [ln for ln in (out.read_text() if out.exists() else "").splitlines() if ln]
+        time.sleep(0.05)
+    (ev,) = [json.loads(ln) for ln in lines]
+    assert ev["event"] == "watchdog_fence" and ev["reason"] == reason, ev
+    assert ev["node"] == cfg.hostname and ev["message"].endswith("initiating fencing"), ev
+    text = "\n".join(logs.lines())
+    assert text.index("initiating fencing") < text.index("(DEBUG) would reboot"), text
+
+
+def test_a_notify_command_that_cannot_start_does_not_stop_the_fence(env):
+    cfg, w, logs, start_agent = env
+    cfg.commands["notify"] = ["/nonexistent/notify"]
+    old = start_agent()
+    now = time.monotonic()
+    w.heartbeat(old.pid, True, now)
+    kill(old)
+    assert w.fence(w.check(now + 0.3)) == 1
+    text = "\n".join(logs.lines())
+    assert "commands.notify failed for event watchdog_fence" in text, text
