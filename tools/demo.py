@@ -7,8 +7,9 @@ in the demo folder (tools/fake_host_cmd.py): a "reboot" only writes a line.  VMs
 replicated across hosts with snapshots of different ages.  The demo kills worker1's
 agent with SIGKILL; its watchdog fences worker1 (fake destroy, fake reboot); after
 failover_time the manager restarts worker1's production VMs on the hosts with the
-newest snapshots.  It prints the timeline and the final `vms` table, then stops
-everything and removes the folder (KEEP_DEMO=1 keeps it).
+newest snapshots.  It prints the timeline, the final `vms` table, the manager's
+`status` and its /metrics cluster and protection series, then stops everything and
+removes the folder (KEEP_DEMO=1 keeps it).
 """
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from localcluster import LocalCluster  # noqa: E402
@@ -112,6 +114,21 @@ def main():
         print("\nvm-web went to node2 (newest snapshot, 1h); vm-db to worker2 (2h, newer than "
               "node1's 5h; node3 has no snapshot);\nvm-test is not a production VM and stays "
               "down; vm-mail kept running on worker2.")
+        manager = cluster["node1"].status().get("manager") or "node1"
+        banner(f"hoster_ha.py status (on the manager, {manager}, after the failover)")
+        print(cluster[manager].cli("status").stdout.rstrip())
+        banner(f"GET /metrics (on {manager}; the cluster and protection series)")
+        m = cluster[manager]
+        try:
+            with urllib.request.urlopen(f"http://{m.address}:{cluster.port}/metrics",
+                                        timeout=5) as r:
+                text = r.read().decode()
+        except OSError as e:
+            text = f"(unavailable: {e})"
+        for line in text.splitlines():
+            if re.match(r"hoster_ha_(members|vm_protected|vm_replica_age_seconds|unprotected_vms|"
+                        r"fences_total|vm_starts_total|manager|term)\b", line):
+                print(f"  {line}")
         return 0 if ok else 1
     finally:
         banner("hoster_ha.py terminate (on node1): every member leaves and stops")
