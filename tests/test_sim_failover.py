@@ -57,7 +57,8 @@ A failing seed prints its schedule; replay it with
 
     python3 tests/sim.py --vms --seed N
 
-The seeds run in chunks of CHUNK, each on 2 processes (sim.check_seeds).
+The seeds run in chunks of CHUNK, each on 2 processes, or in the test process under
+pytest-xdist (sim.check_seeds, sim.seed_processes).
 More seeds: SIM_VM_SEEDS=5000 (a count) or SIM_VM_SEEDS=1000-2000 (a range); make sim-soak
 runs 100,000 (tools/sim_soak.py).
 """

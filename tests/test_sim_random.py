@@ -14,7 +14,8 @@ lease ran out, and that terms are persisted before they are announced (see sim.p
 Liveness, weakly: 60 s after the heal exactly one manager exists and every running
 node agrees on it.
 
-The seeds run in chunks of CHUNK, each on 2 processes (sim.check_seeds).  A failing chunk
+The seeds run in chunks of CHUNK, each on 2 processes, or in the test process under
+pytest-xdist (sim.check_seeds, sim.seed_processes).  A failing chunk
 lists its failing seeds and prints the first one's schedule; replay it with
 
     python3 tests/sim.py --seed N

@@ -221,6 +221,16 @@ def test_seed_4937_a_target_that_refused_is_asked_again():
     run_vm_seed(4937)
 
 
+def test_seed_1512_a_fence_ends_the_watchdogs_armed_heartbeat():
+    """Election seed 1512: node1 self-fenced at 55.5 s, was started at 80.7 s and
+    fast-restarted at once; the simulator's watchdog still held the armed heartbeat of
+    the fenced incarnation, so it fenced a node that had never armed since.  A fence or
+    a power loss reboots the host: the next boot's watchdog has seen no heartbeat."""
+    run_election_seed(1512)
+    s, _ = sim.run_schedule(os.path.join(SEEDS, "election-1512.json"), stop_on_violation=False)
+    assert not s.violations and not s.failures, "\n".join(s.violations + s.failures)
+
+
 def test_seed_6239_an_armed_agent_restarted_is_fenced():
     """Generator: `restart` (a new agent at once, never fenced) of an armed worker cut
     from 2 candidates: its new incarnation never armed, the old one was failed over, and
