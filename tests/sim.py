@@ -647,33 +647,51 @@ class Sim:
         ok = vm not in d.fail_next and vm not in d.late_next
         d.fail_next.discard(vm)
         late = d.late_next.pop(vm, None)
-        if late is not None:
-            self.at(self.t + late / d.rate, "late_live", name, epoch, vm)
-        if ok:
-            self._set_live(d, vm, True)
-            self.emit(f"{name}/host", "INFO", f"VM {vm} is live")
-            error = None
-        else:
+        if not ok:
             self.failed_starts.add(vm)
             error = f"vm start {vm} exited 1: simulated failure"
-            # the target sets the copy's parent_host back before it reports the failure
-            # (Core.handle_failover's restore_parent; None: locked)
+            # Agent.undo_start: the target stops what `hoster vm start` launched (Hoster's
+            # supervisor, killed before it creates a late VM: the fake's documented
+            # behaviour), sets the copy's parent_host back (restore_parent; None: locked)
+            # and reports the failure only once the VM stayed absent for start_confirm
             d.vms[vm]["parent"] = restore if restore is not None else LOCK_PREFIX + "sim__"
             self.emit(f"{name}/host", "INFO", f"start of VM {vm} failed (parent_host = "
-                                              f"{d.vms[vm]['parent']})")
+                      f"{d.vms[vm]['parent']})" + (f"; its supervisor, which would have "
+                                                   f"created it {late:g} s later, is killed"
+                                                   if late is not None else ""))
+            self.at(self.t + (d.cfg.start_confirm + 1e-6) / d.rate, "vm_start_failed", name,
+                    epoch, incarnation, msg, uid, vm, error, d.now(self.t))
+            return
+        self._set_live(d, vm, True)
+        self.emit(f"{name}/host", "INFO", f"VM {vm} is live")
         if d.state != RUNNING or d.incarnation != incarnation:
             return          # the agent died meanwhile: nobody answers
-        status, answer = d.core.finish_failover(uid, ok, error, d.now(self.t))
+        status, answer = d.core.finish_failover(uid, True, None, d.now(self.t))
         self._actions(d)
         self._reply(d, msg, status, answer)
 
-    def _ev_late_live(self, name, epoch, vm):
+    def _ev_vm_start_failed(self, name, epoch, incarnation, msg, uid, vm, error, absent_since):
+        """A failed start's report, once the VM stayed absent (hoster_ha.absence_verdict)."""
         d = self.nodes[name]
-        if d.host_epoch != epoch or d.vms[vm]["live"]:
+        if d.host_epoch != epoch:
+            return          # fenced or powered off meanwhile: nothing runs there
+        if d.state == PAUSED:
+            self.at(self.t + 0.5, "vm_start_failed", name, epoch, incarnation, msg, uid, vm,
+                    error, absent_since)
             return
-        self.emit(f"{name}/host", "INFO", f"VM {vm} came up late, after its start was "
-                                          "reported failed")
-        self._set_live(d, vm, True)
+        now = d.now(self.t)
+        verdict = hoster_ha.absence_verdict(now, None if d.vms[vm]["live"] else absent_since,
+                                            d.cfg.start_confirm,
+                                            absent_since + d.cfg.fence_timeout
+                                            + d.cfg.start_confirm)
+        if verdict != "confirmed":
+            raise SimError(f"{name}: VM {vm} not confirmed absent after its failed start "
+                           f"({verdict})")
+        if d.state != RUNNING or d.incarnation != incarnation:
+            return          # the agent died meanwhile: nobody answers
+        status, answer = d.core.finish_failover(uid, False, error, now)
+        self._actions(d)
+        self._reply(d, msg, status, answer)
 
     def _ev_deliver(self, msg, replay=False):
         d = self.nodes[msg.dst]
@@ -1470,8 +1488,10 @@ class Sim:
             self.emit(f"{name}/watchdog", "INFO", "a new ha_watchdog runs")
 
     def _cmd_latestart(self, node, name, after="10"):
-        """The next start of VM `name` on `node` is reported failed (hoster vm start exits
-        non-zero or times out), but the VM comes up `after` seconds later."""
+        """The next start of VM `name` on `node` fails (hoster vm start exits non-zero or
+        the VM does not appear within start_timeout), but Hoster's supervisor would create
+        the VM `after` seconds later: the target kills it before it reports the failure
+        (Agent.undo_start), so the VM never comes up there."""
         self._node(node).late_next[name] = float(after)
 
     def _cmd_restart(self, name):
@@ -1774,11 +1794,10 @@ def honest_restarts(cmds):
 
 HONEST_OPS = ["leave", "leave1", "maint1", "maint", "rolling", "fastrestart", "killwatchdog",
               "losetermfile"]
-# Starts reported failed that come up later (`latestart`) need the target to stop what it
-# launched and confirm it stays absent before it reports the failure (issue 11 item 4, not
-# built yet: Agent.start_vm returns the error and nothing more).  Off until that rule is in
-# the core; tests/test_sim_regressions.py keeps the seed that shows it, as xfail.
-LATE_STARTS = False
+# Starts that fail while Hoster's supervisor would still create the VM later
+# (`latestart`): the target stops what it launched and confirms the VM stays absent for
+# start_confirm before it reports the failure (issue 11 item 2.4, Agent.undo_start).
+LATE_STARTS = True
 
 
 def random_schedule(seed, fault_end=FAULT_END, settle=SETTLE, honest=None):
