@@ -2303,8 +2303,10 @@ class Core:
         if self.fenced:
             return 409, {"error": "this node is fencing itself"}
         if term < self.max_manager_term:
+            # refused: nothing was started; the manager (with its newer term, seed 6517)
+            # or a newer one places the VM again
             return 409, {"error": f"stale term {term} (highest manager term seen "
-                                  f"{self.max_manager_term})"}
+                                  f"{self.max_manager_term})", "refused": True}
         self.max_manager_term = term
         known = self.failovers.get(uid)
         if body.get("check"):

@@ -597,6 +597,7 @@ def test_lower_term_than_highest_seen_is_refused():
     assert w.handle_failover(fo(uid="u1", term=7), 1.0, {"live": False})[0] == "start"
     status, ans = w.handle_failover(fo(uid="u2", term=6, name="vm2"), 1.0, {"live": False})
     assert status == 409 and "stale term" in ans["error"]
+    assert ans["refused"] is True      # nothing started: the manager places it again
     assert "u2" not in w.failovers
     # also a repeat of a known uid with a stale term, and a check with a stale term
     assert w.handle_failover(fo(uid="u1", term=6), 1.0, {"live": False})[0] == 409

@@ -231,6 +231,15 @@ def test_seed_1512_a_fence_ends_the_watchdogs_armed_heartbeat():
     assert not s.violations and not s.failures, "\n".join(s.violations + s.failures)
 
 
+def test_seed_6517_a_start_refused_for_a_stale_term_is_placed_again():
+    """node1 rejoined after a fence with n1a, its only copy; the manager node2 (term 3)
+    placed it back on node1, but the POST was slow (8.9 s) and node3's restart meanwhile
+    gave node2 term 4, so node1 refused the term-3 command as stale.  The failover
+    settled with n1a live nowhere.  A stale-term refusal started nothing: it now says
+    "refused", and the manager places the VM again with its newer term."""
+    run_vm_seed(6517)
+
+
 def test_seed_6239_an_armed_agent_restarted_is_fenced():
     """Generator: `restart` (a new agent at once, never fenced) of an armed worker cut
     from 2 candidates: its new incarnation never armed, the old one was failed over, and
