@@ -1005,9 +1005,19 @@ class Sim:
             fell.append(self.heard.get(x, last))
             xo = self.obligations.get(x)
             if xo is None:
-                if x in silent or self.nodes[x].state != RUNNING:
+                xn = self.nodes[x]
+                if x in silent or xn.state != RUNNING:
                     return      # down, not silent yet: decide once it is
-                continue        # it was down for a moment and is back, armed
+                if not xn.core.armed or xn.armed_since is None:
+                    return      # back, not armed yet: decide once it is
+                # back and armed: a job that lacked its copies (it was down, or failed)
+                # runs again (the settled failover re-runs, a source without a target is
+                # retried with a delay up to RETRY_MAX): its VMs count from then (seed
+                # 10093: w1a's only replica was on worker2, fenced, back 2 s before the
+                # deadline, unarmed)
+                if xn.armed_since > ts:
+                    ready.append(xn.armed_since + hoster_ha.RETRY_MAX)
+                continue
             if xo["left"]:
                 gone.add(x)     # a left member is not asked for its inventory
                 continue

@@ -240,6 +240,15 @@ def test_seed_6517_a_start_refused_for_a_stale_term_is_placed_again():
     run_vm_seed(6517)
 
 
+def test_seed_10093_a_replica_host_back_late_extends_the_bound():
+    """Checker: w1a's only replica was on worker2, fenced and failed when worker1's
+    failover ran (so w1a was unknown to the manager); worker2 came back 2 s before the
+    bound, unarmed, and the checker wanted w1a live or reported by then.  A node down
+    meanwhile that is back and armed makes the VMs count from its arming + RETRY_MAX
+    (the manager's retry; w1a was started on worker2 15 s after its return)."""
+    run_vm_seed(10093)
+
+
 def test_seed_6239_an_armed_agent_restarted_is_fenced():
     """Generator: `restart` (a new agent at once, never fenced) of an armed worker cut
     from 2 candidates: its new incarnation never armed, the old one was failed over, and
