@@ -1735,6 +1735,12 @@ class Core:
                             f"on {len(silent)} candidates", member=h, startup_time=st,
                             silence=self._silence_reports(h, now),
                             reachable_candidates=self.reachable(now))
+        if set(failed) - set(self.failed) and self.prot is not None:
+            # a protection round waiting for a member that failed would wait out its
+            # inventory timeout and then judge from a cluster that no longer exists: the
+            # round after the failover job counts
+            self.prot = None
+            self.protect_at = now
         self.failed = failed
         if self.job is not None:
             self._drop_failed(now)
@@ -2146,6 +2152,7 @@ class Core:
         a replica comes back), with a growing delay (each try asks every member for its
         inventory); it was reported once (vm_start_failed)."""
         job, self.job = self.job, None
+        self.protect_at = now     # VMs moved: what protects them changed
         planned = [e for e in self.plans.values() if e["state"] == "planned"]
         busy_from = {e["from"] for e in planned}
         busy_vms = {e["vm"] for e in planned}
