@@ -1942,6 +1942,9 @@ class Core:
     def _plan(self, now):
         job = self.job
         busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
+        # the plans this job leaves to others (a check of an inherited plan, a job that
+        # was dropped): one abandoned before the job ends keeps its source unsettled
+        job["waited_on"] = {uid for uid, e in self.plans.items() if e["state"] == "planned"}
         eligible = self._eligible(job["members"])
         for h, inv in sorted(job["inv"].items()):
             if not inv["host"]["ready"] and eligible.get(h):
@@ -2154,6 +2157,12 @@ class Core:
         job, self.job = self.job, None
         self.protect_at = now     # VMs moved: what protects them changed
         planned = [e for e in self.plans.values() if e["state"] == "planned"]
+        # ... and the VMs whose plan it left to others was abandoned meanwhile (seed
+        # 13435: a job dropped when its manager could not act for a moment left its plans
+        # planned; checked as inherited, they were abandoned while the next job skipped
+        # their VMs as busy, and that job settled without them)
+        planned += [self.plans[u] for u in job.get("waited_on", ())
+                    if u in self.plans and self.plans[u]["state"] == "abandoned"]
         busy_from = {e["from"] for e in planned}
         busy_vms = {e["vm"] for e in planned}
         for h, vms in job["sources"].items():

@@ -249,6 +249,22 @@ def test_seed_10093_a_replica_host_back_late_extends_the_bound():
     run_vm_seed(10093)
 
 
+def test_seed_13435_a_dropped_jobs_abandoned_plan_keeps_its_source_unsettled():
+    """node1's job planned w2a and w2b, then could not act for a moment (a vote renewal)
+    and was dropped with both plans still planned; checked as inherited, they were
+    abandoned, but the next job had skipped w2a as busy and settled without it: w2a stayed
+    down until worker2 came back.  A plan a job left to others that is abandoned before the
+    job ends now keeps its source unsettled (retried)."""
+    run_vm_seed(13435)
+
+
+def test_seed_16066_no_election_while_a_lost_term_file_waits_for_a_dead_candidate():
+    """Checker: node3 lost its term file and restarted, then the manager node1 was killed.
+    node3 votes only once it has heard both others (README, A lost term file), so node2
+    alone cannot be elected: no manager, by design.  The bound is not asserted then."""
+    run_vm_seed(16066)
+
+
 def test_seed_6239_an_armed_agent_restarted_is_fenced():
     """Generator: `restart` (a new agent at once, never fenced) of an armed worker cut
     from 2 candidates: its new incarnation never armed, the old one was failed over, and
