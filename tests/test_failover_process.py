@@ -81,15 +81,6 @@ def live(node, vm):
     return os.path.exists(os.path.join(node.dir, "vmm", vm))
 
 
-def starts(node, vm):
-    """Times of the completed `hoster vm start VM` calls on node ("pending ..." and
-    "refused ..." lines are not starts: the fake writes those with a prefix)."""
-    out = []
-    for line in node.calls().splitlines():
-        ts, _, rest = line.partition(" ")
-        if rest == f"hoster vm start {vm}":
-            out.append(float(ts))
-    return out
 
 
 class Cluster(LocalCluster):
@@ -201,18 +192,18 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
         # may follow (a bounded wait for the bad thing).
         c.wait_for(lambda: all(f"VM {vm} is live on {h}" in c[manager].log()
                                for vm, h in EXPECTED.items()), 10, interval=0.1)
-        c.wait_for(lambda: sum(len(starts(c[n], vm)) for n in NODES for vm in VMS) > len(VMS),
+        c.wait_for(lambda: sum(len(c[n].starts(vm)) for n in NODES for vm in VMS) > len(VMS),
                    3 * pi, interval=0.1)
 
         # -- each VM started exactly once cluster-wide, on the host with its newest snapshot
         for vm, target in EXPECTED.items():
-            counts = {n: len(starts(c[n], vm)) for n in NODES}
+            counts = {n: len(c[n].starts(vm)) for n in NODES}
             assert counts == {n: int(n == target) for n in NODES}, (vm, counts)
         assert not any(live(dead, vm) for vm in VMS), os.listdir(os.path.join(dead.dir, "vmm"))
         for vm in VMS:
             assert [n for n in NODES if live(c[n], vm)] == [EXPECTED[vm]], (vm, where)
         for host, vm in EXTRA_RUNNING.items():
-            assert live(c[host], vm) and all(len(starts(c[n], vm)) == 0 for n in NODES)
+            assert live(c[host], vm) and all(len(c[n].starts(vm)) == 0 for n in NODES)
 
         # -- the manager's notify command got the failure and every move, each a JSON
         # object with the event's name, time, node, message and details
@@ -258,18 +249,18 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path):
             f"{vm} live on {a.host} and {b.host} at once ({lo - t_kill:+.3f}..{hi - t_kill:+.3f})"
             for vm, a, b, lo, hi in bad) + "\n" + invariants.format_timeline(records, t_kill)
         for vm, target in EXPECTED.items():
-            (t_vm,) = starts(c[target], vm)
+            (t_vm,) = c[target].starts(vm)
             assert t_vm > destroyed[vm], (vm, t_vm - destroyed[vm])
 
         # -- time from the kill to the last VM live
-        last_start = max(starts(c[h], vm)[0] for vm, h in EXPECTED.items())
+        last_start = max(c[h].starts(vm)[0] for vm, h in EXPECTED.items())
         took, took_seen = last_start - t_kill, t_seen - t_kill
         print(f"\nfailover: last VM live {took:.2f} s after the kill (seen by the poll at "
               f"{took_seen:.2f} s); failover_time {ft:g} s, bound {bound:g} s; manager "
               f"{manager}; fake reboot of {DEAD} {reboots[0] - t_kill:.2f} s after the kill")
         # The last ping of worker1 was sent before the kill: nothing may start earlier
         # than failover_time after it (at most one ping round before the kill).
-        first_start = min(starts(c[h], vm)[0] for vm, h in EXPECTED.items())
+        first_start = min(c[h].starts(vm)[0] for vm, h in EXPECTED.items())
         assert first_start - t_kill >= ft - 2 * pi, first_start - t_kill
         assert took_seen <= bound, \
             f"last VM live {took_seen:.2f} s after the kill; bound {bound:g} s"

@@ -287,14 +287,6 @@ def live(node, vm):
     return os.path.exists(os.path.join(node.dir, "vmm", vm))
 
 
-def starts(node, vm):
-    """Times of the completed `hoster vm start VM` (the VM was created) on node."""
-    out = []
-    for line in node.calls().splitlines():
-        ts, _, rest = line.partition(" ")
-        if rest == f"hoster vm start {vm}":
-            out.append(float(ts))
-    return out
 
 
 def parent_of(node, vm, dataset=DATASET):
@@ -382,14 +374,14 @@ def test_failed_starts_end_live_once_on_the_next_target(tmp_path):
         log2 = c["node2"].log()
         assert "appeared and vanished" in log2 and "did not appear within 3 s" in log2, log2
         for vm in ("vm1", "vm2"):
-            counts = {n: len(starts(c[n], vm)) for n in nodes}
+            counts = {n: len(c[n].starts(vm)) for n in nodes}
             assert counts["node3"] == 1 and counts["worker1"] == 0, (vm, counts)
             assert [n for n in nodes if live(c[n], vm)] == ["node3"], vm
             # node2's copy is a backup of worker1 again, not node2's
             assert parent_of(c["node2"], vm) == "worker1"
             assert parent_of(c["node3"], vm) == "node3"
-        assert len(starts(c["node2"], "vm1")) == 1      # it appeared, and died
-        assert starts(c["node2"], "vm2") == []          # never: its supervisor was killed
+        assert len(c["node2"].starts("vm1")) == 1      # it appeared, and died
+        assert c["node2"].starts("vm2") == []          # never: its supervisor was killed
         assert "pkill -9 -f /vm_supervisor_service for vm2$" in c["node2"].calls()
         records = invariants.load({n: c[n].dir for n in nodes})
         records = [invariants.Record(t0, "worker1", "start", vm, f"(setup) running {vm}")
@@ -461,7 +453,7 @@ def test_power_loss_then_locked_dataset_then_start_all_starts_nothing_running_el
         c.wait_for(lambda: time.time() >= t_unlock + 2 * pi, 5, interval=0.05)
         r = w1.hoster("vm", "start-all")
         assert r.returncode == 0, r
-        assert starts(w1, "vm1") == [], w1.calls()[-2000:]
+        assert w1.starts("vm1") == [], w1.calls()[-2000:]
         assert not live(w1, "vm1") and live(c["node2"], "vm1")
         assert parent_of(w1, "vm1") == "node2"
         assert "demote VM vm1 to a backup (parent_host = node2)" in w1.log()
@@ -512,7 +504,7 @@ def test_a_target_without_hoster_init_is_skipped_and_named(tmp_path):
         assert m, c["node1"].log()[-4000:]
         assert re.search(r"member node2 is not ready to start VMs \(Hoster not initialised",
                          c[m].log()), c[m].log()[-4000:]
-        assert starts(n2, "vm1") == [] and starts(c["node3"], "vm1") != []
+        assert n2.starts("vm1") == [] and c["node3"].starts("vm1") != []
         # a start sent to it anyway is refused with the reason, before the copy is touched
         term = c.get("node2", "status")["term"]
         status, ans = c.client.request(

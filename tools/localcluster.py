@@ -145,6 +145,16 @@ class Node:
         except FileNotFoundError:
             return ""
 
+    def starts(self, vm):
+        """Times of the completed `hoster vm start VM` calls here ("pending ..." and
+        "refused ..." lines are not starts: the fake writes those with a prefix)."""
+        out = []
+        for line in self.calls().splitlines():
+            ts, _, rest = line.partition(" ")
+            if rest == f"hoster vm start {vm}":
+                out.append(float(ts))
+        return out
+
     # -- the fake host's knobs (tools/fake_host_cmd.py) ---------------------------------
 
     def fake(self, cmd, *args, timeout=30):
