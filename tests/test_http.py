@@ -149,8 +149,11 @@ def members(a):
 
 
 def table(a):
-    """The membership table without the moving `silence` field."""
-    return {h: {k: v for k, v in m.items() if k != "silence"} for h, m in members(a).items()}
+    """The membership table without the fields that move by themselves: `silence`, and
+    `ready`/`not_ready` (the node's own host check, every ping_interval, sets them; on a
+    busy machine the first check can land between two reads)."""
+    return {h: {k: v for k, v in m.items() if k not in ("silence", "ready", "not_ready")}
+            for h, m in members(a).items()}
 
 
 def metric(a, name):
