@@ -53,7 +53,9 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 AGENT = os.path.join(ROOT, "hoster_ha.py")
-FAKE = os.path.join(ROOT, "tools", "fake_host_cmd.py")
+if os.path.join(ROOT, "tools") not in sys.path:   # also run by tools/soak.py
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+import fake_host
 FAKE_COMMANDS = ("hoster", "bhyvectl", "shutdown", "reboot", "power")
 DATASET = "zroot/vm-encrypted"
 # zfs and sysctl run on every inventory (every 10 s on every host, and on every GET vms):
@@ -458,10 +460,7 @@ class NetCluster:
     def _write(self, h):
         for d in ("bin", "vms", "vmm", "run", "state"):
             os.makedirs(h.path(d), exist_ok=True)
-        for c in FAKE_COMMANDS:
-            link = h.path("bin", c)
-            if not os.path.lexists(link):
-                os.symlink(FAKE, link)
+        fake_host.install(h.path("bin"), FAKE_COMMANDS)
         for c, text in (("zfs", FAKE_ZFS), ("sysctl", FAKE_SYSCTL)):
             with open(h.path("bin", c), "w") as f:
                 f.write(text)

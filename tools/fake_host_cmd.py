@@ -3,7 +3,8 @@
 sysctl, hostname, pkill, power (and Hoster's vm_supervisor_service, which `hoster vm
 start` runs).
 
-Installed as symlinks named after the command in NODE/bin/; the state lives in NODE/
+Installed in NODE/bin/ under the command's name by fake_host.install() (a small
+script that runs this code with the test's interpreter, without site); the state lives in NODE/
 (the folder above bin/), so each fake host is one folder.  Nothing here touches the real
 machine: a fake reboot only records itself, and every path the fake reads or writes is
 inside NODE (a mountpoint outside NODE is refused).

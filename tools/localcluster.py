@@ -22,7 +22,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "hoster_ha.py")
-FAKE = os.path.join(ROOT, "tools", "fake_host_cmd.py")
 FAKE_COMMANDS = ("zfs", "hoster", "bhyvectl", "shutdown", "reboot", "sysctl", "hostname",
                  "power", "vm_supervisor_service", "pkill")
 _spec = importlib.util.spec_from_file_location(
@@ -277,10 +276,7 @@ class LocalCluster:
             f.write(os.path.basename(node.init_marker) + "\n")
         open(node.init_marker, "w").close()
         commands = {}
-        for c in FAKE_COMMANDS:
-            link = os.path.join(node.dir, "bin", c)
-            if not os.path.exists(link):
-                os.symlink(FAKE, link)
+        fake_host.install(os.path.join(node.dir, "bin"), FAKE_COMMANDS)
         b = os.path.join(node.dir, "bin")
         commands = {"zfs": [f"{b}/zfs"], "vm_start": [f"{b}/hoster", "vm", "start", "{vm}"],
                     "vm_cireset": [f"{b}/hoster", "vm", "cireset", "{vm}"],
