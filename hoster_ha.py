@@ -2935,38 +2935,45 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     inventory (bounded by fence_timeout / 4), else on `cache` (the caller's last one);
     `ours` as in fence_plan.  The record is written first (an existing one, the other
     fencer's, is extended, never shrunk), then the locks, then every VM is destroyed;
-    a VM that appears meanwhile (a start under way) is destroyed too.  Only the reboot
+    a VM that appears meanwhile (a start under way) is destroyed too.  If a zfs command
+    of the inventory failed, it is asked again once the VMs are gone (with what is left
+    of fence_timeout, at least 1 s) and what it finds is recorded and locked before the
+    reboot.  Only the reboot
     line is EMERG (a wall message); a lock or record that failed is CRIT, a destroy
     that failed ALERT.  In debug mode every step is logged as "(DEBUG) would ..." and
     nothing is changed.  Returns after the reboot command (a real reboot never
     returns)."""
     t0 = time.monotonic()
-    running = host.running_vms()
+    ran = host.running_vms()
     inventory, errors = host.inventory(snapshots=False, budget=max(1.0, cfg.fence_timeout / 4))
     if cache and (errors or not inventory):
         fresh = {v["vm_name"] for v in inventory}
         inventory = inventory + [v for v in cache if v["vm_name"] not in fresh]
     fence_path = os.path.join(cfg.state_dir, "fence.json")
-    plan = fence_plan(cfg.hostname, inventory, running, ours, read_fence_file(fence_path))
-    stamp = lock_name(time.time())
-    record = {"ts": time.time(), "reason": reason, "vms": plan["vms"],
-              "locked": plan["locked"]}
     say = "(DEBUG) would " if debug else ""
-    log.log(NOTICE, f"{say}write fence record {fence_path}: production VMs "
-                    f"{plan['vms'] or 'none'}, locked {plan['locked'] or 'none'}")
-    if not debug:
-        try:
-            os.makedirs(cfg.state_dir, exist_ok=True)
-            write_atomic(fence_path, (json.dumps(record) + "\n").encode(), mode=0o600)
-        except OSError as e:
-            log.log(CRIT, f"cannot write fence record {fence_path}: {e}")
-    for v in plan["lock"]:
-        log.log(NOTICE, f"{say}lock VM {v['vm_name']}: parent_host = {stamp}")
+    stamp = lock_name(time.time())
+
+    def record_and_lock(inventory, old):
+        plan = fence_plan(cfg.hostname, inventory, ran, ours, old)
+        record = {"ts": time.time(), "reason": reason, "vms": plan["vms"],
+                  "locked": plan["locked"]}
+        log.log(NOTICE, f"{say}write fence record {fence_path}: production VMs "
+                        f"{plan['vms'] or 'none'}, locked {plan['locked'] or 'none'}")
         if not debug:
             try:
-                host.set_parent(v["config_path"], stamp)
-            except (OSError, ValueError) as e:
-                log.log(CRIT, f"cannot lock VM {v['vm_name']}: {e}")
+                os.makedirs(cfg.state_dir, exist_ok=True)
+                write_atomic(fence_path, (json.dumps(record) + "\n").encode(), mode=0o600)
+            except OSError as e:
+                log.log(CRIT, f"cannot write fence record {fence_path}: {e}")
+        for v in plan["lock"]:
+            log.log(NOTICE, f"{say}lock VM {v['vm_name']}: parent_host = {stamp}")
+            if not debug:
+                try:
+                    host.set_parent(v["config_path"], stamp)
+                except (OSError, ValueError) as e:
+                    log.log(CRIT, f"cannot lock VM {v['vm_name']}: {e}")
+        return plan, record
+    plan, record = record_and_lock(inventory, read_fence_file(fence_path))
     running = plan["destroy"]
     for n in running:
         log.log(NOTICE, f"{say}destroy VM {n}: {' '.join(cfg.command('vm_destroy', n))}")
@@ -2981,6 +2988,17 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
             log.log(NOTICE, f"destroy VM {n} (started during the fence): "
                             f"{' '.join(cfg.command('vm_destroy', n))}")
         running = late
+    failed = [e for e in errors if "dataset" in e and (  # a command failed, not a lock
+        not e.get("unavailable") or e.get("reason", "").startswith("zfs get failed"))]
+    if failed:
+        # The inventory failed (a host slow enough to lose its agent is slow for zfs too):
+        # the VMs are gone now, so the locks may take what is left of fence_timeout (at
+        # least 1 s) before the reboot, which Hoster's start-all may follow.
+        log.log(logging.ERROR, "fence: the inventory was incomplete ("
+                             f"{'; '.join(e['error'] for e in failed)[:300]}); asking zfs again")
+        budget = max(1.0, cfg.fence_timeout - (time.monotonic() - t0))
+        again, _ = host.inventory(snapshots=False, budget=budget)
+        record_and_lock(again, record)
     key = "reboot" if gone else "reboot_now"
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,

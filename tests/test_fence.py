@@ -163,3 +163,35 @@ def test_only_the_reboot_line_is_emerg(tmp_path, caplog):
     assert record(cfg)["locked"] == ["ghost", "own"]
     assert hoster_ha.SyslogHandler.priority_map["ALERT"] == "alert"
     assert hoster_ha.SyslogHandler.priority_map["CRITICAL"] == "critical"
+
+
+def test_an_inventory_that_failed_is_asked_again_after_the_destroys(tmp_path, caplog):
+    """A host slow enough to lose its agent is slow for zfs too: when the fence's first
+    inventory fails (here its `zfs get` outlives the budget of fence_timeout / 4), the VMs
+    are destroyed anyway, then zfs is asked again and what it finds is recorded and locked
+    before the reboot (CI saw a watchdog's fence lock nothing on a busy machine)."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    n.add_vm("stopped")
+    zfs = os.path.join(n.dir, "bin", "zfs")
+    slow = os.path.join(n.dir, "bin", "slow-zfs")
+    with open(slow, "w") as f:     # the first call hangs past the budget, later ones answer
+        f.write(f'#!/bin/sh\nif mkdir "{n.dir}/zfs-slow-once" 2>/dev/null; then sleep 5; fi\n'
+                f'exec "{zfs}" "$@"\n')
+    os.chmod(slow, 0o755)
+    cfg.commands["zfs"] = [slow]
+    cfg.fence_timeout = 4                  # budget of the first inventory: 1 s
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False)
+    msgs = [r.getMessage() for r in caplog.records]
+    first = next(m for m in msgs if m.startswith("write fence record"))
+    assert first.endswith("production VMs none, locked none"), msgs   # the failed inventory
+    assert any(m.startswith("fence: the inventory was incomplete") for m in msgs), msgs
+    rec = record(cfg)
+    assert rec["vms"] == ["own"] and rec["locked"] == ["own", "stopped"], rec
+    assert vm_cfg(n, "own")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+    assert vm_cfg(n, "stopped")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+    calls = n.calls()
+    assert "bhyvectl --destroy --vm=own" in calls and "shutdown -r now" in calls
+    assert calls.index("bhyvectl --destroy --vm=own") < calls.rindex("zfs list")
+    assert calls.rindex("zfs list") < calls.index("shutdown -r now")
