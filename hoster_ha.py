@@ -38,6 +38,7 @@ import json
 import logging
 import logging.handlers
 import math
+import operator
 import os
 import re
 import secrets
@@ -837,111 +838,50 @@ def vm_protection(inventories, eligible, max_age):
     return out
 
 
-class Core:
-    """The cluster state of one node and every decision it makes (SPEC §3.1-§3.3).
+# -----------------------------------------------------------------------------
+# 2a. The core: one node's cluster state and every decision it makes, in parts
+#
+# A node's core is pure: it takes the time and its inputs as arguments and returns
+# decisions as actions; the agent (Agent, below) and the simulator (tests/sim.py)
+# execute them.  Core is a thin facade over ten named parts that share one ordered
+# outbox (Outbox: the action kinds and their ordering rules are in its docstring):
+#
+#   Election         votes, leases and terms (SPEC §3.2): who is the manager
+#   Membership       a candidate's table of members (§3.1, §3.4 the views), leave (§3.7)
+#   Link             this node as a member: its pings, quorum, arming, the survival
+#                    rule and its fence (§3.3), maintenance and leave
+#   Rejoin           back from a fence or a power loss: demotion of moved VMs (§3.6),
+#                    the datasets and readiness of this host (issue 11)
+#   PlanBook         failover plans replicated to the candidates, and where each VM
+#                    last ran (the book, §3.4)
+#   Detector         the manager's failure detection from 2 views (§3.4 step 1), and
+#                    what needs a failover job (sources, episodes)
+#   Protection       the manager's round: would each VM survive its host's failure
+#   FailoverManager  the manager's failover job (Job): inventories, plan, replication,
+#                    starts (§3.4 steps 2-4)
+#   FailoverTarget   this node as a failover target: POST failover (§3.4)
+#
+# Core.tick states the order of a step; Core delegates the agent's calls to the part
+# that owns them.  Parts reach one another by name (self.election, self.link, ...).
+# -----------------------------------------------------------------------------
 
-    Built from a Config (hostname, candidates, timings, identity).  `startup_time`
-    (wall-clock ms at process start) names this incarnation; `persisted_term`
-    is the last vote term read back from state_dir/term.
-    """
 
-    def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
-                 fenced_vms=(), members_state=None, plans_state=None, stopped_vms=()):
-        """persisted_term None: state_dir/term was lost (SPEC §3.2: no vote until the other
-        two candidates' terms are known).  members_state, plans_state: the contents of
-        state_dir/members.json and plans.json (the "persist" actions' data), or None."""
-        self.cfg = cfg
-        self.hostname = cfg.hostname
-        self.candidates = cfg.candidate_names
-        self.is_candidate = cfg.is_candidate
-        self.startup_time = startup_time
-        self.start = now
-        self.maintenance = maintenance
-        self.maintenance_asked_at = None   # `maintenance on` waiting for 2 candidates
-        self.maintenance_acks = set()
+class Outbox:
+    """The core's one ordered output, shared by every part, and the manager's requests
+    that wait for an answer."""
+
+    def __init__(self):
         self.out = []
-        # as a member: our view of the 3 candidates
-        self.registered = {c: False for c in self.candidates}
-        self.reach = {c: None for c in self.candidates}   # send time of last good ping
-        self.answers = {}                                  # candidate -> PingAnswer
-        self.arming = False        # we want to be armed (quorum + manager seen)
-        self.armed = False         # ... and the watchdog has acknowledged it
-        self.fenced = False        # we fence(d): nothing is accepted or started any more
-        self.wd_missing = 0        # consecutive watchdog checks that found it gone
-        self.left = False          # our leave was acknowledged: we stop, unprotected
-        self.seq = 0               # orders our pings and leave requests (§3.7)
-        self.leaving = False       # a leave request is out
-        self.had_quorum = False
-        self.was_manager = False
-        self.manager_since = None
-        self.max_manager_term = 0
-        self.term_floor = 0        # the term we last acted with (this incarnation)
-        # as a candidate: the membership table and our vote
-        self.members = {}
-        self.vote = None
-        # a candidate that lost its term file learns the others' terms before it votes
-        self.term_known = persisted_term is not None or not cfg.is_candidate
-        self.term_heard = set()
-        persisted_term = persisted_term or 0
-        self.persisted_term = persisted_term
-        self.max_term_seen = persisted_term
-        self.announced = {}        # candidate -> (term, received_at) of "I am manager"
-        self.plans = {}            # uid -> failover plan entry (replicated by the manager)
-        # vm -> its latest done plan, plus "froms": every host a done plan moved it from.
-        # One entry per VM, kept for good (not capped like self.plans): where a VM last
-        # ran (SPEC §3.4).  Written to state_dir/plans.json with self.plans.
-        self.book = {}
+        self.said = set()          # keys of once(): a state is logged once
         self.saved = {}            # file -> the data last handed out in a "persist" action
-        self.plans_dirty = False
-        # rejoin (§3.6): our fence record, and VMs the cluster moved away while we were gone
-        self.fenced_vms = list(fenced_vms)
-        self.stopped_vms = list(stopped_vms)  # ran here before an orderly stop
-        self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
-        self.demoted = {}          # vm -> new parent, applied locally
-        self.demote_asked = {}
-        # this host's VM datasets (issue 11 item 2.1): {dataset: why unavailable} as last
-        # seen (and when); demotions the agent could not do because a dataset was
-        # unavailable ({vm: new parent}), and the datasets unavailable then
-        self.datasets_unavailable = {}
-        self.datasets_seen_at = -math.inf
-        self.host_not_ready = []   # why this host cannot start any VM (item 2.3), or []
-        self.demote_deferred = {}
-        self.deferred_for = set()
-        # as a failover target: uid -> {"vm_name", "state": starting|live|failed, ...}
-        self.failovers = {}
-        self.refused = set()       # uids a check found unknown here: refused for good
-        # our pings said left or maintenance (at that send time): we arm only once 2
-        # candidates have answered a later ping that says neither (SPEC §3.4, §3.7)
-        self.flag_at = None
-        self.clear_acks = set()
-        # as the manager
-        self.pending = {}          # request id -> purpose
+        self.pending = {}          # request id -> (purpose, on_answer)
         self.next_id = 0
-        self.views = {}            # other candidate -> (received_at, {member: view})
-        self.failed = {}           # failed member -> its startup_time
-        self.settled = set()       # episodes (_episode) whose failover is done
-        self.settled_seen = {}     # settled episode -> the members whose inventory it had
-        self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
-        self.job = None
-        self.job_seq = 0
-        # protection (issue 14 item 1): {vm: vm_protection entry} from the last complete
-        # round, the round under way (its inventories) and when the next one is due
-        self.protection = {}
-        self.prot = None
-        self.protect_at = now
-        self.uid_seq = 0
-        self.plan_targets = {}     # uid -> next best targets (one retry)
-        self.view_asked = {}       # candidate -> when _refresh_views last asked it
-        self.restart_uids = set()  # plans that start a VM again after an orderly stop
-        self.next_manager_round = now
-        self.said = set()
-        self.approach_since = None  # armed with exactly 2 candidates reachable since
-        self.approach_warned = False
-        self.view = (None, 0)       # manager_view at the last tick, and since when
-        self.view_since = now
-        self._load(members_state, plans_state, now)
 
-    # -- actions -------------------------------------------------------------
+    def persist_term(self, term):
+        self.out.append({"kind": "persist_term", "term": term})
+
+    def action(self, kind, **fields):
+        self.out.append(dict(fields, kind=kind))
 
     def take_actions(self):
         """The core's output: a list of dicts with a "kind", in the order they were decided.
@@ -993,55 +933,256 @@ class Core:
             self.out = [a for a in self.out if a["kind"] not in kinds]
         return persist
 
-    # -- state kept in state_dir (SPEC §3.4, §4.5): the agent writes it, we decide ------
-
-    def _load(self, members_state, plans_state, now):
-        if not self.is_candidate:
-            return
-        if isinstance(members_state, dict):
-            for rec in members_state.get("members") or []:
-                m = Member.load(rec, now)
-                if m is not None:
-                    self.members[m.hostname] = m
-        if isinstance(plans_state, dict):
-            for e in plans_state.get("plans") or []:
-                if check_plan_entry(e) is None:
-                    self.plans[e["uid"]] = {k: e[k] for k in PLAN_FIELDS}
-            for e in plans_state.get("book") or []:
-                self._store_book(e)
-        self.saved["members.json"] = self._members_data()
-        self.saved["plans.json"] = self._plans_data()
-        self.plans_dirty = False
-
-    def _members_data(self):
-        return {"members": [m.saved() for _, m in sorted(self.members.items())]}
-
-    def _plans_data(self):
-        plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0), e["uid"]))
-        return {"plans": [dict(e) for e in plans],
-                "book": [dict(e, froms=list(e["froms"])) for _, e in sorted(self.book.items())]}
-
-    def _persist(self, name, data):
+    def persist(self, name, data):
         """Ask the agent to write state_dir/NAME (atomically, fsync) if it changed.  The
         agent writes it before it answers the request that changed it."""
         if self.saved.get(name) != data:
             self.saved[name] = data
             self.out.append({"kind": "persist", "file": name, "data": data})
 
-    def _persist_members(self):
-        if self.is_candidate:
-            self._persist("members.json", self._members_data())
-
-    def _persist_plans(self):
-        if self.is_candidate and self.plans_dirty:
-            self.plans_dirty = False
-            self._persist("plans.json", self._plans_data())
-
-    def _event(self, event, level, msg, **details):
+    def event(self, event, level, msg, **details):
         self.out.append({"kind": "event", "event": event, "level": level, "msg": msg,
                          "details": details})
 
-    # -- candidate side: requests from members --------------------------------
+    def send(self, to, peer, method, name, body, timeout, purpose, on_answer):
+        """A manager's request.  purpose: a tuple naming what it is for (its first item
+        goes into the action; asking() and forget() compare it); on_answer(purpose,
+        status, answer, now) gets the answer (status None: no answer) through
+        Core.on_response."""
+        self.next_id += 1
+        self.pending[self.next_id] = (purpose, on_answer)
+        self.out.append({"kind": "send", "id": self.next_id, "to": to, "peer": peer,
+                         "method": method, "name": name, "body": body, "timeout": timeout,
+                         "purpose": purpose[0]})
+
+    def once(self, key, level, msg, event=None, **details):
+        """Log (and record) something only once per key: a state, not a repeat."""
+        if key in self.said:
+            return
+        self.said.add(key)
+        self.event(event or "note", level, msg, **details)
+
+    def asking(self, purpose):
+        """A request for this purpose is out, its answer not in yet."""
+        return any(p == purpose for p, _ in self.pending.values())
+
+    def forget(self, purpose):
+        """Its answer, if it comes, changes nothing."""
+        for rid in [r for r, (p, _) in self.pending.items() if p == purpose]:
+            del self.pending[rid]
+
+
+class Part:
+    """One named part of a node's core: its own state, the node's configuration, and
+    its neighbours by name (Core.__init__ links every part to every other one)."""
+
+    def __init__(self, core):
+        self.cfg, self.hostname = core.cfg, core.hostname
+        self.candidates, self.is_candidate = core.candidates, core.is_candidate
+        self.startup_time, self.start = core.startup_time, core.start
+        self.box = core.box
+
+
+class Election(Part):
+    """Votes, leases and terms (SPEC §3.2): whom this candidate votes for, which terms
+    it has seen and persisted, and whether this node is the manager (a majority of
+    valid votes, and its term persisted by 2 voters: can_act)."""
+
+    def __init__(self, core, now, persisted_term):
+        super().__init__(core)
+        self.vote = None
+        # a candidate that lost its term file learns the others' terms before it votes
+        self.term_known = persisted_term is not None or not core.is_candidate
+        self.term_heard = set()
+        self.persisted_term = persisted_term or 0
+        self.max_term_seen = self.persisted_term
+        self.announced = {}        # candidate -> (term, received_at) of "I am manager"
+        self.max_manager_term = 0
+        self.term_floor = 0        # the term we last acted with (this incarnation)
+        self.was_manager = False
+        self.manager_since = None
+        self.view = (None, 0)       # manager_view at the last tick, and since when
+        self.view_since = now
+        self._votes = (None, {})    # valid_votes: (its inputs, its answer)
+
+    def tick(self, now):
+        """Terms, our vote, and whether we became or stopped being the manager.
+        Returns whether we can act as the manager now."""
+        self.see_term(self.max_term_seen)
+        if self.is_candidate:
+            self.update_vote(now)
+        if self.is_manager(now):
+            self.see_term(self.manager_term(now))
+        manager = self.can_act(now)
+        if manager:
+            self.term_floor = self.manager_term(now)
+        if manager and not self.was_manager:
+            self.manager_since = now
+            term = self.manager_term(now)
+            self.max_manager_term = max(self.max_manager_term, term)
+            self.box.event("manager_elected", "NOTICE",
+                           f"this node is now the manager (term {term}, votes from "
+                           f"{', '.join(sorted(self.valid_votes(now)))})", term=term)
+        elif self.was_manager and not manager:
+            self.manager_since = None
+            self.box.event("manager_lost", "NOTICE",
+                           "this node is no longer the manager (lost its majority of votes)")
+        self.was_manager = manager
+        seen = self.manager_view(now)[0]
+        if seen != self.view[0]:
+            self.view, self.view_since = (seen, now), now
+        return manager
+
+    def see_term(self, term):
+        """Remember (and persist, before we answer anyone) the highest term we have seen.
+
+        A later grant of ours is then above every term we acknowledged, across restarts."""
+        self.max_term_seen = max(self.max_term_seen, term)
+        if not self.term_known:
+            return   # the term file is written once learn_term knows the highest term
+        if self.max_term_seen > self.persisted_term:
+            self.persisted_term = self.max_term_seen
+            self.box.persist_term(self.persisted_term)
+
+    def ping_answer(self, now):
+        v = self.vote
+        manager, term = self.manager_view(now)
+        return {"hostname": self.hostname, "term_seen": self.persisted_term,
+                "vote": v.holder if v else None,
+                "vote_startup_time": v.holder_startup if v else None,
+                "vote_term": v.term if v else 0,
+                "vote_lease_ms": int(round(self.cfg.vote_lease * 1000)),
+                "manager": manager, "term": term}
+
+    def learn_term(self, cand, a):
+        """Our term file was lost: learn the terms the other two candidates persisted
+        (term_seen) before we vote.  An acting manager's term was persisted by 2 of the 3
+        voters, so one of the other two holds it; then our grants are above it again."""
+        self.term_heard.add(cand)
+        self.max_term_seen = max(self.max_term_seen, a.term_seen)
+        if self.term_heard >= set(self.candidates) - {self.hostname}:
+            self.term_known = True
+            self.persisted_term = max(self.persisted_term, self.max_term_seen)
+            self.box.persist_term(self.persisted_term)
+            self.box.event("note", "NOTICE", f"term file was lost: learnt term "
+                           f"{self.persisted_term} from {', '.join(sorted(self.term_heard))}; "
+                           "voting again")
+
+    def valid_votes(self, now):
+        """{voter: term} of the votes for this incarnation that are still valid here (one
+        computation per time, vote and set of ping answers: a step asks several times)."""
+        key = (now, self.vote, self.link.answers_seq)
+        if self._votes[0] != key:
+            self._votes = (key, self._valid_votes(now))
+        return self._votes[1]
+
+    def _valid_votes(self, now):
+        votes = {}
+        if not self.is_candidate:
+            return votes
+        v = self.vote
+        if v is not None and v.holder == self.hostname and v.holder_startup == self.startup_time:
+            votes[self.hostname] = v.term
+        for c, a in self.link.answers.items():
+            if c == self.hostname:
+                continue  # our own vote counts from our own state, above
+            lease = min(a.vote_lease, self.cfg.vote_lease)
+            if (a.vote == self.hostname and a.vote_startup_time == self.startup_time
+                    and now < a.sent_at + 0.9 * lease):
+                votes[c] = a.vote_term
+        return votes
+
+    def is_manager(self, now):
+        return len(self.valid_votes(now)) >= 2
+
+    def manager_term(self, now, votes=None):
+        """The highest term among our valid votes, never below a term we already acted
+        with (a lapsed high-term vote must not lower it: candidates would refuse us).
+        votes: valid_votes(now), if the caller has them already."""
+        votes = self.valid_votes(now) if votes is None else votes
+        return max(max(votes.values()), self.term_floor) if len(votes) >= 2 else 0
+
+    def acting_term(self, now):
+        """The term we act with if we can act (can_act), else None: one look at the votes."""
+        votes = self.valid_votes(now)
+        if len(votes) < 2:
+            return None
+        term = self.manager_term(now, votes)
+        acked = [v for v in votes if (self.persisted_term if v == self.hostname
+                                      else self.link.answers[v].term_seen) >= term]
+        return term if len(acked) >= 2 else None
+
+    def can_act(self, now):
+        """Manager, and at least 2 of the voters have persisted our term (term_seen).
+
+        Any later manager's majority shares one of those voters, whose later grant is
+        then above our term: the terms of managers that act strictly increase."""
+        return self.acting_term(now) is not None
+
+    def manager_view(self, now):
+        """(manager hostname or None, term) as this node sees it."""
+        term = self.acting_term(now)
+        if term is not None:
+            return self.hostname, term
+        best = (None, 0)
+        if self.is_candidate:
+            for c, (term, at) in self.announced.items():
+                if now - at <= self.cfg.vote_lease and term >= best[1] and c != self.hostname:
+                    best = (c, term)
+        else:
+            for a in self.link.answers.values():
+                if a.manager is not None and now - a.sent_at <= self.cfg.vote_lease \
+                        and a.term >= best[1]:
+                    best = (a.manager, a.term)
+        return best
+
+    def update_vote(self, now):
+        if now - self.start < self.cfg.vote_lease:
+            return  # we may have voted before we restarted: let that lease run out
+        if not self.term_known:
+            return  # our term file was lost: no vote before learn_term
+        alive = {self.hostname: self.startup_time}
+        for c in self.candidates:
+            m = self.table.members.get(c)
+            if c != self.hostname and m is not None and \
+                    now - m.last_ping <= self.cfg.survival_window:
+                alive[c] = m.startup_time
+        pref = min(alive, key=lambda h: (alive[h], h))
+        v = self.vote
+        if v is not None and v.holder == self.hostname:
+            v.renewed_at = now
+        if v is not None and v.holder == pref and v.holder_startup == alive[pref]:
+            return
+        if v is None or v.holder == self.hostname or now - v.renewed_at >= self.cfg.vote_lease:
+            term = max(self.persisted_term, self.max_term_seen) + 1
+            self.see_term(term)
+            self.vote = Vote(pref, alive[pref], term, now)
+            self.box.event("vote", "NOTICE", f"vote granted to {pref} (term {term})",
+                           holder=pref, holder_startup=alive[pref], term=term)
+
+
+class Membership(Part):
+    """A candidate's table of members (SPEC §3.1): register, ping and leave requests,
+    and the views it gives the manager (GET members).  Written to
+    state_dir/members.json (the "persist" action) before an answer leaves."""
+
+    def __init__(self, core, now, members_state):
+        super().__init__(core)
+        self.members = {}
+        if self.is_candidate and isinstance(members_state, dict):
+            for rec in members_state.get("members") or []:
+                m = Member.load(rec, now)
+                if m is not None:
+                    self.members[m.hostname] = m
+        if self.is_candidate:
+            self.box.saved["members.json"] = self.data()
+
+    def data(self):
+        return {"members": [m.saved() for _, m in sorted(self.members.items())]}
+
+    def persist(self):
+        if self.is_candidate:
+            self.box.persist("members.json", self.data())
 
     def handle_register(self, body, now):
         """POST register: (status, answer).  A new startup_time is a new incarnation."""
@@ -1054,15 +1195,16 @@ class Core:
             # signature window), or one whose answer was lost.  It changes nothing: a
             # stale one must not make a dead member look alive again, nor reset what its
             # pings told us (armed, left, maintenance), which would veto its failure.
-            return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.moved_vms(h)}
+            return 200, {"ok": True, "hostname": self.hostname,
+                         "moved_vms": self.planbook.moved_vms(h)}
         self.members[h] = Member(body, now)
         if old is None or old.startup_time != body["startup_time"]:
-            self._event("registered", "NOTICE",
-                        f"member {h} registered (startup_time {body['startup_time']}"
-                        f"{', new incarnation' if old else ''})",
-                        member=h, startup_time=body["startup_time"])
-        self._persist_members()
-        return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.moved_vms(h)}
+            self.box.event("registered", "NOTICE",
+                           f"member {h} registered (startup_time {body['startup_time']}"
+                           f"{', new incarnation' if old else ''})",
+                           member=h, startup_time=body["startup_time"])
+        self.persist()
+        return 200, {"ok": True, "hostname": self.hostname, "moved_vms": self.planbook.moved_vms(h)}
 
     def handle_ping(self, body, now):
         """POST ping: (status, answer).  Renews our vote if it is for the sender."""
@@ -1079,15 +1221,15 @@ class Core:
             m.armed, m.maintenance = body["armed"], body["maintenance"]
             m.left = body.get("left") is True or (m.left and "left" not in body)
             if flags != (m.armed, m.maintenance, m.left):
-                self._persist_members()
-        self._see_term(body["term"])
+                self.persist()
+        self.election.see_term(body["term"])
         if body["manager"] and h in self.candidates:
-            self.announced[h] = (body["term"], now)
-            self.max_manager_term = max(self.max_manager_term, body["term"])
-        v = self.vote
+            self.election.announced[h] = (body["term"], now)
+            self.election.max_manager_term = max(self.election.max_manager_term, body["term"])
+        v = self.election.vote
         if v is not None and v.holder == h and v.holder_startup == body["startup_time"]:
             v.renewed_at = now
-        return 200, dict(self.ping_answer(now), moved_vms=self.moved_vms(h))
+        return 200, dict(self.election.ping_answer(now), moved_vms=self.planbook.moved_vms(h))
 
     @staticmethod
     def _newer(m, body):
@@ -1100,27 +1242,6 @@ class Core:
             return False
         m.seq = seq
         return True
-
-    def _see_term(self, term):
-        """Remember (and persist, before we answer anyone) the highest term we have seen.
-
-        A later grant of ours is then above every term we acknowledged, across restarts."""
-        self.max_term_seen = max(self.max_term_seen, term)
-        if not self.term_known:
-            return   # the term file is written once _learn_term knows the highest term
-        if self.max_term_seen > self.persisted_term:
-            self.persisted_term = self.max_term_seen
-            self.out.append({"kind": "persist_term", "term": self.persisted_term})
-
-    def ping_answer(self, now):
-        v = self.vote
-        manager, term = self.manager_view(now)
-        return {"hostname": self.hostname, "term_seen": self.persisted_term,
-                "vote": v.holder if v else None,
-                "vote_startup_time": v.holder_startup if v else None,
-                "vote_term": v.term if v else 0,
-                "vote_lease_ms": int(round(self.cfg.vote_lease * 1000)),
-                "manager": manager, "term": term}
 
     def handle_leave(self, body, now):
         """POST leave (§3.7): the member's current incarnation is never failed over.
@@ -1136,10 +1257,143 @@ class Core:
             return 200, {"ok": True, "known": True, "stale": True}
         if not m.left:
             m.left = True
-            self._event("left", "NOTICE", f"member {m.hostname} left the cluster (orderly stop); "
-                        "it is not failed over until it registers again", member=m.hostname)
-            self._persist_members()   # written before the acknowledgement leaves
+            self.box.event("left", "NOTICE",
+                           f"member {m.hostname} left the cluster (orderly stop); "
+                           "it is not failed over until it registers again", member=m.hostname)
+            self.persist()   # written before the acknowledgement leaves
         return 200, {"ok": True, "known": True}
+
+    def members_answer(self, now):
+        """GET members: our table, and the failover plans we hold (for a new manager)."""
+        plans = sorted(self.planbook.plans.values(), key=lambda e: (e["term"], e.get("seq", 0)))
+        return {"hostname": self.hostname, "members": self.members_view(now),
+                "plans": [{k: e[k] for k in PLAN_FIELDS} for e in plans[-MAX_PLANS:]],
+                "book": [dict(b, froms=list(b["froms"]))
+                         for _, b in sorted(self.planbook.book.items())]}
+
+    def members_view(self, now):
+        return [{"hostname": m.hostname, "startup_time": m.startup_time,
+                 "silence": round(now - max(m.last_ping, self.start), 3),
+                 "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
+                 "backup_node": m.backup_node, "failover_time": m.failover_time,
+                 "address": m.address, "port": m.port, "protocol": m.protocol,
+                 "ready": m.ready, "not_ready": list(m.not_ready)}
+                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
+
+    MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
+
+    def member_state(self, m, now):
+        """The first of MEMBER_STATES that fits member m: failed = failed by this manager,
+        or silent here for at least its failover_time while armed."""
+        silence = now - max(m.last_ping, self.start)
+        if m.left:
+            return "left"
+        if m.hostname in self.detector.failed or (
+                m.armed and _is_number(m.failover_time) and silence >= m.failover_time):
+            return "failed"
+        if m.maintenance:
+            return "maintenance"
+        return "alive" if m.armed else "unarmed"
+
+    def member_states(self, now):
+        """{state: number of members}, every state of MEMBER_STATES present."""
+        out = {k: 0 for k in self.MEMBER_STATES}
+        for m in self.members.values():
+            out[self.member_state(m, now)] += 1
+        return out
+
+    def member_list(self, now):
+        """Every member as `status` shows it (a candidate's table)."""
+        manager = self.election.manager_view(now)[0]
+        return [{"hostname": m.hostname,
+                 "role": "manager" if m.hostname == manager else
+                 "candidate" if m.hostname in self.candidates else "worker",
+                 "state": self.member_state(m, now), "armed": m.armed,
+                 "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
+                 "ready": m.ready, "not_ready": list(m.not_ready),
+                 "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
+                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
+
+
+class Link(Part):
+    """This node as a member: its pings to the 3 candidates, quorum, arming, the
+    survival rule and its fence (SPEC §3.3), maintenance and leave (§3.7)."""
+
+    def __init__(self, core, maintenance):
+        super().__init__(core)
+        self.registered = {c: False for c in self.candidates}
+        self.reach = {c: None for c in self.candidates}   # send time of last good ping
+        self.answers = {}                                  # candidate -> PingAnswer
+        self.answers_seq = 0                               # + 1 at each new answer
+        self.arming = False        # we want to be armed (quorum + manager seen)
+        self.armed = False         # ... and the watchdog has acknowledged it
+        self.fenced = False        # we fence(d): nothing is accepted or started any more
+        self.wd_missing = 0        # consecutive watchdog checks that found it gone
+        self.left = False          # our leave was acknowledged: we stop, unprotected
+        self.seq = 0               # orders our pings and leave requests (§3.7)
+        self.leaving = False       # a leave request is out
+        self.had_quorum = False
+        self.maintenance = maintenance
+        self.maintenance_asked_at = None   # `maintenance on` waiting for 2 candidates
+        self.maintenance_acks = set()
+        # our pings said left or maintenance (at that send time): we arm only once 2
+        # candidates have answered a later ping that says neither (SPEC §3.4, §3.7)
+        self.flag_at = None
+        self.clear_acks = set()
+        self.approach_since = None  # armed with exactly 2 candidates reachable since
+        self.approach_warned = False
+
+    def quorum(self, now):
+        """(quorum, the candidates reachable): logged when it changes; a `maintenance on`
+        acknowledged by 2 candidates takes effect."""
+        reach = self.reachable(now)
+        quorum = len(reach) >= 2
+        if quorum != self.had_quorum:
+            if quorum:
+                self.box.event("quorum", "NOTICE",
+                               f"quorum: reaching candidates {', '.join(reach)}",
+                               reachable=reach)
+            else:
+                self.box.event("quorum_lost", "WARNING",
+                               f"reaching {len(reach)} of 3 candidates"
+                               f"{' (' + ', '.join(reach) + ')' if reach else ''}"
+                               f"{'' if self.armed else '; not armed, so nothing to do'}",
+                               reachable=reach)
+            self.had_quorum = quorum
+        if self.maintenance_asked_at is not None and len(self.maintenance_acks) >= 2:
+            self.maintenance, self.maintenance_asked_at = True, None
+            self.box.event("maintenance", "NOTICE", "maintenance on (acknowledged by "
+                           f"{', '.join(sorted(self.maintenance_acks))}): the node is "
+                           "disarmed and will not be failed over", on=True)
+        return quorum, reach
+
+    def arm(self, now, quorum, demotions, watchdog_armed):
+        """Arming (SPEC §3.3): quorum, a manager seen, no demotion to do, no 2 views
+        that may say left or maintenance, and the watchdog's acknowledgement."""
+        if self.flag_at is not None and self.flags_clear() and self.flag_at != math.inf:
+            self.flag_at = None
+            self.box.event("note", "NOTICE", "no candidate records this node as left or in "
+                           f"maintenance any more (acknowledged by "
+                           f"{', '.join(sorted(self.clear_acks))}): it may arm")
+        if self.maintenance or self.left:
+            self.arming = self.armed = False
+        elif not self.armed:
+            self.arming = quorum and self.election.manager_view(now)[0] is not None and \
+                not demotions and self.flags_clear()
+        if self.arming and watchdog_armed and not self.armed:
+            self.armed = True
+            self.box.event("armed", "NOTICE", "armed: quorum reached, manager "
+                           f"{self.election.manager_view(now)[0]}, watchdog acknowledged")
+            self.box.action("clear_fence_record")   # the candidates have it
+            self.box.action("record_running")       # theirs is the old one
+
+    def survive(self, now, quorum, reach):
+        """The survival rule (SPEC §3.3): armed and fewer than 2 candidates reached
+        within survival_window: fence.  One candidate away from it: a warning."""
+        self.approach_warning(now, reach)
+        if self.armed and not quorum:
+            self.fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach,
+                       silence=self.silence_ages(now))
 
     def set_maintenance(self, on, now):
         """`maintenance on` takes effect once 2 candidates have had a ping saying so (then
@@ -1152,8 +1406,8 @@ class Core:
             self.maintenance_asked_at = None
             if self.maintenance:
                 self.maintenance = False
-                self._event("maintenance", "NOTICE", "maintenance off: the node arms again "
-                            "once 2 candidates have acknowledged it", on=False)
+                self.box.event("maintenance", "NOTICE", "maintenance off: the node arms again "
+                               "once 2 candidates have acknowledged it", on=False)
 
     def _flagged(self):
         """Our pings say left or maintenance."""
@@ -1188,31 +1442,13 @@ class Core:
         answered a later ping (flags_clear)."""
         self.leaving = False
 
-    def members_answer(self, now):
-        """GET members: our table, and the failover plans we hold (for a new manager)."""
-        plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0)))
-        return {"hostname": self.hostname, "members": self.members_view(now),
-                "plans": [{k: e[k] for k in PLAN_FIELDS} for e in plans[-MAX_PLANS:]],
-                "book": [dict(b, froms=list(b["froms"])) for _, b in sorted(self.book.items())]}
-
-    def members_view(self, now):
-        return [{"hostname": m.hostname, "startup_time": m.startup_time,
-                 "silence": round(now - max(m.last_ping, self.start), 3),
-                 "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
-                 "backup_node": m.backup_node, "failover_time": m.failover_time,
-                 "address": m.address, "port": m.port, "protocol": m.protocol,
-                 "ready": m.ready, "not_ready": list(m.not_ready)}
-                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
-
-    # -- member side: our pings to the candidates --------------------------------
-
     def register_body(self):
         c = self.cfg
         return {"hostname": self.hostname, "address": c.address, "port": c.port,
                 "protocol": c.protocol, "startup_time": self.startup_time,
                 "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
-                "failover_time": c.failover_time, "fenced_vms": self.fenced_vms,
-                "stopped_vms": self.stopped_vms}
+                "failover_time": c.failover_time, "fenced_vms": self.rejoin.fenced_vms,
+                "stopped_vms": self.rejoin.stopped_vms}
 
     def ping_body(self, now):
         """Our ping.  A manager sends its term at once (voters persist it), but announces
@@ -1225,10 +1461,10 @@ class Core:
         return {"hostname": self.hostname, "startup_time": self.startup_time,
                 "seq": self.seq, "left": self.left or self.leaving, "armed": self.armed,
                 "maintenance": self.maintenance or self.maintenance_asked_at is not None,
-                "manager": self.can_act(now),
-                "term": self.manager_term(now) if self.is_manager(now) else
-                self.max_manager_term, "ready": self.ready(),
-                "not_ready": self.not_ready_reasons()}
+                "manager": self.election.can_act(now),
+                "term": self.election.manager_term(now) if self.election.is_manager(now) else
+                self.election.max_manager_term, "ready": self.rejoin.ready(),
+                "not_ready": self.rejoin.not_ready_reasons()}
 
     def outgoing(self, now):
         """This round's requests: [(candidate, "register" | "ping", body)]."""
@@ -1238,9 +1474,159 @@ class Core:
     def on_register_result(self, cand, status, answer, now):
         if 200 <= (status or 0) < 300 and isinstance(answer, dict) and answer.get("ok") is True:
             self.registered[cand] = True
-            self._learn_moved(answer.get("moved_vms"))
+            self.rejoin.learn_moved(answer.get("moved_vms"))
 
-    def _learn_moved(self, moved):
+    def on_ping_result(self, cand, sent_at, status, answer, now):
+        """Record one ping outcome.  Late (> ping_timeout) or malformed answers are failures."""
+        if status == 409:
+            self.registered[cand] = False
+            return
+        if not (200 <= (status or 0) < 300) or now - sent_at > self.cfg.ping_timeout:
+            return
+        if check_fields(answer, PING_ANSWER_FIELDS) is not None:
+            return
+        self.rejoin.learn_moved(answer.get("moved_vms"))
+        prev = self.answers.get(cand)
+        if prev is not None and prev.sent_at > sent_at:
+            return
+        a = PingAnswer(answer, sent_at)
+        self.answers[cand] = a
+        self.answers_seq += 1
+        self.reach[cand] = sent_at
+        if self.maintenance_asked_at is not None and sent_at >= self.maintenance_asked_at:
+            self.maintenance_acks.add(cand)  # that ping told cand we are in maintenance
+        if self.flag_at is not None and sent_at > self.flag_at:
+            self.clear_acks.add(cand)        # that ping told cand we are neither
+        self.election.max_term_seen = max(self.election.max_term_seen, a.term, a.vote_term)
+        if not self.election.term_known and cand != self.hostname:
+            self.election.learn_term(cand, a)
+        if a.manager is not None:
+            self.election.max_manager_term = max(self.election.max_manager_term, a.term)
+
+    def reachable(self, now):
+        return [c for c in self.candidates
+                if self.reach[c] is not None and now - self.reach[c] <= self.cfg.survival_window]
+
+    def silence_ages(self, now):
+        """{candidate: seconds since the send time of its last good ping, or None}."""
+        return {c: None if self.reach[c] is None else round(now - self.reach[c], 3)
+                for c in self.candidates}
+
+    def survival_margin(self, now):
+        """Seconds until this node would fence if it heard from no candidate any more
+        (the second-newest good ping leaves the survival window); 0 without quorum."""
+        left = sorted((self.reach[c] + self.cfg.survival_window - now
+                       for c in self.reachable(now)), reverse=True)
+        return max(0.0, left[1]) if len(left) >= 2 else 0.0
+
+    def approach_warning(self, now, reach):
+        """Issue 14 item 2: armed and one candidate away from a fence for more than
+        ping_interval: one WARNING; one NOTICE when it clears.  Never decides anything."""
+        close = self.armed and len(reach) == 2
+        if not close:
+            if self.approach_warned:
+                self.box.event("fence_warning_cleared", "NOTICE",
+                               f"no longer close to a self-fence: {len(reach)} of 3 candidates "
+                               "reachable" + ("" if self.armed else " (not armed)"),
+                               reachable=reach)
+            self.approach_since, self.approach_warned = None, False
+            return
+        if self.approach_since is None:
+            self.approach_since = now
+        if not self.approach_warned and now - self.approach_since > self.cfg.ping_interval:
+            self.approach_warned = True
+            n = min(self.reach[c] + self.cfg.survival_window - now for c in reach)
+            lost = [c for c in self.candidates if c not in reach]
+            self.box.event("fence_warning", "WARNING",
+                           f"approaching self-fence: 2 of 3 candidates reachable "
+                           f"({', '.join(lost)} silent); fence in {max(0.0, n):.0f} s if one "
+                           "more is lost", reachable=reach, silence=self.silence_ages(now))
+
+    def fence(self, msg, why, **details):
+        """Fence now (§3.3): from here on no failover is accepted or started.  msg: the
+        EMERG line; why: the fence record's `reason`."""
+        self.fenced = True
+        self.box.event("self_fence", "EMERG", msg, **details)
+        self.box.action("fence", reason=why)
+
+    def check_watchdog(self, alive, now, restarting=False, pid=None):
+        """The watchdog-gone rule (§3.5), once per ping_interval: alive is what the agent
+        saw of its ha_watchdog companion (a zombie is gone).  Gone for 3 consecutive
+        checks: an armed node fences; an unarmed one starts a new watchdog (one at a
+        time: `restarting` says one is being started).  Returns nothing: actions."""
+        if self.fenced:
+            return
+        if alive:
+            self.wd_missing = 0
+            return
+        self.wd_missing += 1
+        if self.wd_missing < WATCHDOG_GONE_CHECKS:
+            return
+        if self.armed:
+            self.fence(f"ha_watchdog (PID {pid}) is gone, initiating self fencing",
+                       "ha_watchdog is gone", reason="ha_watchdog gone")
+        elif not restarting:
+            self.box.event("note", "ERROR", f"ha_watchdog (PID {pid}) is gone; node not armed, "
+                           "starting a new one")
+            self.box.action("restart_watchdog")
+
+    def running_record(self, vms=None, started=(), old=()):
+        """What state_dir/running.json must say now (§3.6): ("write", names),
+        ("remove", None) or None (leave the file as it is).
+
+        The record holds the production VMs this host runs as their parent, kept while we
+        are armed: a host that loses power leaves no fence record, and its next agent
+        sends these as `fenced_vms`, so the manager restarts those live nowhere even if
+        the host is back before failover_time.  vms: a fresh inventory (the record :=
+        its production VMs that are live here with parent_host = us); started: the VMs a
+        failover started here since that inventory was taken (it may predate the start),
+        or, without vms, the one it has just started (the record := old + it, at once:
+        the next inventory may come after a power loss).  Not armed (or leaving):
+        untouched, except in maintenance, which removes it (the node is not failed over)."""
+        if not self.armed or self.left or self.leaving:
+            return ("remove", None) if self.maintenance else None
+        if vms is None:
+            return "write", sorted(set(old) | set(started))
+        return "write", sorted(set(running_record_names(self.hostname, vms)) | set(started))
+
+
+class Rejoin(Part):
+    """Back from a fence or a power loss (SPEC §3.6): the VMs the cluster moved away
+    while we were gone are demoted here before we arm; and what this host can start
+    (issue 11: its datasets available, Hoster initialised)."""
+
+    def __init__(self, core, fenced_vms, stopped_vms):
+        super().__init__(core)
+        self.fenced_vms = list(fenced_vms)    # our fence record's VMs (register)
+        self.stopped_vms = list(stopped_vms)  # ran here before an orderly stop
+        self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
+        self.demoted = {}          # vm -> new parent, applied locally
+        self.demote_asked = {}
+        # this host's VM datasets (issue 11 item 2.1): {dataset: why unavailable} as last
+        # seen (and when); demotions the agent could not do because a dataset was
+        # unavailable ({vm: new parent}), and the datasets unavailable then
+        self.datasets_unavailable = {}
+        self.datasets_seen_at = -math.inf
+        self.host_not_ready = []   # why this host cannot start any VM (item 2.3), or []
+        self.demote_deferred = {}
+        self.deferred_for = set()
+
+    def tick(self):
+        """Ask the agent to demote the moved VMs not demoted yet (once 2 candidates have
+        answered us).  Returns them: we do not arm while any is left."""
+        # a demotion deferred for an unavailable dataset is not asked for again (until
+        # _retry_demotions) and does not keep us unarmed (the node may arm with a locked
+        # dataset; that dataset's VMs are invisible here)
+        todo = {vm: p for vm, p in self.demotion_pending().items()
+                if self.demote_deferred.get(vm) != p}
+        if todo and todo != self.demote_asked and sum(self.link.registered.values()) >= 2:
+            self.demote_asked = dict(todo)
+            # Once armed, a live copy here is ours by the cluster's own rule (we would have
+            # fenced otherwise): a lagging plan must never destroy it.
+            self.box.action("demote", vms=todo, keep_live=self.link.armed)
+        return todo
+
+    def learn_moved(self, moved):
         """moved_vms from a register or ping answer: {vm_name, new_parent, term, seq} of
         the latest plan of each VM that once left us.  Candidates may lag behind one
         another: per VM the entry of the newest plan (term, seq) wins, including one that
@@ -1267,11 +1653,11 @@ class Core:
         if deferred:
             self.demote_deferred.update(deferred)
             self.deferred_for = set(unavailable or ())
-            self._event("note", "NOTICE", "demotion of "
-                        + ", ".join(f"{vm} (moved to {p})" for vm, p in sorted(deferred.items()))
-                        + " waits: no copy is visible while dataset(s) "
-                        + ", ".join(sorted(self.deferred_for)) + " are unavailable here",
-                        deferred=dict(deferred))
+            self.box.event("note", "NOTICE", "demotion of "
+                           + ", ".join(f"{vm} (moved to {p})" for vm, p in sorted(deferred.items()))
+                           + " waits: no copy is visible while dataset(s) "
+                           + ", ".join(sorted(self.deferred_for)) + " are unavailable here",
+                           deferred=dict(deferred))
         if unavailable is not None and seen_at is not None:
             self.set_datasets(unavailable, seen_at)
         self._retry_demotions()
@@ -1286,10 +1672,10 @@ class Core:
     def _retry_demotions(self):
         if self.demote_deferred and self.demote_retry(self.deferred_for,
                                                       self.datasets_unavailable):
-            self._event("note", "NOTICE", "dataset(s) available again: demoting "
-                        + ", ".join(f"{vm} (moved to {p})"
-                                    for vm, p in sorted(self.demote_deferred.items()))
-                        + " before anything else")
+            self.box.event("note", "NOTICE", "dataset(s) available again: demoting "
+                           + ", ".join(f"{vm} (moved to {p})"
+                                       for vm, p in sorted(self.demote_deferred.items()))
+                           + " before anything else")
             # the next tick asks for them again
             self.demote_deferred, self.demote_asked = {}, {}
 
@@ -1304,13 +1690,13 @@ class Core:
         new = dict(unavailable)
         old, self.datasets_unavailable = self.datasets_unavailable, new
         for ds in sorted(set(new) - set(old)):
-            self._event("dataset_unavailable", "WARNING",
-                        f"dataset {ds} is unavailable: {new[ds]}; its VMs are invisible "
-                        "here: this node is not a failover target for them, and demotions "
-                        "of VMs moved away wait for it", dataset=ds, reason=new[ds])
+            self.box.event("dataset_unavailable", "WARNING",
+                           f"dataset {ds} is unavailable: {new[ds]}; its VMs are invisible "
+                           "here: this node is not a failover target for them, and demotions "
+                           "of VMs moved away wait for it", dataset=ds, reason=new[ds])
         for ds in sorted(set(old) - set(new)):
-            self._event("dataset_available", "NOTICE", f"dataset {ds} is available again",
-                        dataset=ds)
+            self.box.event("dataset_available", "NOTICE", f"dataset {ds} is available again",
+                           dataset=ds)
         self._retry_demotions()
 
     def set_host_readiness(self, reasons):
@@ -1319,12 +1705,12 @@ class Core:
         reasons = list(reasons)
         if reasons != self.host_not_ready:
             if reasons:
-                self._event("not_ready", "WARNING", "this node cannot start VMs: "
-                            + "; ".join(reasons) + " (it is not a failover target)",
-                            not_ready=reasons)
+                self.box.event("not_ready", "WARNING", "this node cannot start VMs: "
+                               + "; ".join(reasons) + " (it is not a failover target)",
+                               not_ready=reasons)
             else:
-                self._event("ready", "NOTICE", "this node can start VMs again (Hoster "
-                            "initialised, vmm present)")
+                self.box.event("ready", "NOTICE", "this node can start VMs again (Hoster "
+                               "initialised, vmm present)")
         self.host_not_ready = reasons
 
     def not_ready_reasons(self, dataset=None):
@@ -1343,335 +1729,148 @@ class Core:
         return {vm: p for vm, (_, p) in self.moved.items()
                 if p not in (None, self.hostname) and self.demoted.get(vm) != p}
 
-    def on_ping_result(self, cand, sent_at, status, answer, now):
-        """Record one ping outcome.  Late (> ping_timeout) or malformed answers are failures."""
-        if status == 409:
-            self.registered[cand] = False
-            return
-        if not (200 <= (status or 0) < 300) or now - sent_at > self.cfg.ping_timeout:
-            return
-        if check_fields(answer, PING_ANSWER_FIELDS) is not None:
-            return
-        self._learn_moved(answer.get("moved_vms"))
-        prev = self.answers.get(cand)
-        if prev is not None and prev.sent_at > sent_at:
-            return
-        a = PingAnswer(answer, sent_at)
-        self.answers[cand] = a
-        self.reach[cand] = sent_at
-        if self.maintenance_asked_at is not None and sent_at >= self.maintenance_asked_at:
-            self.maintenance_acks.add(cand)  # that ping told cand we are in maintenance
-        if self.flag_at is not None and sent_at > self.flag_at:
-            self.clear_acks.add(cand)        # that ping told cand we are neither
-        self.max_term_seen = max(self.max_term_seen, a.term, a.vote_term)
-        if not self.term_known and cand != self.hostname:
-            self._learn_term(cand, a)
-        if a.manager is not None:
-            self.max_manager_term = max(self.max_manager_term, a.term)
 
-    def _learn_term(self, cand, a):
-        """Our term file was lost: learn the terms the other two candidates persisted
-        (term_seen) before we vote.  An acting manager's term was persisted by 2 of the 3
-        voters, so one of the other two holds it; then our grants are above it again."""
-        self.term_heard.add(cand)
-        self.max_term_seen = max(self.max_term_seen, a.term_seen)
-        if self.term_heard >= set(self.candidates) - {self.hostname}:
-            self.term_known = True
-            self.persisted_term = max(self.persisted_term, self.max_term_seen)
-            self.out.append({"kind": "persist_term", "term": self.persisted_term})
-            self._event("note", "NOTICE", f"term file was lost: learnt term "
-                        f"{self.persisted_term} from {', '.join(sorted(self.term_heard))}; "
-                        "voting again")
+class PlanBook(Part):
+    """The failover plans a candidate holds (replicated by the manager before any
+    start, SPEC §3.4) and the book: per VM its latest done plan and every host a done
+    plan moved it from, kept for good (where a VM last ran).  Written to
+    state_dir/plans.json before an acknowledgement leaves."""
 
-    # -- votes, leases, terms (§3.2) --------------------------------------------
+    def __init__(self, core, plans_state):
+        super().__init__(core)
+        self.plans = {}            # uid -> failover plan entry (replicated by the manager)
+        # vm -> its latest done plan, plus "froms": every host a done plan moved it from.
+        # One entry per VM, kept for good (not capped like plans): where a VM last ran
+        # (SPEC §3.4).  Written to state_dir/plans.json with the plans.
+        self.book = {}
+        self.plans_dirty = False
+        if self.is_candidate and isinstance(plans_state, dict):
+            for e in plans_state.get("plans") or []:
+                if check_plan_entry(e) is None:
+                    self.plans[e["uid"]] = {k: e[k] for k in PLAN_FIELDS}
+            for e in plans_state.get("book") or []:
+                self.store_book(e)
+        if self.is_candidate:
+            self.box.saved["plans.json"] = self.data()
+        self.plans_dirty = False
 
-    def valid_votes(self, now):
-        """{voter: term} of the votes for this incarnation that are still valid here."""
-        votes = {}
+    def data(self):
+        plans = sorted(self.plans.values(), key=lambda e: (e["term"], e.get("seq", 0), e["uid"]))
+        return {"plans": [dict(e) for e in plans],
+                "book": [dict(e, froms=list(e["froms"])) for _, e in sorted(self.book.items())]}
+
+    def persist(self):
+        if self.is_candidate and self.plans_dirty:
+            self.plans_dirty = False
+            self.box.persist("plans.json", self.data())
+
+    def store_plan(self, entry):
+        old = self.plans.get(entry["uid"])
+        rank = {"planned": 0, "abandoned": 1, "failed": 1, "done": 2}
+        if old is None or rank.get(entry["state"], 0) > rank.get(old["state"], 0):
+            self.plans[entry["uid"]] = {k: entry.get(k, 0) for k in PLAN_FIELDS}
+            self.plans_dirty = True
+            self.book_done(entry)
+        if len(self.plans) > MAX_PLANS:
+            done = sorted((e["term"], e["seq"], u) for u, e in self.plans.items()
+                          if e["state"] != "planned")
+            for _, _, u in done[:len(self.plans) - MAX_PLANS]:
+                del self.plans[u]
+
+    def book_done(self, e):
+        """A done plan goes into the book (where its VM last ran)."""
+        if e["state"] == "done":
+            self.store_book(dict({k: e[k] for k in PLAN_FIELDS}, froms=[e["from"]]))
+
+    def store_book(self, b):
+        """Merge one book entry (a done plan with "froms"): the newest plan (term, seq) of
+        its VM wins; the hosts it was moved from accumulate."""
+        froms = b.get("froms") if isinstance(b, dict) else None
+        if check_plan_entry(b) is not None or b["state"] != "done" or \
+                not isinstance(froms, list) or not all(valid_hostname(h) for h in froms):
+            return
+        old = self.book.get(b["vm"])
+        new = dict({k: b[k] for k in PLAN_FIELDS}, froms=sorted(set(froms)))
+        if old is not None:
+            if (old["term"], old["seq"]) > (b["term"], b["seq"]):
+                new = dict(old)
+            new["froms"] = sorted(set(old["froms"]) | set(froms))
+        if new != old:
+            self.book[b["vm"]] = new
+            self.plans_dirty = True
+
+    def handle_plan(self, body, now):
         if not self.is_candidate:
-            return votes
-        v = self.vote
-        if v is not None and v.holder == self.hostname and v.holder_startup == self.startup_time:
-            votes[self.hostname] = v.term
-        for c, a in self.answers.items():
-            if c == self.hostname:
-                continue  # our own vote counts from our own state, above
-            lease = min(a.vote_lease, self.cfg.vote_lease)
-            if (a.vote == self.hostname and a.vote_startup_time == self.startup_time
-                    and now < a.sent_at + 0.9 * lease):
-                votes[c] = a.vote_term
-        return votes
+            return 404, {"error": "this node is not a candidate"}
+        if body["term"] < self.election.max_manager_term:
+            return 409, {"error": f"stale term {body['term']} (highest seen "
+                                  f"{self.election.max_manager_term})"}
+        self.election.max_manager_term = body["term"]
+        for e in body["entries"]:
+            self.store_plan(e)
+        self.persist()   # written before the acknowledgement leaves
+        return 200, {"ok": True, "stored": len(body["entries"])}
 
-    def is_manager(self, now):
-        return len(self.valid_votes(now)) >= 2
+    def latest_plans(self, states):
+        """{vm: the newest plan (by term, seq) among those in `states`}; done plans include
+        the book's (kept for good, across restarts)."""
+        latest = {}
+        book = list(self.book.values()) if "done" in states else []
+        for e in list(self.plans.values()) + book:
+            if e["state"] in states:
+                old = latest.get(e["vm"])
+                if old is None or (e["term"], e.get("seq", 0)) > (old["term"], old.get("seq", 0)):
+                    latest[e["vm"]] = e
+        return latest
 
-    def manager_term(self, now, votes=None):
-        """The highest term among our valid votes, never below a term we already acted
-        with (a lapsed high-term vote must not lower it: candidates would refuse us).
-        votes: valid_votes(now), if the caller has them already."""
-        votes = self.valid_votes(now) if votes is None else votes
-        return max(max(votes.values()), self.term_floor) if len(votes) >= 2 else 0
+    def moved_vms(self, host):
+        """VMs moved away from host (§3.6): for each VM that a done plan once moved from it,
+        the target of its latest plan, done or still planned, with that plan's term and seq.
+        The target may be host again (the VM came back), and new_parent is None while the
+        latest plan is still planned (its outcome unknown here): either way an older entry
+        from a lagging candidate is void.  A plan is held by 2 candidates before any
+        start, so any 2 candidates' answers include its entry."""
+        latest = self.latest_plans(("done", "planned"))
+        left = {e["vm"] for e in self.plans.values() if e["state"] == "done" and e["from"] == host}
+        left |= {vm for vm, b in self.book.items() if host in b["froms"]}
+        return [{"vm_name": vm, "new_parent": latest[vm]["to"] if latest[vm]["state"] == "done"
+                 else None, "term": latest[vm]["term"], "seq": latest[vm].get("seq", 0)}
+                for vm in sorted(left)]
 
-    def acting_term(self, now):
-        """The term we act with if we can act (can_act), else None: one look at the votes."""
-        votes = self.valid_votes(now)
-        if len(votes) < 2:
-            return None
-        term = self.manager_term(now, votes)
-        acked = [v for v in votes if (self.persisted_term if v == self.hostname
-                                      else self.answers[v].term_seen) >= term]
-        return term if len(acked) >= 2 else None
 
-    def can_act(self, now):
-        """Manager, and at least 2 of the voters have persisted our term (term_seen).
+class Detector(Part):
+    """The manager's failure detection (SPEC §3.4 step 1): the other candidates' views
+    (GET members), which members failed, and what needs a failover job: the sources
+    (a failed member, a member back with a fence record or from an orderly stop) and
+    the episodes that are settled or retried later."""
 
-        Any later manager's majority shares one of those voters, whose later grant is
-        then above our term: the terms of managers that act strictly increase."""
-        return self.acting_term(now) is not None
+    def __init__(self, core):
+        super().__init__(core)
+        self.views = {}            # other candidate -> (received_at, {member: view})
+        self.view_asked = {}       # candidate -> when refresh_views last asked it
+        self.failed = {}           # failed member -> its startup_time
+        self.settled = set()       # episodes (episode()) whose failover is done
+        self.settled_seen = {}     # settled episode -> the members whose inventory it had
+        self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
 
-    def manager_view(self, now):
-        """(manager hostname or None, term) as this node sees it."""
-        term = self.acting_term(now)
-        if term is not None:
-            return self.hostname, term
-        best = (None, 0)
-        if self.is_candidate:
-            for c, (term, at) in self.announced.items():
-                if now - at <= self.cfg.vote_lease and term >= best[1] and c != self.hostname:
-                    best = (c, term)
-        else:
-            for a in self.answers.values():
-                if a.manager is not None and now - a.sent_at <= self.cfg.vote_lease \
-                        and a.term >= best[1]:
-                    best = (a.manager, a.term)
-        return best
-
-    def _update_vote(self, now):
-        if now - self.start < self.cfg.vote_lease:
-            return  # we may have voted before we restarted: let that lease run out
-        if not self.term_known:
-            return  # our term file was lost: no vote before _learn_term
-        alive = {self.hostname: self.startup_time}
-        for c in self.candidates:
-            m = self.members.get(c)
-            if c != self.hostname and m is not None and \
-                    now - m.last_ping <= self.cfg.survival_window:
-                alive[c] = m.startup_time
-        pref = min(alive, key=lambda h: (alive[h], h))
-        v = self.vote
-        if v is not None and v.holder == self.hostname:
-            v.renewed_at = now
-        if v is not None and v.holder == pref and v.holder_startup == alive[pref]:
-            return
-        if v is None or v.holder == self.hostname or now - v.renewed_at >= self.cfg.vote_lease:
-            term = max(self.persisted_term, self.max_term_seen) + 1
-            self._see_term(term)
-            self.vote = Vote(pref, alive[pref], term, now)
-            self._event("vote", "NOTICE", f"vote granted to {pref} (term {term})",
-                        holder=pref, holder_startup=alive[pref], term=term)
-
-    # -- the tick: election, arming, survival rule (§3.3) --------------------------
-
-    def reachable(self, now):
-        return [c for c in self.candidates
-                if self.reach[c] is not None and now - self.reach[c] <= self.cfg.survival_window]
-
-    def tick(self, now, watchdog_armed=False):
-        """Advance to `now`.  watchdog_armed: the watchdog has acknowledged our armed state."""
-        if self.fenced:
-            return
-        self._see_term(self.max_term_seen)
-        if self.is_candidate:
-            self._update_vote(now)
-        if self.is_manager(now):
-            self._see_term(self.manager_term(now))
-        manager = self.can_act(now)
-        if manager:
-            self.term_floor = self.manager_term(now)
-        if manager and not self.was_manager:
-            self.manager_since = now
-            term = self.manager_term(now)
-            self.max_manager_term = max(self.max_manager_term, term)
-            self._event("manager_elected", "NOTICE",
-                        f"this node is now the manager (term {term}, votes from "
-                        f"{', '.join(sorted(self.valid_votes(now)))})", term=term)
-        elif self.was_manager and not manager:
-            self.manager_since = None
-            self._event("manager_lost", "NOTICE",
-                        "this node is no longer the manager (lost its majority of votes)")
-        self.was_manager = manager
-        seen = self.manager_view(now)[0]
-        if seen != self.view[0]:
-            self.view, self.view_since = (seen, now), now
-        if not manager:
-            self.job = None
-            self.prot, self.protection = None, {}
-        elif now >= self.next_manager_round:
-            self.next_manager_round = now + self.cfg.ping_interval
-            self._manager_round(now)
-        else:
-            self._refresh_views(now)
-        self._persist_plans()
-
-        reach = self.reachable(now)
-        quorum = len(reach) >= 2
-        if quorum != self.had_quorum:
-            if quorum:
-                self._event("quorum", "NOTICE", f"quorum: reaching candidates {', '.join(reach)}",
-                            reachable=reach)
-            else:
-                self._event("quorum_lost", "WARNING",
-                            f"reaching {len(reach)} of 3 candidates"
-                            f"{' (' + ', '.join(reach) + ')' if reach else ''}"
-                            f"{'' if self.armed else '; not armed, so nothing to do'}",
-                            reachable=reach)
-            self.had_quorum = quorum
-
-        if self.maintenance_asked_at is not None and len(self.maintenance_acks) >= 2:
-            self.maintenance, self.maintenance_asked_at = True, None
-            self._event("maintenance", "NOTICE", "maintenance on (acknowledged by "
-                        f"{', '.join(sorted(self.maintenance_acks))}): the node is disarmed "
-                        "and will not be failed over", on=True)
-        # a demotion deferred for an unavailable dataset is not asked for again (until
-        # _retry_demotions) and does not keep us unarmed (the node may arm with a locked
-        # dataset; that dataset's VMs are invisible here)
-        todo = {vm: p for vm, p in self.demotion_pending().items()
-                if self.demote_deferred.get(vm) != p}
-        if todo and todo != self.demote_asked and sum(self.registered.values()) >= 2:
-            self.demote_asked = dict(todo)
-            # Once armed, a live copy here is ours by the cluster's own rule (we would have
-            # fenced otherwise): a lagging plan must never destroy it.
-            self.out.append({"kind": "demote", "vms": todo, "keep_live": self.armed})
-        if self.flag_at is not None and self.flags_clear() and self.flag_at != math.inf:
-            self.flag_at = None
-            self._event("note", "NOTICE", "no candidate records this node as left or in "
-                        f"maintenance any more (acknowledged by "
-                        f"{', '.join(sorted(self.clear_acks))}): it may arm")
-        if self.maintenance or self.left:
-            self.arming = self.armed = False
-        elif not self.armed:
-            self.arming = quorum and self.manager_view(now)[0] is not None and \
-                not todo and self.flags_clear()
-        if self.arming and watchdog_armed and not self.armed:
-            self.armed = True
-            self._event("armed", "NOTICE", "armed: quorum reached, manager "
-                        f"{self.manager_view(now)[0]}, watchdog acknowledged")
-            self.out.append({"kind": "clear_fence_record"})   # the candidates have it
-            self.out.append({"kind": "record_running"})       # theirs is the old one
-
-        self._approach_warning(now, reach)
-        if self.armed and not quorum:
-            self._fence(EMERG_BELOW_2, EMERG_BELOW_2, reachable=reach,
-                        silence=self.silence_ages(now))
-
-    def silence_ages(self, now):
-        """{candidate: seconds since the send time of its last good ping, or None}."""
-        return {c: None if self.reach[c] is None else round(now - self.reach[c], 3)
-                for c in self.candidates}
-
-    def survival_margin(self, now):
-        """Seconds until this node would fence if it heard from no candidate any more
-        (the second-newest good ping leaves the survival window); 0 without quorum."""
-        left = sorted((self.reach[c] + self.cfg.survival_window - now
-                       for c in self.reachable(now)), reverse=True)
-        return max(0.0, left[1]) if len(left) >= 2 else 0.0
-
-    def _approach_warning(self, now, reach):
-        """Issue 14 item 2: armed and one candidate away from a fence for more than
-        ping_interval: one WARNING; one NOTICE when it clears.  Never decides anything."""
-        close = self.armed and len(reach) == 2
-        if not close:
-            if self.approach_warned:
-                self._event("fence_warning_cleared", "NOTICE",
-                            f"no longer close to a self-fence: {len(reach)} of 3 candidates "
-                            "reachable" + ("" if self.armed else " (not armed)"),
-                            reachable=reach)
-            self.approach_since, self.approach_warned = None, False
-            return
-        if self.approach_since is None:
-            self.approach_since = now
-        if not self.approach_warned and now - self.approach_since > self.cfg.ping_interval:
-            self.approach_warned = True
-            n = min(self.reach[c] + self.cfg.survival_window - now for c in reach)
-            lost = [c for c in self.candidates if c not in reach]
-            self._event("fence_warning", "WARNING",
-                        f"approaching self-fence: 2 of 3 candidates reachable "
-                        f"({', '.join(lost)} silent); fence in {max(0.0, n):.0f} s if one "
-                        "more is lost", reachable=reach, silence=self.silence_ages(now))
-
-    # -- failover (§3.4): the manager's requests and what it does with the answers --------
-    #
-    # The manager sends requests as {"kind": "send", "id", "to", "peer", "method",
-    # "name", "body", "timeout"} actions; the caller delivers each answer (or its failure,
-    # status None) to on_response(id, ...).  Plans are replicated to the other candidates
-    # before any start, and every command carries the manager's term.
-
-    def _send(self, to, peer, method, name, body, timeout, purpose):
-        self.next_id += 1
-        self.pending[self.next_id] = purpose
-        self.out.append({"kind": "send", "id": self.next_id, "to": to, "peer": peer,
-                         "method": method, "name": name, "body": body, "timeout": timeout,
-                         "purpose": purpose[0]})
-
-    def _once(self, key, level, msg, event=None, **details):
-        """Log (and record) something only once per key: a state, not a repeat."""
-        if key in self.said:
-            return
-        self.said.add(key)
-        self._event(event or "note", level, msg, **details)
-
-    def on_response(self, rid, status, answer, now):
-        purpose = self.pending.pop(rid, None)
-        if purpose is not None:
-            getattr(self, "_on_" + purpose[0])(purpose, status, answer, now)
-            self._persist_plans()
-
-    def _manager_round(self, now):
-        t = self.cfg
-        for c in self.candidates:
-            if c != self.hostname and ("members", c) not in self.pending.values():
-                self._send(c, t.candidate(c), "GET", "members", None, t.ping_timeout,
-                           ("members", c))
-        self._decide(now)
-
-    def _refresh_views(self, now):
+    def refresh_views(self, now):
         """Ask a candidate for its view again as soon as that view, aged by the time since
         it came, shows a member crossing its failover_time (issue 13 item 3): detection
         then waits for one round trip instead of the next round.  Only a fresh view, and
         at most every ping_interval / 4 per candidate; the answer decides
-        (_on_members), never the prediction."""
+        (on_members), never the prediction."""
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
         for c, (at, view) in sorted(self.views.items()):
-            if now - at > limit or ("members", c) in self.pending.values() or \
+            if now - at > limit or self.box.asking(("members", c)) or \
                     now - self.view_asked.get(c, -math.inf) < self.cfg.ping_interval / 4:
                 continue
             if any(r["silence"] < r["failover_time"] <= r["silence"] + (now - at) and
                    h not in self.failed for h, r in view.items()):
                 self.view_asked[c] = now
-                self._send(c, self.cfg.candidate(c), "GET", "members", None,
-                           self.cfg.ping_timeout, ("members", c))
+                self.box.send(c, self.cfg.candidate(c), "GET", "members", None,
+                              self.cfg.ping_timeout, ("members", c), self.on_members)
 
-    def _decide(self, now):
-        """Failure detection and the next job, on the views at hand (every round, and
-        whenever another candidate's view arrives)."""
-        t = self.cfg
-        self._detect_failures(now)
-        self._check_inherited_plans(now)
-        wait = t.watchdog_timeout + t.fence_timeout + 2 * t.ping_interval
-        if self.job is None and now - self.manager_since >= wait:
-            sources = self._sources(now)
-            if sources:
-                self._start_job(now, sources)
-            else:
-                restart = self._restart_source(now)
-                if restart:
-                    self._start_job(now, restart[1], restart=restart[0])
-        # protection too waits until the members had time to register and arm
-        if self.job is None and self.prot is None and now >= self.protect_at and \
-                now - self.manager_since >= wait:
-            self._protection_round(now)
-
-    def _on_members(self, purpose, status, answer, now):
+    def on_members(self, purpose, status, answer, now):
         if status != 200 or not isinstance(answer, dict) or \
                 not isinstance(answer.get("members"), list):
             return
@@ -1683,30 +1882,30 @@ class Core:
         plans = answer.get("plans")
         for e in plans if isinstance(plans, list) else []:
             if check_plan_entry(e) is None:
-                self._store_plan(e)
+                self.planbook.store_plan(e)
         book = answer.get("book")
         for b in book if isinstance(book, list) else []:
-            self._store_book(b)
-        if fresh and self.manager_since is not None and self.can_act(now):
-            self._decide(now)   # a member may have failed: do not wait for the round
+            self.planbook.store_book(b)
+        if fresh and self.election.manager_since is not None and self.election.can_act(now):
+            self.manager.decide(now)   # a member may have failed: do not wait for the round
 
-    def _fresh_views(self, now):
-        own = {m["hostname"]: m for m in self.members_view(now)}
+    def fresh_views(self, now):
+        own = {m["hostname"]: m for m in self.table.members_view(now)}
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
         return [own] + [v for at, v in self.views.values() if now - at <= limit]
 
     def _silence_reports(self, h, now):
         """{candidate: the silence of member h it reported in its fresh view}."""
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
-        out = {self.hostname: round(now - max(self.members[h].last_ping, self.start), 3)} \
-            if h in self.members else {}
+        out = {self.hostname: round(now - max(self.table.members[h].last_ping, self.start), 3)} \
+            if h in self.table.members else {}
         for c, (at, view) in sorted(self.views.items()):
             if now - at <= limit and h in view:
                 out[c] = view[h]["silence"]
         return out
 
-    def _detect_failures(self, now):
-        views = self._fresh_views(now)
+    def detect_failures(self, now):
+        views = self.fresh_views(now)
         failed = {}
         for h in sorted(set().union(*views)):
             reports = [v[h] for v in views if h in v]
@@ -1724,68 +1923,34 @@ class Core:
                 "it was not armed" if sum(not r["armed"] for r in silent) >= 2 else
                 "fewer than 2 candidates report it armed, not left and not in maintenance")
             if why:
-                self._once(("not_failed", h, st), "NOTICE",
-                           f"member {h} is silent for {silent[0]['silence']:.0f} s, but {why}: "
-                           "its VMs are not failed over", member=h)
+                self.box.once(("not_failed", h, st), "NOTICE",
+                              f"member {h} is silent for {silent[0]['silence']:.0f} s, but {why}: "
+                              "its VMs are not failed over", member=h)
                 continue
             failed[h] = st
             if self.failed.get(h) != st:
-                self._event("member_failed", "NOTICE",
-                            f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
-                            f"on {len(silent)} candidates", member=h, startup_time=st,
-                            silence=self._silence_reports(h, now),
-                            reachable_candidates=self.reachable(now))
-        if set(failed) - set(self.failed) and self.prot is not None:
+                self.box.event("member_failed", "NOTICE",
+                               f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
+                               f"on {len(silent)} candidates", member=h, startup_time=st,
+                               silence=self._silence_reports(h, now),
+                               reachable_candidates=self.link.reachable(now))
+        if set(failed) - set(self.failed) and self.protector.prot is not None:
             # a protection round waiting for a member that failed would wait out its
             # inventory timeout and then judge from a cluster that no longer exists: the
             # round after the failover job counts
-            self.prot = None
-            self.protect_at = now
+            self.protector.prot = None
+            self.protector.protect_at = now
         self.failed = failed
-        if self.job is not None:
-            self._drop_failed(now)
+        if self.manager.job is not None:
+            self.manager.drop_failed(now)
 
-    def _drop_failed(self, now):
-        """A member of the running job failed meanwhile: stop waiting for it.  Its
-        inventory is not needed any more (it is fenced: nothing runs there), and the
-        plans that target it are abandoned; its own job (next) re-places their VMs."""
-        job = self.job
-        gone = set(self.failed) & (set(job["members"]) | job["waiting"])
-        if not gone:
-            return
-        for h in sorted(gone):
-            job["members"].pop(h, None)
-            job["inv"].pop(h, None)
-            job["waiting"].discard(h)
-        lost = [u for u in job["queue"] + sorted(job["inflight"]) if self.plans[u]["to"] in gone]
-        for uid in lost:
-            e = self.plans[uid]
-            e["state"] = "abandoned"
-            self._event("note", "WARNING", f"plan {uid} (VM {e['vm']} -> {e['to']}) abandoned: "
-                        f"{e['to']} failed; its VMs are placed by its own failover")
-            self._replicate([e], None)
-        job["queue"] = [u for u in job["queue"] if u not in lost]
-        job["inflight"] -= set(lost)
-        for uid, targets in self.plan_targets.items():
-            self.plan_targets[uid] = [t for t in targets if t not in gone]
-        for rid, purpose in list(self.pending.items()):
-            if purpose[0] == "failover" and purpose[2] in lost or \
-                    purpose[0] == "vms" and purpose[2] in gone:
-                del self.pending[rid]  # a late answer changes nothing
-        if job["waiting"]:
-            return
-        if "unplaced" not in job:
-            self._plan(now)        # every inventory is in: plan
-        elif job["acked"]:
-            self._pump(now)        # the starts still running decide when it ends
-
-    def _sources(self, now):
+    def sources(self, now):
         """{host: VM names} whose VMs may need a new home, not yet settled: a failed
         member's fence record and the VMs whose latest plan moved them to it (their copies
         elsewhere still name the previous owner), or a rejoined member's fence record."""
         sources = {}
         moved_to = {}
-        for vm, e in self._latest_plans(("planned", "done", "failed", "abandoned")).items():
+        for vm, e in self.planbook.latest_plans(("planned", "done", "failed", "abandoned")).items():
             moved_to.setdefault(e["to"], set()).add(vm)
         present = None
         for h, st in self.failed.items():
@@ -1795,30 +1960,31 @@ class Core:
                 # unknown then) is here now: its copies may name h as their parent (a VM
                 # the job could not see), so h's failover runs once more with it
                 if present is None:
-                    present = {x for v in self._fresh_views(now) for x, r in v.items()
+                    present = {x for v in self.fresh_views(now) for x, r in v.items()
                                if x not in self.failed and not r["left"]}
                 if present - self.settled_seen[ep]:
                     self.settled.discard(ep)
             if ("failed", h, st) not in self.settled and \
                     self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
-                sources[h] = self._fenced_vms(h) | moved_to.get(h, set())
-        for m in self.members.values():
+                sources[h] = self.fence_record(h) | moved_to.get(h, set())
+        for m in self.table.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
                     ("rejoin", m.hostname, m.startup_time) not in self.settled:
                 if not m.armed:  # it usually holds the newest data: let it arm first
-                    self._once(("rejoin_wait", m.hostname, m.startup_time), "NOTICE",
-                               f"member {m.hostname} rejoined with fenced VMs "
-                               f"{', '.join(sorted(m.fenced_vms))}; placing them once it is armed")
+                    self.box.once(("rejoin_wait", m.hostname, m.startup_time), "NOTICE",
+                                  f"member {m.hostname} rejoined with fenced VMs "
+                                  f"{', '.join(sorted(m.fenced_vms))}; placing them once it "
+                                  "is armed")
                     continue
-                if self.retry_at.get(self._episode(m.hostname), (now, 0))[0] <= now:
+                if self.retry_at.get(self.episode(m.hostname), (now, 0))[0] <= now:
                     sources[m.hostname] = set(m.fenced_vms)
         return sources
 
-    def _restart_source(self, now):
+    def restart_source(self, now):
         """(episode, {member: VMs}) for one member back from an orderly stop with VMs to
         start again (issue 14 item 5): armed (so done with its demotions), not in
         maintenance, not left; or None."""
-        for m in sorted(self.members.values(), key=lambda m: m.hostname):
+        for m in sorted(self.table.members.values(), key=lambda m: m.hostname):
             ep = ("restart", m.hostname, m.startup_time)
             if m.stopped_vms and m.armed and not (m.maintenance or m.left) and \
                     m.hostname not in self.failed and ep not in self.settled and \
@@ -1826,26 +1992,26 @@ class Core:
                 return ep, {m.hostname: set(m.stopped_vms)}
         return None
 
-    def _fenced_vms(self, h):
+    def fence_record(self, h):
         """The fence record of failed member h's failed incarnation."""
-        m = self.members.get(h)
+        m = self.table.members.get(h)
         return set(m.fenced_vms or []) if m and m.startup_time == self.failed.get(h) else set()
 
-    def _episode(self, h):
+    def episode(self, h):
         """What a failover job for source h handles: its failure, or its rejoin (with a
         fence record).  Separate keys: a host back from a fence may fail again."""
         if h in self.failed:
             return ("failed", h, self.failed[h])
-        m = self.members.get(h)
+        m = self.table.members.get(h)
         return ("rejoin", h, m.startup_time if m else None)
 
-    def _live_members(self, now):
+    def live_members(self, now):
         """({member: a view of it} of every member neither failed nor left, {left}).
         A member has left when 2 fresh views say so (a leave takes effect with 2
         acknowledgements, so it shows in any 2 of 3 views; with fewer views, one is
         enough): a refused leave's stale flag on one candidate must not hide the
         member's VMs (they would be skipped as a left member's, for good)."""
-        views = self._fresh_views(now)
+        views = self.fresh_views(now)
         need = 2 if len(views) >= 3 else 1
         hosts, says_left = {}, {}
         for view in views:
@@ -1858,19 +2024,34 @@ class Core:
         return {h: r for h, r in hosts.items() if h not in left}, left
 
     @staticmethod
-    def _eligible(members):
+    def eligible(members):
         """{member: may it receive VMs} (SPEC §3.4 step 2)."""
         return {h: r["armed"] and not (r["maintenance"] or r["backup_node"] or r["left"])
                 for h, r in members.items()}
 
-    def _protection_round(self, now):
+
+class Protection(Part):
+    """The manager's protection round (issue 14 item 1): would each production VM
+    survive its host's failure?  Every few rounds, and right after a failover job."""
+
+    def __init__(self, core, now):
+        super().__init__(core)
+        # {vm: vm_protection entry} from the last complete round, the round under way
+        # (its inventories) and when the next one is due
+        self.protection = {}
+        self.prot = None
+        self.protect_at = now
+        self.seq = 0
+
+    def protection_round(self, now):
         """Ask every live member for its VMs, then decide each production VM's protection."""
         self.protect_at = now + min(PROTECTION_INTERVAL, 10 * self.cfg.ping_interval)
-        hosts, _ = self._live_members(now)
-        self.job_seq += 1
-        self.prot = {"id": self.job_seq, "members": hosts, "inv": {}, "waiting": set(hosts)}
+        hosts, _ = self.detector.live_members(now)
+        self.seq += 1
+        self.prot = {"id": self.seq, "members": hosts, "inv": {}, "waiting": set(hosts)}
         for h, r in sorted(hosts.items()):
-            self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("pvms", self.job_seq, h))
+            self.box.send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("pvms", self.seq, h),
+                          self._on_pvms)
         if not hosts:
             self.prot = None
 
@@ -1885,127 +2066,242 @@ class Core:
         if p["waiting"]:
             return
         self.prot = None
-        result = vm_protection(p["inv"], self._eligible(p["members"]),
+        result = vm_protection(p["inv"], self.detector.eligible(p["members"]),
                                self.cfg.max_replica_age)
         for vm, r in result.items():
             was = self.protection.get(vm)
             if not r["protected"] and (was is None or was["protected"]):
-                self._event("vm_unprotected", "WARNING",
-                            f"VM {vm} is not protected: {r['protection']} (it would not come "
-                            f"back if {r['host'] or 'its host'} failed)", vm_name=vm,
-                            reason=r["protection"], host=r["host"],
-                            replica_age_seconds=r["replica_age_seconds"])
+                self.box.event("vm_unprotected", "WARNING",
+                               f"VM {vm} is not protected: {r['protection']} (it would not come "
+                               f"back if {r['host'] or 'its host'} failed)", vm_name=vm,
+                               reason=r["protection"], host=r["host"],
+                               replica_age_seconds=r["replica_age_seconds"])
             elif r["protected"] and was is not None and not was["protected"]:
-                self._event("vm_protected", "NOTICE", f"VM {vm} is protected again",
-                            vm_name=vm, host=r["host"],
-                            replica_age_seconds=r["replica_age_seconds"])
+                self.box.event("vm_protected", "NOTICE", f"VM {vm} is protected again",
+                               vm_name=vm, host=r["host"],
+                               replica_age_seconds=r["replica_age_seconds"])
         self.protection = result
+
+
+class Job:
+    """One failover job of the manager, for `sources` ({member: VMs}).
+
+    phase: "inventory"  waiting for every live member's GET vms (`waiting`);
+           "replicate"  a batch of plans (`batch`) is out to the other candidates:
+                        nothing starts before one of them acknowledged it;
+           "start"      POST failover to the targets (`queue`, `inflight`), at most
+                        max_parallel_starts at once.
+    A job ends in FailoverManager._finish_job, or is dropped (the manager cannot act,
+    an inventory is missing, no candidate acknowledged the plan)."""
+
+    def __init__(self, id, sources, members, left, owners, failed, restart, episodes):
+        self.id, self.sources, self.members, self.left = id, sources, members, left
+        self.owners, self.failed, self.restart, self.episodes = owners, failed, restart, episodes
+        self.phase = "inventory"
+        self.inv = {}
+        self.waiting = set(members)
+        self.queue, self.inflight = [], set()
+        self.unplaced = set()      # sources a VM of which found no target (tried again)
+        self.waited_on = set()     # plans planned when the job planned (left to others)
+        self.batch, self.plan_wait = 0, 0
+
+
+class FailoverManager(Part):
+    """The manager's failover (SPEC §3.4 steps 2-4): one Job at a time; its requests
+    go out as "send" actions and their answers come back through Core.on_response.
+    Plans are replicated to the other candidates before any start, and every command
+    carries the manager's term."""
+
+    def __init__(self, core, now):
+        super().__init__(core)
+        self.job = None
+        self.job_seq = 0
+        self.uid_seq = 0
+        self.plan_targets = {}     # uid -> next best targets (one retry)
+        self.restart_uids = set()  # plans that start a VM again after an orderly stop
+        self.next_manager_round = now
+
+    def tick(self, now, manager):
+        """A round every ping_interval while we can act (views, detection, jobs); in
+        between, views that may show a failure are asked for again.  Not the manager:
+        whatever we were doing is dropped."""
+        if not manager:
+            self.job = None
+            self.protector.prot, self.protector.protection = None, {}
+        elif now >= self.next_manager_round:
+            self.next_manager_round = now + self.cfg.ping_interval
+            self.manager_round(now)
+        else:
+            self.detector.refresh_views(now)
+
+    def manager_round(self, now):
+        t = self.cfg
+        for c in self.candidates:
+            if c != self.hostname and not self.box.asking(("members", c)):
+                self.box.send(c, t.candidate(c), "GET", "members", None, t.ping_timeout,
+                              ("members", c), self.detector.on_members)
+        self.decide(now)
+
+    def decide(self, now):
+        """Failure detection and the next job, on the views at hand (every round, and
+        whenever another candidate's view arrives)."""
+        t = self.cfg
+        self.detector.detect_failures(now)
+        self._check_inherited_plans(now)
+        wait = t.watchdog_timeout + t.fence_timeout + 2 * t.ping_interval
+        if self.job is None and now - self.election.manager_since >= wait:
+            sources = self.detector.sources(now)
+            if sources:
+                self._start_job(now, sources)
+            else:
+                restart = self.detector.restart_source(now)
+                if restart:
+                    self._start_job(now, restart[1], restart=restart[0])
+        # protection too waits until the members had time to register and arm
+        if self.job is None and self.protector.prot is None and \
+                now >= self.protector.protect_at and \
+                now - self.election.manager_since >= wait:
+            self.protector.protection_round(now)
+
+    def drop_failed(self, now):
+        """A member of the running job failed meanwhile: stop waiting for it.  Its
+        inventory is not needed any more (it is fenced: nothing runs there), and the
+        plans that target it are abandoned; its own job (next) re-places their VMs."""
+        job = self.job
+        gone = set(self.detector.failed) & (set(job.members) | job.waiting)
+        if not gone:
+            return
+        for h in sorted(gone):
+            job.members.pop(h, None)
+            job.inv.pop(h, None)
+            job.waiting.discard(h)
+        lost = [u for u in job.queue + sorted(job.inflight) if self.planbook.plans[u]["to"] in gone]
+        for uid in lost:
+            e = self.planbook.plans[uid]
+            e["state"] = "abandoned"
+            self.box.event("note", "WARNING", f"plan {uid} (VM {e['vm']} -> {e['to']}) abandoned: "
+                           f"{e['to']} failed; its VMs are placed by its own failover")
+            self._replicate([e], None)
+        job.queue = [u for u in job.queue if u not in lost]
+        job.inflight -= set(lost)
+        for uid, targets in self.plan_targets.items():
+            self.plan_targets[uid] = [t for t in targets if t not in gone]
+        for rid, (purpose, _) in list(self.box.pending.items()):
+            if purpose[0] == "failover" and purpose[2] in lost or \
+                    purpose[0] == "vms" and purpose[2] in gone:
+                del self.box.pending[rid]  # a late answer changes nothing
+        if job.waiting:
+            return
+        if job.phase == "inventory":
+            self._plan(now)        # every inventory is in: plan
+        elif job.phase == "start":
+            self._pump(now)        # the starts still running decide when it ends
 
     def _start_job(self, now, sources, restart=None):
         """A failover job for `sources` ({member: VMs}); restart: the episode of a member
         back from an orderly stop whose VMs are started on it alone."""
-        hosts, left = self._live_members(now)
+        hosts, left = self.detector.live_members(now)
         owners = {}   # VMs wanted only because a plan moved them to a failed source
-        for h in set(sources) & set(self.failed):
-            for vm in sources[h] - self._fenced_vms(h):
-                b = self.book.get(vm)
-                owners[vm] = {h} | {x for e in self.plans.values() if e["vm"] == vm
+        for h in set(sources) & set(self.detector.failed):
+            for vm in sources[h] - self.detector.fence_record(h):
+                b = self.planbook.book.get(vm)
+                owners[vm] = {h} | {x for e in self.planbook.plans.values() if e["vm"] == vm
                                     for x in (e["from"], e["to"])} | \
                     (set(b["froms"]) | {b["to"]} if b else set())
         self.job_seq += 1
-        self.job = {"id": self.job_seq, "sources": sources, "members": hosts, "inv": {},
-                    "left": left, "owners": owners,
-                    "failed": {h for h in sources if h in self.failed}, "restart": restart,
-                    "episodes": {h: restart or self._episode(h) for h in sources},
-                    "waiting": set(hosts), "queue": [], "inflight": set(), "acked": False}
+        self.job = Job(self.job_seq, sources, hosts, left, owners,
+                       failed={h for h in sources if h in self.detector.failed},
+                       restart=restart,
+                       episodes={h: restart or self.detector.episode(h) for h in sources})
         for h, r in sorted(hosts.items()):
-            self._send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h))
+            self.box.send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h),
+                          self._on_vms)
 
     def _on_vms(self, purpose, status, answer, now):
         job = self.job
-        if job is None or job["id"] != purpose[1]:
+        if job is None or job.id != purpose[1]:
             return
         h = purpose[2]
         inv = clean_inventory(answer) if status == 200 else None
         if inv is None:
             err = answer.get("error") if isinstance(answer, dict) else answer
-            self._once(("inventory_wait", h, tuple(sorted(job["sources"]))), "WARNING",
-                       f"failover of {', '.join(sorted(job['sources']))} waits: no VM inventory "
-                       f"from {h} ({status or err}); retrying every round")
+            self.box.once(("inventory_wait", h, tuple(sorted(job.sources))), "WARNING",
+                          f"failover of {', '.join(sorted(job.sources))} waits: no VM inventory "
+                          f"from {h} ({status or err}); retrying every round")
             self.job = None
             return
-        job["inv"][h] = inv
-        job["waiting"].discard(h)
-        if not job["waiting"]:
+        job.inv[h] = inv
+        job.waiting.discard(h)
+        if not job.waiting:
             self._plan(now)
 
     def _plan(self, now):
         job = self.job
-        busy = {e["vm"] for e in self.plans.values() if e["state"] == "planned"}
+        busy = {e["vm"] for e in self.planbook.plans.values() if e["state"] == "planned"}
         # the plans this job leaves to others (a check of an inherited plan, a job that
         # was dropped): one abandoned before the job ends keeps its source unsettled
-        job["waited_on"] = {uid for uid, e in self.plans.items() if e["state"] == "planned"}
-        eligible = self._eligible(job["members"])
-        for h, inv in sorted(job["inv"].items()):
+        job.waited_on = {uid for uid, e in self.planbook.plans.items() if e["state"] == "planned"}
+        eligible = self.detector.eligible(job.members)
+        for h, inv in sorted(job.inv.items()):
             if not inv["host"]["ready"] and eligible.get(h):
                 why = "; ".join(inv["host"]["not_ready"]) or "no reason given"
-                self._once(("not_ready", h, why), "NOTICE",
-                           f"member {h} is not ready to start VMs ({why}): it is no failover "
-                           "target for the VMs it cannot start", member=h,
-                           not_ready=inv["host"]["not_ready"])
+                self.box.once(("not_ready", h, why), "NOTICE",
+                              f"member {h} is not ready to start VMs ({why}): it is no failover "
+                              "target for the VMs it cannot start", member=h,
+                              not_ready=inv["host"]["not_ready"])
         skipped = []
-        last_ran = {vm: e["to"] for vm, e in self._latest_plans(("done",)).items()}
+        last_ran = {vm: e["to"] for vm, e in self.planbook.latest_plans(("done",)).items()}
         waiting = []   # restart: VMs its host cannot start yet (not ready): tried again
-        if job["restart"]:
-            (h, vms), = job["sources"].items()
+        if job.restart:
+            (h, vms), = job.sources.items()
             moves, unplaced = [], []
-            r = job["members"].get(h)   # its own VMs: a backup node takes them too
+            r = job.members.get(h)   # its own VMs: a backup node takes them too
             if r is not None and r["armed"] and not (r["maintenance"] or r["left"]):
                 moves = [(vm, h, [h]) for vm in
-                         plan_restart(h, vms, job["inv"], busy, last_ran, skipped,
-                                      job["left"], waiting)]
+                         plan_restart(h, vms, job.inv, busy, last_ran, skipped,
+                                      job.left, waiting)]
         else:
-            moves, unplaced = plan_failover(job["sources"], job["inv"], eligible, busy,
-                                            job["failed"], job["left"], job["owners"],
+            moves, unplaced = plan_failover(job.sources, job.inv, eligible, busy,
+                                            job.failed, job.left, job.owners,
                                             skipped, last_ran)
         for vm, src, reason in skipped:
-            self._once(("skipped", vm, job["episodes"][src]), "NOTICE",
-                       f"VM {vm} of {src} is not " + ("started again after its orderly stop"
-                                                      if job["restart"] else "failed over")
-                       + f": {reason}")
-        job["unplaced"] = {src for _, src, _ in unplaced} | {src for _, src, _ in waiting}
+            self.box.once(("skipped", vm, job.episodes[src]), "NOTICE",
+                          f"VM {vm} of {src} is not " + ("started again after its orderly stop"
+                                                         if job.restart else "failed over")
+                          + f": {reason}")
+        job.unplaced = {src for _, src, _ in unplaced} | {src for _, src, _ in waiting}
         for vm, src, reason in waiting:
-            self._once(("restart_wait", vm, job["episodes"][src]), "NOTICE",
-                       f"VM {vm} waits to be started again on {src}: {reason}")
+            self.box.once(("restart_wait", vm, job.episodes[src]), "NOTICE",
+                          f"VM {vm} waits to be started again on {src}: {reason}")
         for vm, src, reason in unplaced:
-            self._once(("unplaced", vm, self._episode(src)), "ERROR",
-                       f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
-                       vm_name=vm, from_host=src, reason=reason)
-        term = self.manager_term(now)
+            self.box.once(("unplaced", vm, self.detector.episode(src)), "ERROR",
+                          f"cannot fail over VM {vm} of {src}: {reason}", event="vm_start_failed",
+                          vm_name=vm, from_host=src, reason=reason)
+        term = self.election.manager_term(now)
         prio = getattr(self.cfg, "vm_priority", {})
         # vm_priority: higher first (a stable sort: VM name order within a priority), so
         # each target is sent its VMs in priority order (_pump keeps the queue's order)
         moves = sorted(moves, key=lambda mv: -prio.get(mv[0], 0))
         for vm, src, targets in moves:
             if self.cfg.debug:
-                self._event("failover_planned", "NOTICE",
-                            f"(DEBUG) would move VM: {vm} FROM offline parent: {src} TO: "
-                            f"{targets[0]} (newest snapshot; next best: "
-                            f"{', '.join(targets[1:]) or 'none'})",
-                            vm_name=vm, from_host=src, to_host=targets[0], term=term, debug=True)
+                self.box.event("failover_planned", "NOTICE",
+                               f"(DEBUG) would move VM: {vm} FROM offline parent: {src} TO: "
+                               f"{targets[0]} (newest snapshot; next best: "
+                               f"{', '.join(targets[1:]) or 'none'})",
+                               vm_name=vm, from_host=src, to_host=targets[0], term=term, debug=True)
             else:
-                job["queue"].append(self._new_plan(vm, src, targets, term, now,
-                                                   **self._why_target(vm, targets, eligible)))
-                if job["restart"]:
-                    self.restart_uids.add(job["queue"][-1])
-        if self.cfg.debug or not job["queue"]:
+                job.queue.append(self._new_plan(vm, src, targets, term, now,
+                                                **self._why_target(vm, targets, eligible)))
+                if job.restart:
+                    self.restart_uids.add(job.queue[-1])
+        if self.cfg.debug or not job.queue:
             return self._finish_job(now)
-        self._replicate([self.plans[u] for u in job["queue"]], ("plan_ack", job["id"], 1))
+        self._replicate([self.planbook.plans[u] for u in job.queue], ("plan_ack", job.id, 1))
 
     def _why_target(self, vm, targets, eligible):
         """The inputs of a placement (issue 14 item 8): every copy's newest snapshot and
         whether its host was eligible, and why the first target won."""
-        inv = self.job["inv"]
+        inv = self.job.inv
         compared = {}
         for h in sorted(inv):
             for v in inv[h]["vms"]:
@@ -2026,127 +2322,129 @@ class Core:
         uid = f"{self.hostname}-{self.startup_time}-{term}-{self.uid_seq}"
         e = {"vm": vm, "from": src, "to": targets[0], "term": term, "uid": uid,
              "state": "planned", "seq": self.uid_seq}
-        self.plans[uid] = e
-        self.plans_dirty = True
+        self.planbook.plans[uid] = e
+        self.planbook.plans_dirty = True
         self.plan_targets[uid] = targets[1:]
-        self._event("failover_planned", "NOTICE",
-                    f"plan: VM {vm} of {src} -> {targets[0]} (uid {uid}, term {term})",
-                    vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term, **why)
+        self.box.event("failover_planned", "NOTICE",
+                       f"plan: VM {vm} of {src} -> {targets[0]} (uid {uid}, term {term})",
+                       vm_name=vm, from_host=src, to_host=targets[0], uid=uid, term=term, **why)
         return uid
 
     def _replicate(self, entries, purpose):
         for e in entries:
-            self._book(e)
-        self.plans_dirty = True
-        self._persist_plans()   # our own copy is on disk before any other candidate's
-        body = {"term": max([e["term"] for e in entries] + [self.max_manager_term]),
+            self.planbook.book_done(e)
+        self.planbook.plans_dirty = True
+        self.planbook.persist()   # our own copy is on disk before any other candidate's
+        body = {"term": max([e["term"] for e in entries] + [self.election.max_manager_term]),
                 "entries": [{k: e[k] for k in PLAN_FIELDS} for e in entries]}
         others = [c for c in self.candidates if c != self.hostname]
-        if purpose is not None:
-            self.job["batch"] = purpose[2]
-            self.job["plan_wait"] = len(others)
+        if purpose is not None:   # a batch of the job: its starts wait for one ack
+            job = self.job
+            job.phase, job.batch, job.plan_wait = "replicate", purpose[2], len(others)
         for c in others:
-            self._send(c, self.cfg.candidate(c), "POST", "plan", body,
-                       max(1.0, 2 * self.cfg.ping_timeout), purpose or ("plan_update",))
+            self.box.send(c, self.cfg.candidate(c), "POST", "plan", body,
+                          max(1.0, 2 * self.cfg.ping_timeout), purpose or ("plan_update",),
+                          self._on_plan_ack if purpose else self._on_plan_update)
 
     def _on_plan_update(self, purpose, status, answer, now):
         pass  # best effort: a candidate that missed it asks the target later
 
     def _on_plan_ack(self, purpose, status, answer, now):
         job = self.job
-        if job is None or job["id"] != purpose[1] or job["batch"] != purpose[2] or job["acked"]:
+        if job is None or job.id != purpose[1] or job.batch != purpose[2] or \
+                job.phase != "replicate":
             return
-        job["plan_wait"] -= 1
+        job.plan_wait -= 1
         if status == 200:
-            job["acked"] = True
+            job.phase = "start"
             return self._pump(now)
-        if job["plan_wait"] == 0:
-            self._event("note", "WARNING", "no other candidate acknowledged the failover plan; "
-                        "nothing is started, retrying next round")
-            for uid in job["queue"]:
-                self.plans[uid]["state"] = "abandoned"
-            self.plans_dirty = True
+        if job.plan_wait == 0:
+            self.box.event("note", "WARNING", "no other candidate acknowledged the failover plan; "
+                           "nothing is started, retrying next round")
+            for uid in job.queue:
+                self.planbook.plans[uid]["state"] = "abandoned"
+            self.planbook.plans_dirty = True
             self.job = None
 
     def _pump(self, now):
         job = self.job
-        while job["queue"] and len(job["inflight"]) < self.cfg.max_parallel_starts:
-            if not self.can_act(now):
+        while job.queue and len(job.inflight) < self.cfg.max_parallel_starts:
+            if not self.election.can_act(now):
                 self.job = None
                 return
-            uid = job["queue"].pop(0)
-            e = self.plans[uid]
-            peer = job["members"].get(e["to"])
+            uid = job.queue.pop(0)
+            e = self.planbook.plans[uid]
+            peer = job.members.get(e["to"])
             if peer is None:  # failed since it was planned: never sent, placed again later
                 e["state"] = "abandoned"
                 self._replicate([e], None)
                 continue
-            self._event("note", "NOTICE",
-                        f"RESTARTING VM: {e['vm']} ON: {e['to']} (it ran there before an "
-                        "orderly stop)" if uid in self.restart_uids else
-                        f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
-            job["inflight"].add(uid)
-            self._send(e["to"], peer, "POST", "failover",
-                       {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
-                        "uid": uid}, self.start_answer_timeout(self.cfg),
-                       ("failover", job["id"], uid))
-        if not job["queue"] and not job["inflight"]:
+            self.box.event("note", "NOTICE",
+                           f"RESTARTING VM: {e['vm']} ON: {e['to']} (it ran there before an "
+                           "orderly stop)" if uid in self.restart_uids else
+                           f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
+            job.inflight.add(uid)
+            self.box.send(e["to"], peer, "POST", "failover",
+                          {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
+                           "uid": uid}, self.target.start_answer_timeout(self.cfg),
+                          ("failover", job.id, uid), self._on_failover)
+        if not job.queue and not job.inflight:
             self._finish_job(now)
 
     def _on_failover(self, purpose, status, answer, now):
         uid = purpose[2]
-        e = self.plans[uid]
+        e = self.planbook.plans[uid]
         ok = status == 200 and isinstance(answer, dict) and answer.get("ok") is True
         if not ok and (status is None or (isinstance(answer, dict) and answer.get("live") is True)):
             # No answer (the target may have started it) or it runs there already: never
             # start it elsewhere on that basis.  The plan stays 'planned' (the VM stays
             # busy); _check_inherited_plans asks the target about this uid next round.
-            self._event("note", "WARNING", f"no usable answer from {e['to']} about VM {e['vm']} "
-                        f"(uid {uid}, {status or 'no answer'}); asking it before anything else")
+            self.box.event("note", "WARNING", f"no usable answer from {e['to']} about VM {e['vm']} "
+                           f"(uid {uid}, {status or 'no answer'}); asking it before anything else")
             job = self.job
-            if job is not None and job["id"] == purpose[1]:
-                job["inflight"].discard(uid)
-                if job["acked"]:
+            if job is not None and job.id == purpose[1]:
+                job.inflight.discard(uid)
+                if job.phase == "start":
                     self._pump(now)
             return
         if ok:
             e["state"] = "done"
-            self._event(*(("vm_restarted", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+            self.box.event(*(("vm_restarted", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
                            f"again (started after an orderly stop, uid {uid})")
-                          if uid in self.restart_uids else
-                          ("vm_moved", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
-                           f"(moved from {e['from']}, uid {uid})")),
-                        vm_name=e["vm"], from_host=e["from"], to_host=e["to"], uid=uid,
-                        term=e["term"])
+                             if uid in self.restart_uids else
+                             ("vm_moved", "NOTICE", f"VM {e['vm']} is live on {e['to']} "
+                              f"(moved from {e['from']}, uid {uid})")),
+                           vm_name=e["vm"], from_host=e["from"], to_host=e["to"], uid=uid,
+                           term=e["term"])
         else:
             e["state"] = "failed"
             err = answer.get("error") if isinstance(answer, dict) else answer
             job = self.job
             targets = [t for t in self.plan_targets.pop(uid, [])
-                       if job is not None and t in job["members"]]
-            if targets and job is not None and job["id"] == purpose[1] and self.can_act(now):
-                self._event("note", "WARNING", f"start of VM {e['vm']} on {e['to']} failed "
-                            f"({status or ''} {err}); trying the next best target {targets[0]}")
-                nu = self._new_plan(e["vm"], e["from"], targets[:1], self.manager_term(now), now)
-                job["queue"].append(nu)
-                job["acked"] = False
-                self._replicate([self.plans[nu]], ("plan_ack", job["id"], job["batch"] + 1))
+                       if job is not None and t in job.members]
+            if targets and job is not None and job.id == purpose[1] and self.election.can_act(now):
+                self.box.event("note", "WARNING", f"start of VM {e['vm']} on {e['to']} failed "
+                               f"({status or ''} {err}); trying the next best target {targets[0]}")
+                nu = self._new_plan(e["vm"], e["from"], targets[:1],
+                                    self.election.manager_term(now), now)
+                job.queue.append(nu)
+                self._replicate([self.planbook.plans[nu]], ("plan_ack", job.id, job.batch + 1))
             else:
-                self._event("vm_start_failed", "ERROR",
-                            f"failover of VM {e['vm']} from {e['from']} failed on {e['to']}: "
-                            f"{status or ''} {err}", vm_name=e["vm"], from_host=e["from"],
-                            to_host=e["to"], uid=uid, reason=str(err))
-                if job is not None and job["id"] == purpose[1] and \
+                self.box.event("vm_start_failed", "ERROR",
+                               f"failover of VM {e['vm']} from {e['from']} failed on {e['to']}: "
+                               f"{status or ''} {err}", vm_name=e["vm"], from_host=e["from"],
+                               to_host=e["to"], uid=uid, reason=str(err))
+                if job is not None and job.id == purpose[1] and \
                         isinstance(answer, dict) and answer.get("refused") is True:
                     # the target refused before starting anything (not armed yet, in
                     # maintenance): like a VM without a target, its source is tried
                     # again until a target takes it (a start that ran and failed is not)
-                    job.setdefault("unplaced", set()).add(e["from"])
+                    job.unplaced.add(e["from"])
         self._replicate([e], None)
         job = self.job
-        if job is not None and job["id"] == purpose[1]:
-            job["inflight"].discard(uid)
-            if job["acked"]:
+        if job is not None and job.id == purpose[1]:
+            job.inflight.discard(uid)
+            if job.phase == "start":
                 self._pump(now)
 
     def _finish_job(self, now):
@@ -2155,54 +2453,55 @@ class Core:
         a replica comes back), with a growing delay (each try asks every member for its
         inventory); it was reported once (vm_start_failed)."""
         job, self.job = self.job, None
-        self.protect_at = now     # VMs moved: what protects them changed
-        planned = [e for e in self.plans.values() if e["state"] == "planned"]
+        self.protector.protect_at = now     # VMs moved: what protects them changed
+        planned = [e for e in self.planbook.plans.values() if e["state"] == "planned"]
         # ... and the VMs whose plan it left to others was abandoned meanwhile (seed
         # 13435: a job dropped when its manager could not act for a moment left its plans
         # planned; checked as inherited, they were abandoned while the next job skipped
         # their VMs as busy, and that job settled without them)
-        planned += [self.plans[u] for u in job.get("waited_on", ())
-                    if u in self.plans and self.plans[u]["state"] == "abandoned"]
+        planned += [self.planbook.plans[u] for u in job.waited_on
+                    if u in self.planbook.plans and self.planbook.plans[u]["state"] == "abandoned"]
         busy_from = {e["from"] for e in planned}
         busy_vms = {e["vm"] for e in planned}
-        for h, vms in job["sources"].items():
-            ep = job["episodes"][h]
+        for h, vms in job.sources.items():
+            ep = job.episodes[h]
             if h in busy_from or vms & busy_vms or \
-                    h in job.get("unplaced", ()) and not self.cfg.debug:
-                delay = min(2 * self.retry_at.get(ep, (0, self.cfg.ping_interval / 2))[1],
+                    h in job.unplaced and not self.cfg.debug:
+                delay = min(2 * self.detector.retry_at.get(ep, (0, self.cfg.ping_interval / 2))[1],
                             RETRY_MAX)
-                self.retry_at[ep] = (now + delay, delay)
+                self.detector.retry_at[ep] = (now + delay, delay)
                 continue
-            self.settled.add(ep)
-            self.settled_seen[ep] = set(job["inv"])
-            self.retry_at.pop(ep, None)
+            self.detector.settled.add(ep)
+            self.detector.settled_seen[ep] = set(job.inv)
+            self.detector.retry_at.pop(ep, None)
 
     def _check_inherited_plans(self, now):
         """Ask the target about every plan still 'planned' that no job of ours drives."""
-        mine = set(self.job["queue"]) | set(self.job["inflight"]) if self.job else set()
-        for uid, e in sorted(self.plans.items()):
+        mine = set(self.job.queue) | set(self.job.inflight) if self.job else set()
+        for uid, e in sorted(self.planbook.plans.items()):
             if e["state"] != "planned" or uid in mine:
                 continue
-            if e["to"] in self.failed:  # fenced: it runs nothing; its failover re-places it
+            if e["to"] in self.detector.failed:
+                # fenced: it runs nothing; its failover re-places it
                 e["state"] = "abandoned"
-                for rid in [r for r, p in self.pending.items() if p == ("check", uid)]:
-                    del self.pending[rid]
+                self.box.forget(("check", uid))
                 self._replicate([e], None)
                 continue
-            if ("check", uid) in self.pending.values():
+            if self.box.asking(("check", uid)):
                 continue
             peer = None
-            for view in self._fresh_views(now):
+            for view in self.detector.fresh_views(now):
                 peer = peer or view.get(e["to"])
             if peer is None:
                 continue
-            self._send(e["to"], peer, "POST", "failover",
-                       {"vm_name": e["vm"], "from_host": e["from"], "uid": uid, "check": True,
-                        "term": max(e["term"], self.manager_term(now))},
-                       max(1.0, 2 * self.cfg.ping_timeout), ("check", uid))
+            self.box.send(e["to"], peer, "POST", "failover",
+                          {"vm_name": e["vm"], "from_host": e["from"], "uid": uid, "check": True,
+                           "term": max(e["term"], self.election.manager_term(now))},
+                          max(1.0, 2 * self.cfg.ping_timeout), ("check", uid),
+                          self._on_check)
 
     def _on_check(self, purpose, status, answer, now):
-        e = self.plans.get(purpose[1])
+        e = self.planbook.plans.get(purpose[1])
         if e is None or e["state"] != "planned" or status != 200 or not isinstance(answer, dict):
             return
         # "starting" (the target is still confirming the start, or cleaning up after a
@@ -2216,86 +2515,19 @@ class Core:
             e["state"] = "failed"
         else:
             return
-        self._event("note", "NOTICE", f"inherited plan {e['uid']} (VM {e['vm']} -> {e['to']}): "
-                    f"{e['state']}")
+        self.box.event("note", "NOTICE", f"inherited plan {e['uid']} (VM {e['vm']} -> {e['to']}): "
+                       f"{e['state']}")
         self._replicate([e], None)
 
-    # -- plans held by candidates, and moved VMs for rejoining members (§3.6) ----------
 
-    def _store_plan(self, entry):
-        old = self.plans.get(entry["uid"])
-        rank = {"planned": 0, "abandoned": 1, "failed": 1, "done": 2}
-        if old is None or rank.get(entry["state"], 0) > rank.get(old["state"], 0):
-            self.plans[entry["uid"]] = {k: entry.get(k, 0) for k in PLAN_FIELDS}
-            self.plans_dirty = True
-            self._book(entry)
-        if len(self.plans) > MAX_PLANS:
-            done = sorted((e["term"], e["seq"], u) for u, e in self.plans.items()
-                          if e["state"] != "planned")
-            for _, _, u in done[:len(self.plans) - MAX_PLANS]:
-                del self.plans[u]
+class FailoverTarget(Part):
+    """This node as the target of a failover (SPEC §3.4, "The target applies ..."):
+    POST failover, the start's outcome, and the uids it refused for good."""
 
-    def _book(self, e):
-        """A done plan goes into the book (where its VM last ran)."""
-        if e["state"] == "done":
-            self._store_book(dict({k: e[k] for k in PLAN_FIELDS}, froms=[e["from"]]))
-
-    def _store_book(self, b):
-        """Merge one book entry (a done plan with "froms"): the newest plan (term, seq) of
-        its VM wins; the hosts it was moved from accumulate."""
-        froms = b.get("froms") if isinstance(b, dict) else None
-        if check_plan_entry(b) is not None or b["state"] != "done" or \
-                not isinstance(froms, list) or not all(valid_hostname(h) for h in froms):
-            return
-        old = self.book.get(b["vm"])
-        new = dict({k: b[k] for k in PLAN_FIELDS}, froms=sorted(set(froms)))
-        if old is not None:
-            if (old["term"], old["seq"]) > (b["term"], b["seq"]):
-                new = dict(old)
-            new["froms"] = sorted(set(old["froms"]) | set(froms))
-        if new != old:
-            self.book[b["vm"]] = new
-            self.plans_dirty = True
-
-    def handle_plan(self, body, now):
-        if not self.is_candidate:
-            return 404, {"error": "this node is not a candidate"}
-        if body["term"] < self.max_manager_term:
-            return 409, {"error": f"stale term {body['term']} (highest seen "
-                                  f"{self.max_manager_term})"}
-        self.max_manager_term = body["term"]
-        for e in body["entries"]:
-            self._store_plan(e)
-        self._persist_plans()   # written before the acknowledgement leaves
-        return 200, {"ok": True, "stored": len(body["entries"])}
-
-    def _latest_plans(self, states):
-        """{vm: the newest plan (by term, seq) among those in `states`}; done plans include
-        the book's (kept for good, across restarts)."""
-        latest = {}
-        book = list(self.book.values()) if "done" in states else []
-        for e in list(self.plans.values()) + book:
-            if e["state"] in states:
-                old = latest.get(e["vm"])
-                if old is None or (e["term"], e.get("seq", 0)) > (old["term"], old.get("seq", 0)):
-                    latest[e["vm"]] = e
-        return latest
-
-    def moved_vms(self, host):
-        """VMs moved away from host (§3.6): for each VM that a done plan once moved from it,
-        the target of its latest plan, done or still planned, with that plan's term and seq.
-        The target may be host again (the VM came back), and new_parent is None while the
-        latest plan is still planned (its outcome unknown here): either way an older entry
-        from a lagging candidate is void.  A plan is held by 2 candidates before any
-        start, so any 2 candidates' answers include its entry."""
-        latest = self._latest_plans(("done", "planned"))
-        left = {e["vm"] for e in self.plans.values() if e["state"] == "done" and e["from"] == host}
-        left |= {vm for vm, b in self.book.items() if host in b["froms"]}
-        return [{"vm_name": vm, "new_parent": latest[vm]["to"] if latest[vm]["state"] == "done"
-                 else None, "term": latest[vm]["term"], "seq": latest[vm].get("seq", 0)}
-                for vm in sorted(left)]
-
-    # -- the target of a failover (§3.4, "The target applies ...") -----------------
+    def __init__(self, core):
+        super().__init__(core)
+        self.failovers = {}        # uid -> {"vm_name", "state": starting|live|failed|unknown, ...}
+        self.refused = set()       # uids a check found unknown here: refused for good
 
     @staticmethod
     def start_answer_timeout(cfg):
@@ -2316,14 +2548,14 @@ class Core:
         parent_host must be set back to if the start fails (failed_start_parent; None:
         lock it)."""
         term, uid = body["term"], body["uid"]
-        if self.fenced:
+        if self.link.fenced:
             return 409, {"error": "this node is fencing itself"}
-        if term < self.max_manager_term:
+        if term < self.election.max_manager_term:
             # refused: nothing was started; the manager (with its newer term, seed 6517)
             # or a newer one places the VM again
             return 409, {"error": f"stale term {term} (highest manager term seen "
-                                  f"{self.max_manager_term})", "refused": True}
-        self.max_manager_term = term
+                                  f"{self.election.max_manager_term})", "refused": True}
+        self.election.max_manager_term = term
         known = self.failovers.get(uid)
         if body.get("check"):
             if known is None:
@@ -2343,11 +2575,11 @@ class Core:
         if self.cfg.debug:
             return 409, {"error": "this node runs in debug mode and never starts a VM"}
         # refused: nothing was started, and this node may take it later ("refused")
-        if self.maintenance or self.maintenance_asked_at is not None:
+        if self.link.maintenance or self.link.maintenance_asked_at is not None:
             return 409, {"error": "this node is in maintenance", "refused": True}
-        if not self.armed or self.left or self.leaving:
+        if not self.link.armed or self.link.left or self.link.leaving:
             return 409, {"error": "this node is not armed" + (
-                " (it is leaving the cluster)" if self.left or self.leaving else ""),
+                " (it is leaving the cluster)" if self.link.left or self.link.leaving else ""),
                 "refused": True}
         if not_ready:
             return 409, {"error": f"not ready to start VM {name}: {'; '.join(not_ready)}",
@@ -2373,24 +2605,24 @@ class Core:
         e = self.failovers[uid]
         if unknown:
             e["state"], e["error"] = "unknown", error
-            self._event("vm_start_failed", "CRIT",
-                        f"start of VM {e['vm_name']} failed here ({error}) and the VM could "
-                        "not be confirmed gone: it may still run or start here; the cluster "
-                        "starts it nowhere else until it is (retried every inventory; check "
-                        "by hand)", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
-                        reason=error, unknown=True)
+            self.box.event("vm_start_failed", "CRIT",
+                           f"start of VM {e['vm_name']} failed here ({error}) and the VM could "
+                           "not be confirmed gone: it may still run or start here; the cluster "
+                           "starts it nowhere else until it is (retried every inventory; check "
+                           "by hand)", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
+                           reason=error, unknown=True)
             return 409, {"error": f"{error}; not confirmed gone here", "uid": uid,
                          "live": True}
         e["state"] = "live" if ok else "failed"
         if ok:
-            self._event("vm_started", "NOTICE", f"started VM {e['vm_name']} here (failover from "
-                        f"{e['from_host']}, uid {uid})", vm_name=e["vm_name"],
-                        from_host=e["from_host"], uid=uid)
+            self.box.event("vm_started", "NOTICE", f"started VM {e['vm_name']} here (failover from "
+                           f"{e['from_host']}, uid {uid})", vm_name=e["vm_name"],
+                           from_host=e["from_host"], uid=uid)
             return 200, {"ok": True, "uid": uid, "vm_name": e["vm_name"], "state": "live"}
         e["error"] = error
-        self._event("vm_start_failed", "ERROR", f"start of VM {e['vm_name']} failed here: "
-                    f"{error}", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
-                    reason=error)
+        self.box.event("vm_start_failed", "ERROR", f"start of VM {e['vm_name']} failed here: "
+                       f"{error}", vm_name=e["vm_name"], from_host=e["from_host"], uid=uid,
+                       reason=error)
         return 409, {"error": error, "uid": uid}
 
     def starting(self):
@@ -2403,36 +2635,6 @@ class Core:
         """{uid: entry} of failed starts not confirmed gone (state unknown)."""
         return {u: dict(e) for u, e in self.failovers.items() if e["state"] == "unknown"}
 
-    # -- host-side rules that need this node's state (the pure ones follow the class) --
-
-    def _fence(self, msg, why, **details):
-        """Fence now (§3.3): from here on no failover is accepted or started.  msg: the
-        EMERG line; why: the fence record's `reason`."""
-        self.fenced = True
-        self._event("self_fence", "EMERG", msg, **details)
-        self.out.append({"kind": "fence", "reason": why})
-
-    def check_watchdog(self, alive, now, restarting=False, pid=None):
-        """The watchdog-gone rule (§3.5), once per ping_interval: alive is what the agent
-        saw of its ha_watchdog companion (a zombie is gone).  Gone for 3 consecutive
-        checks: an armed node fences; an unarmed one starts a new watchdog (one at a
-        time: `restarting` says one is being started).  Returns nothing: actions."""
-        if self.fenced:
-            return
-        if alive:
-            self.wd_missing = 0
-            return
-        self.wd_missing += 1
-        if self.wd_missing < WATCHDOG_GONE_CHECKS:
-            return
-        if self.armed:
-            self._fence(f"ha_watchdog (PID {pid}) is gone, initiating self fencing",
-                        "ha_watchdog is gone", reason="ha_watchdog gone")
-        elif not restarting:
-            self._event("note", "ERROR", f"ha_watchdog (PID {pid}) is gone; node not armed, "
-                        "starting a new one")
-            self.out.append({"kind": "restart_watchdog"})
-
     def fence_ours(self, running):
         """VMs a failover is starting here, or started here and that run (`running`):
         a fence records and locks them whatever their copy says (fence_plan's `ours`)."""
@@ -2440,82 +2642,116 @@ class Core:
                 if e["state"] in ("starting", "unknown") or
                 e["state"] == "live" and e["vm_name"] in running}
 
-    def running_record(self, vms=None, started=(), old=()):
-        """What state_dir/running.json must say now (§3.6): ("write", names),
-        ("remove", None) or None (leave the file as it is).
 
-        The record holds the production VMs this host runs as their parent, kept while we
-        are armed: a host that loses power leaves no fence record, and its next agent
-        sends these as `fenced_vms`, so the manager restarts those live nowhere even if
-        the host is back before failover_time.  vms: a fresh inventory (the record :=
-        its production VMs that are live here with parent_host = us); started: the VMs a
-        failover started here since that inventory was taken (it may predate the start),
-        or, without vms, the one it has just started (the record := old + it, at once:
-        the next inventory may come after a power loss).  Not armed (or leaving):
-        untouched, except in maintenance, which removes it (the node is not failed over)."""
-        if not self.armed or self.left or self.leaving:
-            return ("remove", None) if self.maintenance else None
-        if vms is None:
-            return "write", sorted(set(old) | set(started))
-        return "write", sorted(set(running_record_names(self.hostname, vms)) | set(started))
+class Core:
+    """The cluster state of one node and every decision it makes (SPEC §3.1-§3.6): a
+    thin facade over the parts above, which the agent and the simulator drive alike.
+
+    Built from a Config (hostname, candidates, timings, identity).  `startup_time`
+    (wall-clock ms at process start) names this incarnation; `persisted_term` is the
+    last vote term read back from state_dir/term.  Core.API lists what the facade
+    hands to which part.
+    """
+
+    PARTS = {"box": Outbox, "election": Election, "table": Membership, "link": Link,
+             "rejoin": Rejoin, "planbook": PlanBook, "detector": Detector,
+             "protector": Protection, "manager": FailoverManager, "target": FailoverTarget}
+    API = {   # part -> the methods and state the agent and the simulator use through Core
+        "box": "take_actions take_persist",
+        "election": "vote term_known was_manager valid_votes is_manager manager_term "
+                    "can_act manager_view",
+        "table": "members handle_register handle_ping handle_leave members_answer "
+                 "member_states",
+        "link": "armed arming fenced left maintenance reach outgoing on_register_result "
+                "on_ping_result set_maintenance flags_clear leave_body leave_result "
+                "leave_refused reachable silence_ages survival_margin check_watchdog "
+                "running_record",
+        "rejoin": "fenced_vms stopped_vms demote_done set_datasets set_host_readiness "
+                  "not_ready_reasons ready demotion_pending",
+        "planbook": "plans handle_plan moved_vms",
+        "protector": "protection",
+        "target": "failovers handle_failover finish_failover starting unresolved_starts "
+                  "fence_ours",
+    }
+
+    def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
+                 fenced_vms=(), members_state=None, plans_state=None, stopped_vms=()):
+        """persisted_term None: state_dir/term was lost (SPEC §3.2: no vote until the other
+        two candidates' terms are known).  members_state, plans_state: the contents of
+        state_dir/members.json and plans.json (the "persist" actions' data), or None."""
+        self.cfg, self.hostname = cfg, cfg.hostname
+        self.candidates, self.is_candidate = cfg.candidate_names, cfg.is_candidate
+        self.startup_time, self.start = startup_time, now
+        self.box = Outbox()
+        self.election = Election(self, now, persisted_term)
+        self.table = Membership(self, now, members_state)
+        self.link = Link(self, maintenance)
+        self.rejoin = Rejoin(self, fenced_vms, stopped_vms)
+        self.planbook = PlanBook(self, plans_state)
+        self.detector = Detector(self)
+        self.protector = Protection(self, now)
+        self.manager = FailoverManager(self, now)
+        self.target = FailoverTarget(self)
+        parts = {name: getattr(self, name) for name in self.PARTS}
+        for part in parts.values():
+            part.__dict__.update({k: p for k, p in parts.items() if p is not part})
+        for name, part in self.API.items():   # its methods, bound (the state: properties)
+            for method in part.split():
+                if callable(getattr(type(parts[name]), method, None)):
+                    setattr(self, method, getattr(parts[name], method))
+
+    def tick(self, now, watchdog_armed=False):
+        """Advance to `now`: one step, in this order.  watchdog_armed: the watchdog has
+        acknowledged our armed state."""
+        if self.link.fenced:
+            return
+        manager = self.election.tick(now)           # terms, our vote, manager changes
+        self.manager.tick(now, manager)             # the manager's round, or drop its work
+        self.planbook.persist()                     # plans on disk before anyone sees them
+        quorum, reach = self.link.quorum(now)       # quorum; maintenance acknowledged
+        demotions = self.rejoin.tick()              # moved VMs to demote here first
+        self.link.arm(now, quorum, demotions, watchdog_armed)
+        self.link.survive(now, quorum, reach)       # the survival rule: fence
+
+    def on_response(self, rid, status, answer, now):
+        """The answer to a "send" action (status None: none came) goes to the part that
+        asked (Outbox.send's on_answer)."""
+        request = self.box.pending.pop(rid, None)
+        if request is not None:
+            purpose, on_answer = request
+            on_answer(purpose, status, answer, now)
+            self.planbook.persist()
 
     def status(self, now):
-        manager, term = self.manager_view(now)
+        manager, term = self.election.manager_view(now)
         role = ("manager" if manager == self.hostname else
                 "candidate" if self.is_candidate else "worker")
         return {"hostname": self.hostname, "role": role, "manager": manager, "term": term,
-                "reachable_candidates": self.reachable(now), "armed": self.armed,
-                "maintenance": self.maintenance, "startup_time": self.startup_time,
-                "fenced": self.fenced,
-                "vote": self.vote.holder if self.vote else None,
-                "manager_for_s": round(now - self.view_since, 3) if manager else None,
-                "candidate_silence": self.silence_ages(now),
-                "survival_margin_s": round(self.survival_margin(now), 3),
-                "approaching_fence": self.approach_warned,
-                "datasets_unavailable": dict(self.datasets_unavailable),
-                "ready": self.ready(), "not_ready": self.not_ready_reasons(),
-                "demotion_pending": self.demotion_pending(),
-                "members": self.member_list(now) if self.is_candidate else None,
+                "reachable_candidates": self.link.reachable(now), "armed": self.link.armed,
+                "maintenance": self.link.maintenance, "startup_time": self.startup_time,
+                "fenced": self.link.fenced,
+                "vote": self.election.vote.holder if self.election.vote else None,
+                "manager_for_s": round(now - self.election.view_since, 3) if manager else None,
+                "candidate_silence": self.link.silence_ages(now),
+                "survival_margin_s": round(self.link.survival_margin(now), 3),
+                "approaching_fence": self.link.approach_warned,
+                "datasets_unavailable": dict(self.rejoin.datasets_unavailable),
+                "ready": self.rejoin.ready(), "not_ready": self.rejoin.not_ready_reasons(),
+                "demotion_pending": self.rejoin.demotion_pending(),
+                "members": self.table.member_list(now) if self.is_candidate else None,
                 # the manager's last protection round: {vm: reason} of the unprotected
-                "protection": {"checked": len(self.protection),
+                "protection": {"checked": len(self.protector.protection),
                                "unprotected": {vm: r["protection"] for vm, r in
-                                               sorted(self.protection.items())
+                                               sorted(self.protector.protection.items())
                                                if not r["protected"]}}
-                if role == "manager" and self.protection else None}
+                if role == "manager" and self.protector.protection else None}
 
-    MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
 
-    def member_state(self, m, now):
-        """The first of MEMBER_STATES that fits member m: failed = failed by this manager,
-        or silent here for at least its failover_time while armed."""
-        silence = now - max(m.last_ping, self.start)
-        if m.left:
-            return "left"
-        if m.hostname in self.failed or (
-                m.armed and _is_number(m.failover_time) and silence >= m.failover_time):
-            return "failed"
-        if m.maintenance:
-            return "maintenance"
-        return "alive" if m.armed else "unarmed"
-
-    def member_states(self, now):
-        """{state: number of members}, every state of MEMBER_STATES present."""
-        out = {k: 0 for k in self.MEMBER_STATES}
-        for m in self.members.values():
-            out[self.member_state(m, now)] += 1
-        return out
-
-    def member_list(self, now):
-        """Every member as `status` shows it (a candidate's table)."""
-        manager = self.manager_view(now)[0]
-        return [{"hostname": m.hostname,
-                 "role": "manager" if m.hostname == manager else
-                 "candidate" if m.hostname in self.candidates else "worker",
-                 "state": self.member_state(m, now), "armed": m.armed,
-                 "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
-                 "ready": m.ready, "not_ready": list(m.not_ready),
-                 "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
-                for m in sorted(self.members.values(), key=lambda m: m.hostname)]
+for _part, _names in Core.API.items():      # the parts' state, read only through Core
+    for _name in _names.split():
+        if not callable(getattr(Core.PARTS[_part], _name, None)):
+            setattr(Core, _name, property(operator.attrgetter(f"{_part}.{_name}"),
+                                          doc=f"Core.{_part}.{_name} (read only here)"))
 
 
 # -----------------------------------------------------------------------------
@@ -5407,7 +5643,7 @@ def cmd_vms(cfg, args):
             vms.setdefault(v["vm_name"], []).append((h, v))
     # protection: the manager's rule (vm_protection) on the inventories just fetched
     clean = {h: c for h, c in ((h, clean_inventory(inv)) for h, inv in hosts.items()) if c}
-    prot = vm_protection(clean, Core._eligible({m["hostname"]: m for m in members}),
+    prot = vm_protection(clean, Detector.eligible({m["hostname"]: m for m in members}),
                          cfg.max_replica_age)
     if args.json:
         print(json.dumps({"hosts": hosts, "errors": errors, "vms": [

@@ -119,7 +119,7 @@ def test_no_vote_during_first_vote_lease_after_start():
     for c in cores.values():
         assert c.vote is None
         assert actions(c, "persist_term") == []
-        assert c.ping_answer(LEASE - 0.5)["vote"] is None
+        assert c.election.ping_answer(LEASE - 0.5)["vote"] is None
     run_round(cores, float(LEASE))
     for c in cores.values():
         assert c.vote is not None and c.vote.holder == "a"
@@ -304,10 +304,10 @@ def test_persist_term_precedes_any_observation_of_the_vote():
     b = make_core("b")
     b.tick(0.0)
     b.take_actions()
-    assert b.ping_answer(3.0)["vote"] is None
+    assert b.election.ping_answer(3.0)["vote"] is None
     b.tick(3.0)
     # the vote is visible only after this tick; its persist action is in this tick's batch
-    assert b.ping_answer(3.0)["vote"] == "b"
+    assert b.election.ping_answer(3.0)["vote"] == "b"
     acts = b.take_actions()
     assert acts[0] == {"kind": "persist_term", "term": 1}
 
@@ -332,8 +332,8 @@ def test_grant_term_is_max_of_persisted_and_seen_plus_one():
     # a term seen in an incoming ping counts too
     a = make_core("a", persisted_term=3)
     w = make_core("w")
-    a.handle_register(w.register_body(), 1.0)
-    body = dict(w.ping_body(1.0), term=99)
+    a.handle_register(w.link.register_body(), 1.0)
+    body = dict(w.link.ping_body(1.0), term=99)
     assert a.handle_ping(body, 1.5)[0] == 200
     a.tick(LEASE)
     assert a.vote.term == 100
@@ -419,11 +419,11 @@ def test_manager_acts_only_once_two_voters_persisted_its_term():
     assert a.is_manager(10.6) and a.manager_term(10.6) == 9
     assert not a.can_act(10.6), "b has not persisted term 9 yet"
     assert a.manager_view(10.6) == (None, 0)
-    assert a.ping_body(10.6)["manager"] is False and a.ping_body(10.6)["term"] == 9
+    assert a.link.ping_body(10.6)["manager"] is False and a.link.ping_body(10.6)["term"] == 9
     a.on_ping_result("b", 11.0, 200, answer(vote="a", vote_startup_time=1000, vote_term=4,
                                             term_seen=9), 11.1)
     assert a.can_act(11.1)
-    assert a.ping_body(11.1)["manager"] is True
+    assert a.link.ping_body(11.1)["manager"] is True
 
 
 def test_a_candidate_persists_a_higher_term_before_answering_a_ping():
@@ -431,7 +431,7 @@ def test_a_candidate_persists_a_higher_term_before_answering_a_ping():
     a, b = cores["a"], cores["b"]
     deliver(b, a, 0.0)                         # b registers with a
     a.take_actions()
-    body = dict(b.ping_body(1.0), term=7)
+    body = dict(b.link.ping_body(1.0), term=7)
     status, ans = a.handle_ping(body, 1.0)
     assert status == 200 and ans["term_seen"] == 7
     assert {"kind": "persist_term", "term": 7} in a.take_actions()
@@ -503,11 +503,11 @@ def test_ping_from_unregistered_member_gets_409_and_member_reregisters():
     kind, status, ans = deliver(a, b2, 5.0)
     assert (kind, status) == ("ping", 409)
     assert "error" in ans
-    assert a.registered["b"] is False
+    assert a.link.registered["b"] is False
     kind, status, ans = deliver(a, b2, 6.0)
     assert (kind, status) == ("register", 200)
-    assert a.registered["b"] is True
-    assert "a" in {m["hostname"] for m in b2.members_view(6.0)}
+    assert a.link.registered["b"] is True
+    assert "a" in {m["hostname"] for m in b2.table.members_view(6.0)}
     assert deliver(a, b2, 7.0)[:2] == ("ping", 200)
 
 
@@ -520,7 +520,7 @@ def test_ping_from_old_incarnation_gets_409():
     assert deliver(new_a, b, 5.0)[:2] == ("register", 200)
     kind, status, _ = deliver(old_a, b, 5.5)
     assert (kind, status) == ("ping", 409)
-    assert old_a.registered["b"] is False
+    assert old_a.link.registered["b"] is False
     assert deliver(new_a, b, 6.0)[:2] == ("ping", 200)
 
 
@@ -530,7 +530,7 @@ def test_register_retried_until_2xx():
     (cand, kind, body), = [r for r in w.outgoing(0.0) if r[0] == "a"]
     assert kind == "register"
     w.on_register_result("a", 503, {"error": "overload"}, 0.1)
-    assert w.registered["a"] is False
+    assert w.link.registered["a"] is False
     assert [k for c, k, _ in w.outgoing(1.0) if c == "a"] == ["register"]
     assert deliver(w, a, 1.0)[:2] == ("register", 200)
     assert [k for c, k, _ in w.outgoing(2.0) if c == "a"] == ["ping"]
@@ -539,8 +539,8 @@ def test_register_retried_until_2xx():
 def test_worker_is_404_at_register_and_ping():
     w = make_core("w")
     x = make_core("w2")
-    assert w.handle_register(x.register_body(), 0.0)[0] == 404
-    assert w.handle_ping(x.ping_body(0.0), 0.0)[0] == 404
+    assert w.handle_register(x.link.register_body(), 0.0)[0] == 404
+    assert w.handle_ping(x.link.ping_body(0.0), 0.0)[0] == 404
 
 
 # -- ping outcomes -------------------------------------------------------------------------------
@@ -564,7 +564,7 @@ def test_late_answer_is_a_failure():
     a, w = _registered_worker()
     deliver(w, a, 10.0, delay=PING_TIMEOUT + 0.01)
     assert w.reach["a"] is None
-    assert "a" not in w.answers
+    assert "a" not in w.link.answers
     deliver(w, a, 11.0, delay=PING_TIMEOUT)   # exactly at the limit still counts
     assert w.reach["a"] == 11.0
 
@@ -582,20 +582,20 @@ def test_late_answer_is_a_failure():
 ])
 def test_malformed_answer_is_a_failure(bad):
     w = make_core("w")
-    w.registered["a"] = True
+    w.link.registered["a"] = True
     w.on_ping_result("a", 10.0, 200, bad, 10.1)
     assert w.reach["a"] is None
-    assert "a" not in w.answers
-    assert w.registered["a"] is True
+    assert "a" not in w.link.answers
+    assert w.link.registered["a"] is True
 
 
 @pytest.mark.parametrize("status", [None, 0, 500, 503, 401, 404, 301])
 def test_non_2xx_or_transport_error_is_a_failure(status):
     w = make_core("w")
-    w.registered["a"] = True
+    w.link.registered["a"] = True
     w.on_ping_result("a", 10.0, status, answer(), 10.1)
     assert w.reach["a"] is None
-    assert w.registered["a"] is True
+    assert w.link.registered["a"] is True
 
 
 def test_older_answer_does_not_replace_a_newer_one():
@@ -603,7 +603,7 @@ def test_older_answer_does_not_replace_a_newer_one():
     w.on_ping_result("a", 11.0, 200, answer(manager="a", term=5), 11.1)
     w.on_ping_result("a", 10.9, 200, answer(manager=None, term=1), 11.2)  # in time, but older
     assert w.reach["a"] == 11.0
-    assert w.answers["a"].term == 5
+    assert w.link.answers["a"].term == 5
 
 
 def test_check_fields_schema():
@@ -657,11 +657,11 @@ def test_not_armed_without_quorum_manager_and_watchdog_ack():
     assert not w.armed
     acts = w.take_actions()
     assert events(acts, "armed") == [] and actions(w, "fence") == []
-    assert w.ping_body(4.0)["armed"] is False
+    assert w.link.ping_body(4.0)["armed"] is False
     run_round(cores, 5.0, acks=acks)
     assert w.armed
     assert len(events(w.take_actions(), "armed")) == 1
-    assert w.ping_body(5.0)["armed"] is True
+    assert w.link.ping_body(5.0)["armed"] is True
 
 
 def test_no_arming_without_quorum_even_with_ack():
@@ -751,18 +751,18 @@ def test_quorum_lost_before_watchdog_ack_does_not_arm_and_fence():
 
 def test_maintenance_disarms_and_prevents_fence():
     cores, w = _armed_worker()
-    w.maintenance = True
+    w.link.maintenance = True
     run_round(cores, 6.0, acks={"w": True})
     assert not w.armed
-    assert w.ping_body(6.0)["armed"] is False
-    assert w.ping_body(6.0)["maintenance"] is True
+    assert w.link.ping_body(6.0)["armed"] is False
+    assert w.link.ping_body(6.0)["maintenance"] is True
     cut = {("w", "a"), ("w", "b")}
     run(cores, 7.0, 15.0, cut=cut, acks={"w": True})
     acts = w.take_actions()
     assert [x for x in acts if x["kind"] == "fence"] == []
     assert not w.fenced
     # the candidates see the maintenance flag
-    view = {m["hostname"]: m for m in cores["c"].members_view(15.0)}
+    view = {m["hostname"]: m for m in cores["c"].table.members_view(15.0)}
     assert view["w"]["maintenance"] is True and view["w"]["armed"] is False
 
 
@@ -780,7 +780,7 @@ def test_members_view_fields_and_silence():
     a = make_core("a", now=100.0)
     w = make_core("w", now=0.0)
     assert deliver(w, a, 90.0)[:2] == ("register", 200)   # before a's start (odd clock)
-    view, = a.members_view(105.0)
+    view, = a.table.members_view(105.0)
     assert set(view) == {"hostname", "startup_time", "silence", "armed", "maintenance", "left",
                          "backup_node", "failover_time", "address", "port", "protocol",
                          "ready", "not_ready"}
@@ -795,11 +795,11 @@ def test_members_view_fields_and_silence():
     # silence = now - max(last_ping, candidate start) = 105 - max(90, 100)
     assert view["silence"] == pytest.approx(5.0)
     deliver(w, a, 110.0)
-    assert a.members_view(117.5)[0]["silence"] == pytest.approx(7.5)
+    assert a.table.members_view(117.5)[0]["silence"] == pytest.approx(7.5)
     # a register resets silence
     w2 = make_core("w", now=120.0, startup=4500)
     deliver(w2, a, 125.0)
-    view, = a.members_view(126.0)
+    view, = a.table.members_view(126.0)
     assert view["silence"] == pytest.approx(1.0)
     assert view["startup_time"] == 4500
 
@@ -808,9 +808,9 @@ def test_members_view_reports_armed_and_backup_node():
     a = make_core("a")
     w = Core(make_cfg("w", backup_node=True, failover_time=30), 4000, 0.0)
     deliver(w, a, 0.0)
-    w.armed = True
+    w.link.armed = True
     deliver(w, a, 1.0)
-    view, = a.members_view(1.0)
+    view, = a.table.members_view(1.0)
     assert view["armed"] is True
     assert view["backup_node"] is True
     assert view["failover_time"] == 30
@@ -820,7 +820,7 @@ def test_registered_event_once_per_incarnation():
     a = make_core("a")
     w = make_core("w")
     deliver(w, a, 0.0)
-    w.registered["a"] = False
+    w.link.registered["a"] = False
     deliver(w, a, 1.0)                       # same incarnation registers again
     assert len(events(a.take_actions(), "registered")) == 1
     w2 = make_core("w", now=2.0, startup=4001)
@@ -839,15 +839,15 @@ def test_an_unacknowledged_term_is_never_acted_on_or_announced():
     cut = {("b", "a"), ("c", "a"), ("a", "c")}
     run(cores, 0.0, 4.0, cut=cut)
     assert a.is_manager(4.0) and a.manager_term(4.0) == 10
-    assert b.persisted_term < 10, "scenario: b never learned term 10"
+    assert b.election.persisted_term < 10, "scenario: b never learned term 10"
     assert not a.can_act(4.0)
-    assert a.ping_body(4.0)["manager"] is False
+    assert a.link.ping_body(4.0)["manager"] is False
     assert a.status(4.0)["role"] != "manager"
     cut = cut | {("a", "b")}                     # a is now cut off from b and c
     t = run(cores, 5.0, 12.0, cut=cut)
     assert not a.is_manager(t)
     assert b.can_act(t), "b should have taken over"
-    assert all(c.max_manager_term <= b.manager_term(t) for n, c in cores.items() if n != "a")
+    assert all(c.election.max_manager_term <= b.manager_term(t) for n, c in cores.items() if n != "a")
 
 
 def test_successive_acting_managers_have_strictly_increasing_terms():
@@ -859,7 +859,7 @@ def test_successive_acting_managers_have_strictly_increasing_terms():
     t = run(cores, 0.0, 6.0, cut=cut)            # a's pings keep reaching b
     assert a.can_act(t)
     t1 = a.manager_term(t)
-    assert t1 == 10 and b.persisted_term >= 10
+    assert t1 == 10 and b.election.persisted_term >= 10
     cut = cut | {("a", "b")}
     t = run(cores, t + 1, t + 10.0, cut=cut)
     assert b.can_act(t)
@@ -915,7 +915,7 @@ def test_leave_acknowledged_by_two_disarms_through_the_core():
     assert not w.armed and not w.arming
     w2 = make_core("w", startup=4001)
     w2.leave_body()
-    assert w2.leave_result(["a"]) is False and not w2.left and not w2.leaving
+    assert w2.leave_result(["a"]) is False and not w2.left and not w2.link.leaving
 
 
 def test_voter_without_term_file_votes_only_after_hearing_both_other_candidates():
@@ -931,7 +931,7 @@ def test_voter_without_term_file_votes_only_after_hearing_both_other_candidates(
     cores["a"] = a
     run(cores, 10.0, 20.0)
     assert b.vote is not None and b.vote.term > 7
-    assert b.persisted_term >= b.vote.term
+    assert b.election.persisted_term >= b.vote.term
 
 
 def test_members_are_persisted_on_register_and_flag_changes_only():
@@ -946,11 +946,11 @@ def test_members_are_persisted_on_register_and_flag_changes_only():
     assert rec["hostname"] == "w" and rec["startup_time"] == w.startup_time
     deliver(w, a, 2.0)
     assert [x for x in actions(a) if x["kind"] == "persist"] == []
-    w.armed = True
+    w.link.armed = True
     deliver(w, a, 3.0)
     acts = [x for x in actions(a) if x["kind"] == "persist"]
     assert len(acts) == 1 and acts[0]["data"]["members"][0]["armed"] is True
     a2 = make_core("a", now=50.0, startup=1001, members_state=acts[0]["data"])
     m = a2.members["w"]
     assert (m.armed, m.startup_time) == (True, w.startup_time)
-    assert a2.members_view(58.0)[0]["silence"] == 8.0       # counted from a2's start
+    assert a2.table.members_view(58.0)[0]["silence"] == 8.0       # counted from a2's start

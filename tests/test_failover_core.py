@@ -294,7 +294,7 @@ def test_member_failed_only_after_its_failover_time_and_after_the_managers_wait(
     net.run(last + FAILOVER_TIME, last + FAILOVER_TIME + 3 * TIMINGS["ping_interval"], step=0.5)
     tf = failed_at(net)
     assert tf is not None and last + FAILOVER_TIME <= tf <= last + FAILOVER_TIME + 2.0
-    assert tf - a.manager_since >= WAIT
+    assert tf - a.election.manager_since >= WAIT
     # exactly once, by the manager only
     assert len(net.events("a", "member_failed")) == 1
     assert net.events("b", "member_failed") == net.events("c", "member_failed") == []
@@ -325,7 +325,7 @@ def test_member_cut_off_from_one_candidate_alone_is_never_failed_over(cut):
     assert net.sends(name="vms") == [] and net.sends(name="failover") == []
     assert net.sends(name="plan") == []
     # the one candidate's view does say so
-    view = {m["hostname"]: m for m in net.cores[min(cut)].members_view(80.0)}
+    view = {m["hostname"]: m for m in net.cores[min(cut)].table.members_view(80.0)}
     assert view["w1"]["silence"] >= FAILOVER_TIME
 
 
@@ -344,7 +344,7 @@ def test_two_candidate_views_suffice(cut):
     last = 9.5       # its last ping to the cut candidates went out before t=10
     assert last + FAILOVER_TIME <= tf <= last + FAILOVER_TIME + 2.0
     third = ({"a", "b", "c"} - set(cut)).pop()
-    third_view = {m["hostname"]: m for m in net.cores[third].members_view(tf)}
+    third_view = {m["hostname"]: m for m in net.cores[third].table.members_view(tf)}
     assert third_view["w1"]["silence"] < FAILOVER_TIME, "the third view had not agreed yet"
     net.run(tf + 0.5, tf + 5, step=0.5)
     assert net.live_on("vm1") == ["w2"]
@@ -359,7 +359,7 @@ def test_unarmed_maintenance_or_left_member_is_never_failed_over(how):
     else:
         assert w1.armed
     if how == "maintenance":
-        w1.maintenance = True
+        w1.link.maintenance = True
     net.run(6.0, 8.0)
     if how == "left":
         for c in "bc":       # a leave is acknowledged by 2 candidates (one is not enough:
@@ -550,7 +550,7 @@ def test_unplaced_vm_reported_once():
 def armed_target(host="w2", **kw):
     """A target core that is armed (SPEC §3.4: only an armed node accepts failover starts)."""
     w = Core(cfg(host, **kw), 4100, 0.0)
-    w.armed = True
+    w.link.armed = True
     return w
 
 
@@ -604,7 +604,7 @@ def test_lower_term_than_highest_seen_is_refused():
     assert w.handle_failover(fo(uid="u1", term=6, check=True), 1.0, None)[0] == 409
     # the term learnt from ping answers counts too
     w2 = armed_target()
-    w2.max_manager_term = 9
+    w2.election.max_manager_term = 9
     assert w2.handle_failover(fo(term=8), 1.0, {"live": False})[0] == 409
 
 
@@ -612,7 +612,7 @@ def test_check_for_unknown_uid_raises_the_targets_term():
     w = armed_target()
     status, ans = w.handle_failover(fo(uid="old", term=9, check=True), 1.0, None)
     assert status == 200 and ans["known"] is False and ans["uid"] == "old"
-    assert w.max_manager_term == 9
+    assert w.election.max_manager_term == 9
     assert w.failovers == {} and w.starting() == set()
     # the previous manager's (older) request for that uid now comes too late
     status, ans = w.handle_failover(fo(uid="old", term=8), 2.0, {"live": False})
@@ -679,7 +679,7 @@ def test_new_manager_asks_target_first_and_does_not_restart_a_started_vm():
     assert failed_at(net, member="a", node="b") is not None
     first_job = min(t_ for t_, n, x in net.log if n == "b" and x["kind"] == "send"
                     and x["name"] == "vms")
-    assert first_job - b.manager_since >= WAIT
+    assert first_job - b.election.manager_since >= WAIT
     assert b.moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2", "term": 1, "seq": 1}]
 
 
@@ -767,7 +767,7 @@ def test_moved_vms_from_done_plans_latest_wins():
     assert b.moved_vms("nobody") == []
     # and the register answer carries them
     h = Core(cfg("w1", hostname="h"), 7000, 0.0)
-    status, ans = b.handle_register(h.register_body(), 2.0)
+    status, ans = b.handle_register(h.link.register_body(), 2.0)
     assert status == 200 and ans["moved_vms"] == b.moved_vms("h")
     # a stale plan term is refused and changes nothing
     status, _ = b.handle_plan({"term": 3, "entries": [e("x", "h", "zz", 3, 9)]}, 3.0)
@@ -794,7 +794,7 @@ def test_rejoin_demotes_moved_vms_before_arming():
         "asked exactly once"
     assert len(w1.reachable(t)) == 3 and w1.manager_view(t)[0] == "a"
     assert not w1.arming and not w1.armed
-    assert w1.ping_body(t)["armed"] is False
+    assert w1.link.ping_body(t)["armed"] is False
     w1.demote_done({"vm1": "w2"})
     net.copy("w1", "vm1")["parent_host"] = "w2"
     t = net.run(t + 1, t + 2)
@@ -906,7 +906,7 @@ def test_resolved_inherited_plan_is_replicated_to_the_other_candidates():
     assert updates, "b never told c"
     assert c.plans[uid]["state"] == "done", \
         f"c still holds the plan as {c.plans[uid]['state']!r} (update term " \
-        f"{updates[0]['body']['term']}, c's highest manager term {c.max_manager_term})"
+        f"{updates[0]['body']['term']}, c's highest manager term {c.election.max_manager_term})"
     assert c.moved_vms("w1") == [{"vm_name": "vm1", "new_parent": "w2", "term": 1, "seq": 1}]
 
 
@@ -985,11 +985,11 @@ def test_retry_target_that_failed_meanwhile_is_skipped():
     assert [x["to"] for _, x in net.held] == ["w2"]
     net.kill("c")
     t = net.run(net.now + 1, net.now + FAILOVER_TIME + 5)
-    assert "c" in a.failed and "c" not in a.job["members"]
+    assert "c" in a.detector.failed and "c" not in a.manager.job.members
     net.policy = None
     net.release(net.held[0], t, status=409, answer={"error": "boom"})
     net.run(t + 1, t + 60)
-    assert a.job is None
+    assert a.manager.job is None
     assert sorted((e["to"], e["state"]) for e in a.plans.values()) == [("b", "done"),
                                                                       ("w2", "failed")]
     assert net.live_on("vm1") == ["b"]
@@ -1012,13 +1012,13 @@ def test_vm_moved_on_since_its_plan_is_not_failed_over_with_the_plans_target():
             if v["vm_name"] == "vm1":
                 v.update(parent_host="w3", live=h == "w3", state="live" if h == "w3" else
                          "stopped")
-    net.cores["w3"].left = True
+    net.cores["w3"].link.left = True
     net.run(net.now + 1, net.now + 5)
     assert all(net.cores[c].members["w3"].left for c in "abc")
     net.kill("w2")
     since = len(net.log)
     net.run(net.now + 1, net.now + FAILOVER_TIME + 20)
-    assert "w2" in a.failed
+    assert "w2" in a.detector.failed
     assert [e["to"] for e in a.plans.values()] == ["w2"], "no new plan for vm1"
     assert net.live_on("vm1") == ["w3"]
     notes = [x["msg"] for _, n, x in net.log[since:] if n == "a" and x["kind"] == "event"]
@@ -1027,7 +1027,7 @@ def test_vm_moved_on_since_its_plan_is_not_failed_over_with_the_plans_target():
 
 def test_fencing_node_refuses_failovers():
     w = Core(cfg("w2"), 5000, 0.0)
-    w.fenced = True
+    w.link.fenced = True
     status, answer = w.handle_failover({"vm_name": "vm1", "from_host": "w1", "term": 5,
                                         "uid": "u1"}, 1.0, {"live": False})
     assert status == 409 and "fencing" in answer["error"]
@@ -1043,11 +1043,11 @@ def test_unarmed_or_maintenance_target_refuses_failover_starts():
     status, ans = w.handle_failover(fo(), 1.0, {"live": False})
     assert status == 409 and "not armed" in ans["error"]
     assert w.failovers == {} and w.starting() == set()
-    w.armed = True
-    w.maintenance = True
+    w.link.armed = True
+    w.link.maintenance = True
     status, ans = w.handle_failover(fo(uid="u2"), 2.0, {"live": False})
     assert status == 409 and "maintenance" in ans["error"]
-    w.maintenance = False
+    w.link.maintenance = False
     w.set_maintenance(True, 3.0)          # asked, not acknowledged yet: still armed
     status, ans = w.handle_failover(fo(uid="u3"), 3.0, {"live": False})
     assert status == 409 and "maintenance" in ans["error"]
@@ -1136,7 +1136,7 @@ def test_vm_whose_latest_done_plan_names_a_left_member_is_never_moved():
     net.dead.discard("w1")
     net.cores["w1"] = Core(cfg("w1"), 9000, net.now)
     net.run(net.now + 1, net.now + 3)
-    assert net.cores["w1"].demote_asked == {"vm1": "w2"}
+    assert net.cores["w1"].rejoin.demote_asked == {"vm1": "w2"}
     net.copy("w1", "vm1").update(parent_host="w2", live=False, state="stopped")
     net.cores["w1"].demote_done({"vm1": "w2"})
     net.run(net.now + 1, net.now + 5)
@@ -1151,7 +1151,7 @@ def test_vm_whose_latest_done_plan_names_a_left_member_is_never_moved():
     net.kill("w1")
     since = len(net.log)
     net.run(net.now + 1, net.now + FAILOVER_TIME + 20)
-    assert "w1" in a.failed
+    assert "w1" in a.detector.failed
     assert [s[0] for s in net.starts_of("vm1")] == ["w2"]
     notes = [x["msg"] for _, n, x in net.log[since:] if n == "a" and x["kind"] == "event"]
     assert any("VM vm1 of w1 is not failed over" in m and "w2" in m for m in notes), notes
@@ -1173,7 +1173,7 @@ def test_where_a_vm_last_ran_does_not_depend_on_the_plan_cap():
         assert all(e["vm"] != "vm1" for e in net.cores[c].plans.values())
     net.kill("w2")
     net.run(net.now + 1, net.now + FAILOVER_TIME + 20)
-    assert "w2" in a.failed
+    assert "w2" in a.detector.failed
     assert net.live_on("vm1") == ["c"]
     assert a.moved_vms("w1")[0]["vm_name"] == "vm1"
 
@@ -1194,9 +1194,9 @@ def test_candidate_restart_keeps_members_and_where_vms_ran():
     members, plans = _persisted(net, "b", "members.json"), _persisted(net, "b", "plans.json")
     assert members is not None and plans is not None
     b2 = Core(cfg("b"), 7000, 100.0, members_state=wire(members), plans_state=wire(plans))
-    view = {m["hostname"]: m for m in b2.members_view(100.0)}
+    view = {m["hostname"]: m for m in b2.table.members_view(100.0)}
     assert set(view) == set(net.cores["b"].members)
     assert view["w2"]["armed"] is True and view["w2"]["silence"] == 0
     assert b2.moved_vms("w1") == net.cores["b"].moved_vms("w1") != []
-    assert [e["uid"] for e in b2._latest_plans(("done",)).values()] == \
-        [e["uid"] for e in net.cores["b"]._latest_plans(("done",)).values()]
+    assert [e["uid"] for e in b2.planbook.latest_plans(("done",)).values()] == \
+        [e["uid"] for e in net.cores["b"].planbook.latest_plans(("done",)).values()]

@@ -116,7 +116,7 @@ def test_running_record_untouched_when_unarmed_or_leaving_and_removed_in_mainten
     w = make_core("w")
     assert w.running_record(inv("w")) is None
     assert w.running_record(started=["x"], old=[]) is None
-    w.maintenance = True
+    w.link.maintenance = True
     assert w.running_record(inv("w")) == ("remove", None)
     _, a = _armed_worker()
     a.leave_body()                       # a leave request is out: not protected any more
@@ -184,8 +184,8 @@ def test_arming_clears_the_fence_record_and_rewrites_the_running_record_by_actio
 
 def test_take_persist_takes_only_the_persist_actions():
     c = make_core("a")
-    c._event("note", "NOTICE", "x")
-    c._see_term(5)
+    c.box.event("note", "NOTICE", "x")
+    c.election.see_term(5)
     assert c.take_persist() == [{"kind": "persist_term", "term": 5}]
     assert kinds(c.take_actions()) == [("event", "note")]
 
@@ -228,7 +228,7 @@ def test_sim_demotes_and_records_running_by_the_real_rules(monkeypatch):
     record: both through hoster_ha's functions."""
     seen = []
     real_steps = hoster_ha.demotion_steps
-    real_record = hoster_ha.Core.running_record
+    real_record = hoster_ha.Link.running_record
 
     def steps(*a, **kw):
         seen.append("demotion_steps")
@@ -238,7 +238,7 @@ def test_sim_demotes_and_records_running_by_the_real_rules(monkeypatch):
         seen.append("running_record")
         return real_record(self, *a, **kw)
     monkeypatch.setattr(hoster_ha, "demotion_steps", steps)
-    monkeypatch.setattr(hoster_ha.Core, "running_record", record)
+    monkeypatch.setattr(hoster_ha.Link, "running_record", record)
     s = sim.run_scenario(os.path.join(os.path.dirname(sim.__file__), "scenarios",
                                       "14_returning_node_demotes_moved_vms"))
     assert not s.failures and "demotion_steps" in seen

@@ -60,8 +60,8 @@ def test_warning_when_one_candidate_away_from_fence_then_notice_when_it_clears()
 
 def test_no_warning_on_an_unarmed_node():
     cores, w = _armed_worker()
-    w.armed = False          # as if in maintenance: not armed, nothing to warn about
-    w.maintenance = True
+    w.link.armed = False          # as if in maintenance: not armed, nothing to warn about
+    w.link.maintenance = True
     run(cores, 6.0, 30.0, cut={("w", "a")}, acks={"w": True})
     assert events(w.take_actions(), "fence_warning") == []
 
@@ -157,11 +157,11 @@ def test_member_state_order_left_first():
     a = net.cores["a"]
     m = a.members["w2"]
     m.left, m.maintenance, m.armed = True, True, False
-    assert a.member_state(m, net.now) == "left"
+    assert a.table.member_state(m, net.now) == "left"
     m.left = False
-    assert a.member_state(m, net.now) == "maintenance"
+    assert a.table.member_state(m, net.now) == "maintenance"
     m.maintenance = False
-    assert a.member_state(m, net.now) == "unarmed"
+    assert a.table.member_state(m, net.now) == "unarmed"
 
 
 def test_metrics_text_escapes_label_values():

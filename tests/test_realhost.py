@@ -19,6 +19,8 @@ from localcluster import DATASET, FAST, LocalCluster
 import hoster_ha
 from hoster_ha import (
     Core,
+    FailoverTarget,
+    Rejoin,
     absence_verdict,
     command_text,
     demotion_steps,
@@ -52,7 +54,7 @@ def fo(uid="u1", name="vm1", src="w1", term=5):
 
 def armed(host="w2", **extra):
     w = Core(cfg(host, **extra), 4100, 0.0)
-    w.armed = True
+    w.link.armed = True
     return w
 
 
@@ -103,9 +105,9 @@ def test_command_text_strips_ansi_and_reads_stdout_and_stderr():
 
 def test_start_answer_timeout_covers_start_and_both_confirmations():
     c = cfg(start_timeout=40, start_confirm=5, fence_timeout=10, failover_time=60)
-    assert Core.start_answer_timeout(c) >= 40 + 2 * 5
+    assert FailoverTarget.start_answer_timeout(c) >= 40 + 2 * 5
     # the manager's POST failover carries it as its timeout
-    assert Core.start_answer_timeout(cfg()) >= 60 + 2 * 3
+    assert FailoverTarget.start_answer_timeout(cfg()) >= 60 + 2 * 3
 
 
 def test_target_entry_says_what_to_restore_and_unknown_keeps_the_vm_busy():
@@ -135,9 +137,9 @@ def test_manager_keeps_a_plan_planned_while_the_target_says_starting_or_unknown(
          "seq": 1}
     m.plans["p1"] = dict(e)
     for state in ("starting", "unknown"):
-        m._on_check(("check", "p1"), 200, {"known": True, "state": state}, 1.0)
+        m.manager._on_check(("check", "p1"), 200, {"known": True, "state": state}, 1.0)
         assert m.plans["p1"]["state"] == "planned", state
-    m._on_check(("check", "p1"), 200, {"known": True, "state": "live"}, 2.0)
+    m.manager._on_check(("check", "p1"), 200, {"known": True, "state": "live"}, 2.0)
     assert m.plans["p1"]["state"] == "done"
 
 
@@ -170,10 +172,10 @@ def test_demotion_is_deferred_while_a_dataset_is_unavailable():
 
 def test_core_arms_with_a_deferred_demotion_and_retries_it_when_the_dataset_is_back():
     w = Core(cfg("w1"), 4100, 0.0)
-    assert Core.demote_retry({"tank/enc"}, {}) is True
-    assert Core.demote_retry({"tank/enc"}, {"tank/enc": "locked"}) is False
-    w.registered = {c: True for c in w.registered}
-    w.moved = {"vm1": ((3, 1), "node2"), "vm2": ((3, 2), "node3")}
+    assert Rejoin.demote_retry({"tank/enc"}, {}) is True
+    assert Rejoin.demote_retry({"tank/enc"}, {"tank/enc": "locked"}) is False
+    w.link.registered = {c: True for c in w.link.registered}
+    w.rejoin.moved = {"vm1": ((3, 1), "node2"), "vm2": ((3, 2), "node3")}
     w.tick(1.0)
     asked = [a for a in w.take_actions() if a["kind"] == "demote"]
     assert asked and asked[0]["vms"] == {"vm1": "node2", "vm2": "node3"}
@@ -199,17 +201,17 @@ def test_core_arms_with_a_deferred_demotion_and_retries_it_when_the_dataset_is_b
     assert [a["vms"] for a in acts if a["kind"] == "demote"] == [{"vm1": "node2"}]
     assert any(a.get("event") == "dataset_available" for a in acts)
     w.demote_done({"vm1": "node2"}, {}, {}, 3.7)
-    assert w.demotion_pending() == {} and w.demote_deferred == {}
+    assert w.demotion_pending() == {} and w.rejoin.demote_deferred == {}
     # an observation older than the last one changes nothing
     w.set_datasets(locked, 3.0)
-    assert w.datasets_unavailable == {}
+    assert w.rejoin.datasets_unavailable == {}
 
 
 def test_arming_waits_for_demotions_but_not_for_deferred_ones():
     def node(deferred):
         w = Core(cfg("w1"), 4100, 0.0)
-        w.registered = {c: True for c in w.registered}
-        w.moved = {"vm1": ((3, 1), "node2")}
+        w.link.registered = {c: True for c in w.link.registered}
+        w.rejoin.moved = {"vm1": ((3, 1), "node2")}
         if deferred:
             w.demote_done({}, {"vm1": "node2"}, {"tank/enc": "locked"}, 0.5)
         for c in w.candidates:    # quorum and a manager seen
@@ -236,10 +238,10 @@ def test_a_target_not_ready_refuses_before_touching_the_copy():
 
 def test_readiness_in_ping_status_and_member_table():
     w = Core(cfg("w1"), 4100, 0.0)
-    assert w.ping_body(1.0)["ready"] is True
+    assert w.link.ping_body(1.0)["ready"] is True
     w.set_host_readiness(["Hoster not initialised (no /x)"])
     w.set_datasets({"tank/enc": "locked"}, 1.0)
-    body = w.ping_body(2.0)
+    body = w.link.ping_body(2.0)
     assert body["ready"] is False and body["not_ready"] == [
         "Hoster not initialised (no /x)", "dataset tank/enc unavailable: locked"]
     assert w.not_ready_reasons("tank/plain") == ["Hoster not initialised (no /x)"]
@@ -251,11 +253,11 @@ def test_readiness_in_ping_status_and_member_table():
     assert not [a for a in w.take_actions() if a.get("event") == "not_ready"]
     # a candidate keeps what the member's pings say
     a = Core(cfg("a"), 1000, 0.0)
-    a.handle_register(w.register_body(), 1.0)
+    a.handle_register(w.link.register_body(), 1.0)
     assert a.handle_ping(body, 2.0)[0] == 200
-    view = {m["hostname"]: m for m in a.members_view(2.0)}["w1"]
+    view = {m["hostname"]: m for m in a.table.members_view(2.0)}["w1"]
     assert view["ready"] is False and view["not_ready"] == body["not_ready"]
-    assert {m["hostname"]: m for m in a.member_list(2.0)}["w1"]["ready"] is False
+    assert {m["hostname"]: m for m in a.table.member_list(2.0)}["w1"]["ready"] is False
 
 
 def test_planner_skips_a_copy_that_is_not_ready():
@@ -354,7 +356,7 @@ def test_failed_starts_end_live_once_on_the_next_target(tmp_path):
             {n: c.get(n, "status") for n in nodes}
         t_off = time.time()
         assert c["worker1"].power_off().returncode == 0
-        bound = timings["failover_time"] + 2 * Core.start_answer_timeout(
+        bound = timings["failover_time"] + 2 * FailoverTarget.start_answer_timeout(
             hoster_ha.load_config(c["node1"].config)) + 10
 
         def both_moved():

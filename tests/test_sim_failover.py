@@ -175,14 +175,14 @@ def test_checker_catches_a_vm_started_twice(monkeypatch):
 
 def test_checker_catches_a_late_failover(monkeypatch):
     """A manager that starts its failover jobs 12 s late breaks the recovery bound."""
-    orig = hoster_ha.Core._start_job
+    orig = hoster_ha.FailoverManager._start_job
 
     def late(self, now, sources):
         first = self.__dict__.setdefault("_first_try", {}).setdefault(tuple(sorted(sources)),
                                                                       now)
         if now - first >= 12:
             orig(self, now, sources)
-    monkeypatch.setattr(hoster_ha.Core, "_start_job", late)
+    monkeypatch.setattr(hoster_ha.FailoverManager, "_start_job", late)
     with pytest.raises(sim.SimViolation, match=r"at the deadline"):
         for seed in range(40):
             sim.run_random(seed, tick=TICK, vms=True)
@@ -193,12 +193,12 @@ def test_checker_catches_a_dropped_unplaceable_vm(monkeypatch):
     folder = os.path.join(HERE, "scenarios", "16_no_eligible_target")
     with open(os.path.join(folder, "cmds.json")) as f:
         cmds = json.load(f)
-    orig = hoster_ha.Core._once
+    orig = hoster_ha.Outbox.once
 
     def quiet(self, key, level, msg, event=None, **details):
         if event != "vm_start_failed":
             orig(self, key, level, msg, event, **details)
-    monkeypatch.setattr(hoster_ha.Core, "_once", quiet)
+    monkeypatch.setattr(hoster_ha.Outbox, "once", quiet)
     with pytest.raises(sim.SimViolation, match=r"no vm_start_failed event names it"):
         sim.Sim().run(cmds)
 

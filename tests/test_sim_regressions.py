@@ -32,13 +32,13 @@ def test_a_timeout_fires_at_send_time_plus_timeout(monkeypatch):
     node (that scheduled the timeout in the past: virtual time ran backwards, in 23 of
     300 election seeds)."""
     failures = []
-    orig = hoster_ha.Core.on_ping_result
+    orig = hoster_ha.Link.on_ping_result
 
     def record(self, cand, sent_at, status, answer, now):
         if self.hostname == "node1" and cand == "node2" and status is None:
             failures.append(now - sent_at)
         return orig(self, cand, sent_at, status, answer, now)
-    monkeypatch.setattr(hoster_ha.Core, "on_ping_result", record)
+    monkeypatch.setattr(hoster_ha.Link, "on_ping_result", record)
     s = sim.Sim()
     s.run([[0, "start node1"], [0, "start node2"], [0, "start node3"],
            [20, "link node1>node2 delay 2.5"], [21, "kill node2"]], until=40)
