@@ -9,7 +9,9 @@ folders, hardware_status apart from cmdlist):
   cmds.json    what happens and what must hold: [[time_seconds, "command"], ...], the
                simulator's commands (tests/sim.py's docstring lists them) other than
                `host` and `vm`, which belong in setup.json; `expect ...` lines are timed
-               checks among the events;
+               checks among the events (a check reads right after the event it is
+               about, and one list keeps an event and a check of the same second in
+               order);
   log.expect   the golden log.
 
 setup.json (every key optional; an empty world is {"hosts": {}, "copies": []}):
