@@ -7,7 +7,8 @@ registers a fake member "bench-member" with the flooded candidate, then:
   1. baseline (--baseline s, no flood): legitimate requests only;
   2. flood (--seconds s): --threads threads in --procs separate processes, each thread
      from its own source address (127.0.0.120 and up, as other hosts would be), send
-     unsigned `POST /api/v1/ha/ping` on a new connection each, as fast as answers come.
+     unsigned `POST /api/v1/ha/ping` on a new connection each, as fast as answers come
+     (tools/flood.py, the flood tests/test_hostile.py uses too).
 
 Legitimate traffic during both phases, from 127.0.0.1 (the address every node's own
 traffic comes from on loopback):
@@ -23,12 +24,10 @@ its manager and whether anyone fenced.
 """
 import argparse
 import http.client
-import json
 import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,60 +36,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import hoster_ha  # noqa: E402
+from flood import Flood  # noqa: E402
 from localcluster import FAST, LocalCluster  # noqa: E402
 
 NAMES = ("node1", "node2", "node3")
 TROUBLE = re.compile(r"EMERG|\(DEBUG\) would|no longer the manager|"
                      r"reaching [01] of 3 candidates|Traceback|internal error")
-
-# One flood process: `threads` threads from 127.0.0.{first}..., for `seconds`; prints the
-# answer counts as JSON.  A new connection per request (the agent closes every one).
-WORKER = r'''
-import json, socket, sys, threading, time
-host, port, threads, seconds, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
-    float(sys.argv[4]), int(sys.argv[5])
-body = json.dumps({"hostname": "node9", "startup_time": 1, "armed": True,
-                   "maintenance": False, "manager": True, "term": 99}).encode()
-req = (b"POST /api/v1/ha/ping HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-counts = [dict() for _ in range(threads)]
-end = time.monotonic() + seconds
-def run(i):
-    c, src = counts[i], ("127.0.0.%d" % (first + i), 0)
-    while time.monotonic() < end:
-        s = socket.socket()
-        s.settimeout(3)
-        try:
-            try:
-                s.setsockopt(socket.IPPROTO_IP, 24, 1)  # IP_BIND_ADDRESS_NO_PORT (Linux)
-            except OSError:
-                pass
-            s.bind(src)
-            s.connect((host, port))
-            s.sendall(req)
-            resp = b""
-            while True:
-                d = s.recv(4096)
-                if not d:
-                    break
-                resp += d
-            k = int(resp.split(b" ", 2)[1]) if resp.startswith(b"HTTP/") else "no answer"
-        except (OSError, ValueError, IndexError) as e:
-            k = type(e).__name__
-        finally:
-            s.close()
-        c[k] = c.get(k, 0) + 1
-ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-t0 = time.monotonic()
-for t in ts: t.start()
-for t in ts: t.join()
-total = {}
-for c in counts:
-    for k, v in c.items():
-        total[str(k)] = total.get(str(k), 0) + v
-print(json.dumps({"counts": total, "seconds": time.monotonic() - t0}))
-'''
-
 
 def pct(values, q):
     v = sorted(values)
@@ -183,38 +134,6 @@ class Bench:
             t.join(seconds + 10)
         return res, managers
 
-    def flood(self, target, seconds):
-        a = self.args
-        node = self.cluster[target]
-        per = [a.threads // a.procs + (1 if i < a.threads % a.procs else 0)
-               for i in range(a.procs)]
-        procs, first = [], 120
-        for k in per:
-            if k:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-c", WORKER, node.address, str(self.cluster.port),
-                     str(k), str(seconds), str(first)],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-                first += k
-        return procs
-
-    @staticmethod
-    def collect(procs, seconds):
-        counts, took = {}, 0.0
-        for p in procs:
-            try:
-                out, err = p.communicate(timeout=seconds + 20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out, err = p.communicate(timeout=5)
-            if p.returncode != 0:
-                raise RuntimeError(f"flood worker failed: {err[-500:]}")
-            r = json.loads(out)
-            took = max(took, r["seconds"])
-            for k, v in r["counts"].items():
-                counts[k] = counts.get(k, 0) + v
-        return counts, took
-
     def run(self):
         a, c = self.args, self.cluster
         c.start_all()
@@ -239,11 +158,13 @@ class Bench:
         rows.append(("baseline (no flood)", None, res, managers, self.ping_failures(),
                      base_fail, a.baseline))
         before = self.ping_failures()
-        procs = self.flood(target, a.seconds)
+        flood = Flood(c[target].address, c.port, threads=a.threads, seconds=a.seconds,
+                      procs=a.procs).start()
         try:
             res, managers = self.legit(target, a.seconds, member)
         finally:
-            counts, took = self.collect(procs, a.seconds)
+            counts = flood.stop()
+        took = flood.seconds
         rows.append((f"flood: {a.threads} threads, {a.procs} procs", (counts, took), res,
                      managers, self.ping_failures(), before, took))
         final = self.agreed()
@@ -281,8 +202,10 @@ def main():
     for name, flood, res, managers, fails, fails_before, secs in rows:
         if flood:
             counts, took = flood
-            rate = f"{counts.get('401', 0) / took:7.0f}"
-            other = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "401")
+            rate = f"{counts.get(401, 0) / took:7.0f}"
+            other = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(),
+                                                              key=lambda kv: str(kv[0]))
+                              if k != 401)
         else:
             rate, other = f"{'-':>7}", ""
         cluster_fail = int(sum(fails[n] - fails_before[n] for n in NAMES))

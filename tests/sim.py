@@ -71,7 +71,8 @@ After every simulated step the simulator checks, independently of the core:
     rest of the cluster stayed healthy.
 A breach raises SimViolation.
 
-Commands (scenario cmds.json is a list of [time_seconds, "command"]):
+Commands (a list of [time_seconds, "command"]; a scenario folder's setup.json gives the
+`host` and `vm` commands at time 0 and its cmds.json the rest: tests/test_scenarios.py):
   start NODE | kill NODE | crash NODE | restart NODE | pause NODE | resume NODE
   link A>B down|up|lossy P|delay SECONDS      one direction
   link A-B down|up|lossy P|delay SECONDS      both directions
@@ -92,7 +93,7 @@ Commands (scenario cmds.json is a list of [time_seconds, "command"]):
   expect event EVENT VM | no_event EVENT VM     (a core event naming VM was logged)
 Candidates are always node1, node2, node3; any other node name is a worker.
 
-    python3 tests/sim.py tests/scenarios/NAME     run one scenario, print its log
+    python3 tests/test_scenarios.py tests/scenarios/NAME   run one scenario, print its log
     python3 tests/sim.py --seed N                 replay one random seed
     python3 tests/sim.py --vms --seed N           replay one random failover seed
 """
@@ -1669,18 +1670,6 @@ class Sim:
 # Scenarios and random schedules
 # =============================================================================
 
-def load_cmds(folder):
-    with open(os.path.join(folder, "cmds.json")) as f:
-        return [(float(t), c) for t, c in json.load(f)]
-
-
-def run_scenario(folder, seed=0):
-    """Run a scenario folder (clocks at rate 1.0).  Returns the Sim; .log_text(), .failures."""
-    sim = Sim(seed=seed)
-    sim.run(load_cmds(folder))
-    return sim
-
-
 FAULT_END = 150.0
 SETTLE = 60.0
 
@@ -2183,7 +2172,6 @@ def format_schedule(sch):
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("scenario", nargs="?", help="a scenario folder (tests/scenarios/NAME)")
     p.add_argument("--seed", type=int, help="replay one seed of the random simulation")
     p.add_argument("--tick", type=float, default=1.0, help="tick of the random run (s)")
     p.add_argument("--vms", action="store_true",
@@ -2208,10 +2196,6 @@ def main(argv=None):
                 print(f"not asserted: {h} silent since {ts:.1f}: {why}")
         print(f"\nseed {args.seed}: " + ("OK" if not bad else "FAILED:\n  " + "\n  ".join(bad)))
         return 1 if bad else 0
-    if args.scenario:
-        sim = run_scenario(args.scenario)
-        sys.stdout.write(sim.log_text())
-        return 1 if sim.failures or sim.violations else 0
     p.print_help()
     return 2
 

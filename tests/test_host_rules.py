@@ -14,6 +14,7 @@ import hoster_ha
 import sim
 from hoster_ha import demotion_steps, fence_plan
 from test_core import _armed_worker, make_cluster, make_core, run_round
+from test_scenarios import run_scenario
 
 HOST = "w1"
 LOCKED = "__HA_LOCKED_2026-11-25_10-00-00__"
@@ -239,8 +240,8 @@ def test_sim_demotes_and_records_running_by_the_real_rules(monkeypatch):
         return real_record(self, *a, **kw)
     monkeypatch.setattr(hoster_ha, "demotion_steps", steps)
     monkeypatch.setattr(hoster_ha.Link, "running_record", record)
-    s = sim.run_scenario(os.path.join(os.path.dirname(sim.__file__), "scenarios",
-                                      "14_returning_node_demotes_moved_vms"))
+    s = run_scenario(os.path.join(os.path.dirname(sim.__file__), "scenarios",
+                                  "14_returning_node_demotes_moved_vms"))
     assert not s.failures and "demotion_steps" in seen
     s = sim.Sim()
     s.run([[0, "vm worker1 own snapshot=400 live=1"]] +

@@ -41,6 +41,7 @@ import time
 import pytest
 
 import hoster_ha
+from flood import Flood
 from localcluster import LocalCluster
 
 
@@ -959,6 +960,51 @@ def test_server_reserves_slots_for_cluster_addresses():
         srv.server_close()
 
 
+def test_flood_helper_spreads_threads_and_counts_every_answer():
+    """tools/flood.py (the flood here and in bench/flood.py): 5 threads over 2 processes
+    come from 5 different addresses, and the answers of both processes are added up by
+    status.  The stub answers 401, every 7th connection 503, and closes one connection
+    without answering."""
+    flood = Flood("127.0.0.1", 0, threads=5, seconds=0.6, procs=2, first=150)
+    firsts = [c[-1] for c in flood.commands]
+    assert [c[-3] for c in flood.commands] == ["3", "2"] and firsts == ["150", "153"]
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    lsock.settimeout(0.2)
+    flood = Flood("127.0.0.1", lsock.getsockname()[1], threads=5, seconds=0.6, procs=2,
+                  first=150)
+    sources, answered = set(), {401: 0, 503: 0}
+    flood.start()
+    deadline = time.monotonic() + 20
+    try:
+        n = 0
+        while (flood.running() or n == 0) and time.monotonic() < deadline:
+            try:
+                conn, (src, _) = lsock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                n += 1
+                sources.add(src)
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    if n == 3:
+                        continue            # closed without an answer
+                    status = 503 if n % 7 == 0 else 401
+                    conn.sendall(b"HTTP/1.1 %d x\r\nContent-Length: 0\r\n\r\n" % status)
+                    answered[status] += 1
+                except OSError:
+                    pass
+    finally:
+        lsock.close()
+        counts = flood.stop()
+    assert sources == {f"127.0.0.{i}" for i in range(150, 155)}, sources
+    assert counts.get(401) == answered[401] > 0 and counts.get(503) == answered[503] > 0, \
+        (counts, answered)
+    assert counts.get("no answer") == 1, counts
+    assert 0.5 <= flood.seconds < 5, flood.seconds
+
+
 # -- the fuzzer -------------------------------------------------------------------------------
 
 ROUTES = ("register", "ping", "members", "status", "vms", "failover", "plan", "leave",
@@ -1260,84 +1306,6 @@ class Fuzzer:
         if k == 2:
             return signed_request(self.secret, "POST", API + route, body)
         return http_request("POST", API + route, body)
-
-
-# -- the flood ------------------------------------------------------------------------------
-
-FLOOD_WORKER = r'''
-import json, socket, sys, threading, time
-host, port, threads, seconds, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
-    float(sys.argv[4]), int(sys.argv[5])
-body = json.dumps({"hostname": "node9", "startup_time": 1, "armed": True,
-                   "maintenance": False, "manager": True, "term": 99}).encode()
-req = (b"POST /api/v1/ha/ping HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-counts = [dict() for _ in range(threads)]
-end = time.monotonic() + seconds
-def run(i):
-    c, src = counts[i], ("127.0.0.%d" % (first + i), 0)
-    while time.monotonic() < end:
-        s = socket.socket()
-        s.settimeout(3)
-        try:
-            try:
-                s.setsockopt(socket.IPPROTO_IP, 24, 1)  # IP_BIND_ADDRESS_NO_PORT (Linux)
-            except OSError:
-                pass
-            s.bind(src)
-            s.connect((host, port))
-            s.sendall(req)
-            resp = b""
-            while True:
-                d = s.recv(4096)
-                if not d:
-                    break
-                resp += d
-            k = int(resp.split(b" ", 2)[1]) if resp.startswith(b"HTTP/") else "no answer"
-        except (OSError, ValueError, IndexError) as e:
-            k = type(e).__name__
-        finally:
-            s.close()
-        c[k] = c.get(k, 0) + 1
-ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-t0 = time.monotonic()
-for t in ts: t.start()
-for t in ts: t.join()
-total = {}
-for c in counts:
-    for k, v in c.items():
-        total[str(k)] = total.get(str(k), 0) + v
-print(json.dumps({"counts": total, "seconds": time.monotonic() - t0}))
-'''
-
-
-class Flood:
-    """Unsigned POST ping from `threads` threads (each from its own source address
-    127.0.0.{first+i}) in a separate process, for `seconds`."""
-
-    def __init__(self, host, port, threads=6, seconds=6.0, first=120):
-        self.args = [sys.executable, "-c", FLOOD_WORKER, host, str(port), str(threads),
-                     str(seconds), str(first)]
-        self.seconds = seconds
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-
-    def running(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        try:
-            out, err = self.proc.communicate(timeout=self.seconds + 15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate(timeout=5)
-        assert self.proc.returncode == 0, err
-        result = json.loads(out)
-        self.seconds = result["seconds"]
-        return {int(k) if k.isdigit() else k: v for k, v in result["counts"].items()}
 
 
 # == TLS ======================================================================================

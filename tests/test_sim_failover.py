@@ -63,13 +63,13 @@ More seeds: SIM_VM_SEEDS=5000 (a count) or SIM_VM_SEEDS=1000-2000 (a range); mak
 runs 100,000 (tools/sim_soak.py).
 """
 
-import json
 import os
 
 import pytest
 
 import hoster_ha
 import sim
+from test_scenarios import load_scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -190,9 +190,7 @@ def test_checker_catches_a_late_failover(monkeypatch):
 
 def test_checker_catches_a_dropped_unplaceable_vm(monkeypatch):
     """A manager that says nothing about a VM it cannot place breaks the invariant."""
-    folder = os.path.join(HERE, "scenarios", "16_no_eligible_target")
-    with open(os.path.join(folder, "cmds.json")) as f:
-        cmds = json.load(f)
+    cmds = load_scenario(os.path.join(HERE, "scenarios", "16_no_eligible_target"))
     orig = hoster_ha.Outbox.once
 
     def quiet(self, key, level, msg, event=None, **details):
@@ -210,9 +208,7 @@ def test_checker_catches_a_backup_target(monkeypatch):
     def anyone(sources, inventories, eligible, busy=(), failed=None, *rest):
         return orig(sources, inventories, {h: True for h in inventories}, busy, failed, *rest)
     _patched(monkeypatch, "plan_failover", anyone)
-    folder = os.path.join(HERE, "scenarios", "16_no_eligible_target")
-    with open(os.path.join(folder, "cmds.json")) as f:
-        cmds = json.load(f)
+    cmds = load_scenario(os.path.join(HERE, "scenarios", "16_no_eligible_target"))
     with pytest.raises(sim.SimViolation, match=r"sent to the backup node"):
         sim.Sim().run(cmds)
 
@@ -222,9 +218,7 @@ def test_delayed_command_of_a_dead_manager_is_refused():
     of lost: it arrives after node2, the new manager, asked worker3 about that uid (with
     node2's higher term, which worker3 then remembers), so worker3 refuses it as stale,
     and vmB is started once, by node2's new plan."""
-    with open(os.path.join(HERE, "scenarios", "12_manager_dies_mid_failover",
-                           "cmds.json")) as f:
-        cmds = json.load(f)
+    cmds = load_scenario(os.path.join(HERE, "scenarios", "12_manager_dies_mid_failover"))
     cmds = [[t, c.replace("link node1>worker3 down", "link node1>worker3 delay 20")]
             for t, c in cmds if c != "heal"] + [[125, "heal"]]
     s = sim.Sim()
@@ -326,9 +320,8 @@ def test_rejoined_node_resolves_the_locks_of_vms_placed_elsewhere():
     registered."  In scenario 13, vmB of worker1's fence record is placed on worker2
     (equal snapshots, more free memory); worker1's locked copy is demoted once that move
     is done (moved_vms in ping answers): parent_host = worker2."""
-    with open(os.path.join(HERE, "scenarios", "13_fenced_node_returns_gets_its_vms_back",
-                           "cmds.json")) as f:
-        cmds = json.load(f)
+    cmds = load_scenario(os.path.join(HERE, "scenarios",
+                                      "13_fenced_node_returns_gets_its_vms_back"))
     s = sim.Sim(stop_on_violation=False)
     s.run(cmds + [[200, "expect parent worker1 vmB worker2"]])
     assert not s.failures and not s.violations, "\n".join(s.failures + s.violations)
