@@ -277,13 +277,8 @@ def load_config(path, debug=False):
     return parse_config(data, path, debug)
 
 
-def parse_config(data, path="<config>", debug=False):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object")
-    unknown = sorted(set(data) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: key {_key(unknown[0])}: unknown key")
-
+def _config_getter(data, path):
+    """get(key, kind, default): data[key] (or default) checked to be of `kind`."""
     def get(key, kind, default):
         v = data.get(key, default)
         ok = {"number": _is_number(v),
@@ -293,7 +288,12 @@ def parse_config(data, path="<config>", debug=False):
         if not ok:
             raise ConfigError(f"{path}: key '{key}': expected {kind}, got {v!r}")
         return v
+    return get
 
+
+def _config_timings(path, get):
+    """The timings of SPEC §2, checked against each other (the §2 rule), and
+    kernel_watchdog."""
     timings = {k: get(k, "number", d) for k, d in TIMINGS.items()}
     for k, v in timings.items():
         if not 0 < v <= 86400:
@@ -316,8 +316,11 @@ def parse_config(data, path="<config>", debug=False):
             f"{path}: key 'failover_time': {timings['failover_time']} is too small: it must be >= "
             f"survival_window ({timings['survival_window']}) + {guard_text} + "
             f"2*ping_interval ({2 * timings['ping_interval']}) + 5 = {need:g}")
+    return timings, kernel_wd
 
-    cands = data.get("candidates")
+
+def _config_candidates(cands, path):
+    """The 3 candidates: [{hostname, address, port, protocol}]."""
     if not isinstance(cands, list):
         raise ConfigError(f"{path}: key 'candidates': expected a list of exactly 3 candidates")
     if len(cands) != 3:
@@ -350,7 +353,12 @@ def parse_config(data, path="<config>", debug=False):
     for e in eps:
         if eps.count(e) > 1:
             raise ConfigError(f"{path}: key 'candidates': duplicate address:port {e[0]}:{e[1]}")
+    return candidates
 
+
+def _config_identity(data, path, get, candidates):
+    """This node: (hostname, address, port, protocol); a candidate's come from its
+    entry in candidates."""
     hostname = data.get("hostname", socket.gethostname())
     if not valid_hostname(hostname):
         raise ConfigError(f"{path}: key 'hostname': not a valid hostname: {hostname!r}")
@@ -367,7 +375,11 @@ def parse_config(data, path="<config>", debug=False):
         address = get("address", "str", None)
         port = _port(data["port"], path, "port")
         protocol = "https" if data.get("tls") else "http"
+    return hostname, address, port, protocol
 
+
+def _config_secret(data, path, get):
+    """The shared secret, from `secret` or `secret_file`."""
     if "secret" in data and "secret_file" in data:
         raise ConfigError(f"{path}: key 'secret_file': set either secret or secret_file, not both")
     if "secret" in data:
@@ -379,12 +391,11 @@ def parse_config(data, path="<config>", debug=False):
                           f"(hoster_ha.py gen-secret makes one)")
     if len(secret) < 16:
         raise ConfigError(f"{path}: key 'secret': too short ({len(secret)} characters, need 16 or more)")
+    return secret
 
-    strategy = get("failover_strategy", "str", "change-parent")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"{path}: key 'failover_strategy': expected one of "
-                          f"{', '.join(sorted(STRATEGIES))}, got {strategy!r}")
 
+def _config_tls(data, path, candidates):
+    """tls ({cert, key, ca}) or None; required when a candidate uses https."""
     tls = data.get("tls")
     if tls is not None:
         if not isinstance(tls, dict) or set(tls) - {"cert", "key", "ca"} or not all(
@@ -392,7 +403,11 @@ def parse_config(data, path="<config>", debug=False):
             raise ConfigError(f"{path}: key 'tls': expected {{\"cert\": PATH, \"key\": PATH, \"ca\": PATH}}")
     if any(c["protocol"] == "https" for c in candidates) and tls is None:
         raise ConfigError(f"{path}: key 'tls': required when a candidate uses protocol https")
+    return tls
 
+
+def _config_datasets(data, path):
+    """(hoster_config_dir, VM datasets, where they came from, warn about it)."""
     hoster_dir = data.get("hoster_config_dir")
     if hoster_dir is not None and (not isinstance(hoster_dir, str) or not hoster_dir):
         raise ConfigError(f"{path}: key 'hoster_config_dir': expected a path")
@@ -403,7 +418,11 @@ def parse_config(data, path="<config>", debug=False):
         ds_source, ds_warn = f"vm_datasets in {path}", False
     else:
         datasets, ds_source, ds_warn = hoster_datasets(hoster_dir)
+    return hoster_dir, datasets, ds_source, ds_warn
 
+
+def _config_commands(data, path):
+    """The host commands: the defaults, with those of `commands` in their place."""
     commands = dict(DEFAULT_COMMANDS)
     cmds = data.get("commands", {})
     if not isinstance(cmds, dict):
@@ -414,7 +433,12 @@ def parse_config(data, path="<config>", debug=False):
         if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
             raise ConfigError(f"{path}: key 'commands.{k}': expected a non-empty list of strings")
         commands[k] = list(v)
+    return commands
 
+
+def _config_starts(data, path, get):
+    """start_timeout, start_confirm, max_parallel_starts, vm_priority, max_replica_age,
+    log_file."""
     start_timeout = get("start_timeout", "number", 60)
     if not 0 < start_timeout <= 3600:
         raise ConfigError(f"{path}: key 'start_timeout': must be greater than 0 and at most "
@@ -441,7 +465,30 @@ def parse_config(data, path="<config>", debug=False):
     log_file = data.get("log_file")
     if log_file is not None and (not isinstance(log_file, str) or not log_file):
         raise ConfigError(f"{path}: key 'log_file': expected a path")
+    return start_timeout, start_confirm, mps, prio, max_age, log_file
 
+
+def parse_config(data, path="<config>", debug=False):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: key {_key(unknown[0])}: unknown key")
+
+    get = _config_getter(data, path)
+    timings, kernel_wd = _config_timings(path, get)
+    candidates = _config_candidates(data.get("candidates"), path)
+    hostname, address, port, protocol = _config_identity(data, path, get, candidates)
+    secret = _config_secret(data, path, get)
+    strategy = get("failover_strategy", "str", "change-parent")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{path}: key 'failover_strategy': expected one of "
+                          f"{', '.join(sorted(STRATEGIES))}, got {strategy!r}")
+
+    tls = _config_tls(data, path, candidates)
+    hoster_dir, datasets, ds_source, ds_warn = _config_datasets(data, path)
+    commands = _config_commands(data, path)
+    start_timeout, start_confirm, mps, prio, max_age, log_file = _config_starts(data, path, get)
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,
         debug=debug,
@@ -660,6 +707,22 @@ def clean_inventory(answer):
 
 # -- failover placement (§3.4 step 2-3): a pure function ---------------------------
 
+def ranked_targets(copies, eligible, inventories):
+    """The hosts that may start a VM, best first (SPEC §3.4 step 2): eligible, ready for
+    it and holding a snapshot; newest snapshot first, then most free memory, then fewest
+    running VMs, then the name.  copies: [(host, its copy)]."""
+    targets = []
+    for host, v in copies:
+        snap = v.get("latest_snapshot")
+        if not eligible.get(host) or not snap or v.get("ready") is False:
+            continue
+        h = inventories[host].get("host", {})
+        free = h.get("free_memory")
+        targets.append((-snap["creation"], -(free if free is not None else -1),
+                        h.get("running_vms", 0), host))
+    return [t[3] for t in sorted(targets)]
+
+
 def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
                   owners=None, skipped=None, last_ran=None):
     """Decide which VMs to restart where.
@@ -694,7 +757,7 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
             if v.get("production"):
                 production.add(name)
     failed = set(sources) if failed is None else set(failed)
-    wanted = {}
+    wanted = {}    # vm -> its source: a failed member's production VMs, and fence records
     for src, fenced in sources.items():
         for name, cs in copies.items():
             if src not in failed:
@@ -725,17 +788,9 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
                                 if gone else f"a copy names {', '.join(other)} as "
                                 "its parent_host (moved since)"))
             continue
-        targets = []
-        for host, v in copies.get(name, []):
-            snap = v.get("latest_snapshot")
-            if not eligible.get(host) or not snap or v.get("ready") is False:
-                continue
-            h = inventories[host].get("host", {})
-            free = h.get("free_memory")
-            targets.append((-snap["creation"], -(free if free is not None else -1),
-                            h.get("running_vms", 0), host))
+        targets = ranked_targets(copies.get(name, []), eligible, inventories)
         if targets:
-            moves.append((name, src, [t[3] for t in sorted(targets)]))
+            moves.append((name, src, targets))
         else:
             holders = sorted(h for h, _ in copies.get(name, []))
             unplaced.append((name, src, "no eligible member holds a snapshot of it"
@@ -3953,112 +4008,11 @@ def prometheus_text(series):
     return "\n".join(out) + "\n"
 
 
-class Agent:
-    """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3).
+class AgentAPI:
+    """What an agent answers over HTTP (Handler calls api() from its request
+    threads), and the CLI's stop, maintenance and terminate that go through it.
 
-    The agent owns threads, sockets, files and subprocesses; every decision is the
-    core's (or a host-side rule's), and the agent never writes a core field: it calls
-    core methods and executes their actions (execute).
-
-    Threads: *loop* (run/loop: tick, heartbeat, check_watchdog, ping_round, execute,
-    fence), *http* (one per request: api, vms, failover, maintenance, terminate),
-    *ping* pool (exchange, the inventory refresh job), *work* pool (send, demote,
-    restart_watchdog, leave_then_stop).  Fields, who writes them, what guards them:
-      core               every thread; only with `lock` held (RLock).
-      counters           http, ping: `lock` (count(), exchange).
-      term_on_disk       loop, http: `lock` (persist_now is called with it held).
-      running_record,    ping (record_running), http (note_running), loop (shutdown):
-      running_closed       `running_lock`, taken before `lock` when both are needed.
-      inventory_cache    http (vms, local_copy), ping (refresh job): no lock; one
-                           reference assignment of a complete list, readers accept
-                           an older one.
-      inventory_busy     loop sets it, the ping job clears it: no lock (at worst two
-                           refreshes overlap).
-      host_check_busy,   like inventory_busy (check_host); inventory_errors: the ping
-      inventory_errors     job only.
-      unresolved         http (failover) adds, ping (resolve_starts) removes: no lock
-                           (single dict operations; one entry per uid).
-      wd_pid, wd_proc    loop (start), work (restart_watchdog): no lock; a restart
-                           runs only while unarmed and one at a time (wd_restarting).
-      wd_restarting      loop sets it (execute), work clears it: no lock.
-      wd_armed_ack,      loop only.
-      inflight
-      leaving            loop sets it, work (leave_then_stop) clears it: no lock.
-      stopping,          threading.Event.
-      stop_requested
-      wake               threading.Event: work (send) sets it after an answer, the loop
-                           waits on it between ticks and clears it.
-      cfg, paths, host, client, events, server, pool, work, nonces, startup_time:
-                         set in __init__, never rebound (events, nonces lock inside).
-    """
-
-    ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"},
-              "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}, "leave": {"POST"},
-              "terminate": {"POST"}, "maintenance": {"POST"}}
-    WATCHDOG_START_TIMEOUT = 10.0
-
-    def __init__(self, cfg, log):
-        self.cfg, self.log = cfg, log
-        self.paths = Paths(cfg)
-        self.debug = cfg.debug
-        self.mode = "DEBUG" if cfg.debug else "PRODUCTION"
-        self.lock = threading.RLock()
-        self.stopping = threading.Event()
-        # set by a worker that handed the core an answer: the loop ticks at once, so the
-        # sends that answer produced leave now, not a loop step later (issue 13 item 2)
-        self.wake = threading.Event()
-        self.nonces = NonceCache()
-        self.client = Client(cfg)
-        self.host = Host(cfg, log)
-        self.events = EventLog(self.paths.events, cfg.hostname)
-        self.counters = {"auth_failures": 0, "ping_failures": 0}
-        self.notifier = Notifier(cfg.commands["notify"], cfg.hostname, log, self.count) \
-            if cfg.commands.get("notify") else None
-        self.inventory_cache = None
-        self.inventory_busy = False
-        self.inventory_errors = []
-        self.host_check_busy = False
-        self.wd_pid = None
-        self.wd_proc = None
-        self.wd_restarting = False
-        self.wd_armed_ack = False
-        self.inflight = {}
-        self.unresolved = {}      # uid -> (copy, restore_parent, error) of unknown starts
-        self.stop_requested = threading.Event()
-        self.leaving = False
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
-                                                          thread_name_prefix="ha-ping")
-        self.work = concurrent.futures.ThreadPoolExecutor(
-            max_workers=cfg.max_parallel_starts + 8, thread_name_prefix="ha-work")
-        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        term = read_term(self.paths.term)
-        p = self.paths
-        if term is None and not any(os.path.exists(x) for x in (
-                p.events, p.members, p.plans, p.fence, p.running, p.maintenance)):
-            term = 0   # a new state_dir: no term file yet is no loss (SPEC §3.2, §4.5)
-            write_atomic(p.term, b"0\n", mode=0o600)
-        elif term is None:
-            log.warning(f"{p.term} is missing although {cfg.state_dir} was used before: this "
-                        "candidate votes only once it has learnt the other two candidates' "
-                        "terms")
-        self.term_on_disk = -1 if term is None else term
-        self.startup_time = int(time.time() * 1000)
-        self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
-                         maintenance=os.path.exists(self.paths.maintenance),
-                         fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
-                                           set(read_fence_record(self.paths.running))),
-                         stopped_vms=self.read_stopped(),
-                         members_state=read_state(p.members), plans_state=read_state(p.plans))
-        self.running_record = None
-        self.noted = {}      # {VM: when note_running put it in the record} (running_lock)
-        self.running_lock = threading.Lock()
-        self.running_closed = False
-        ctx = server_ssl_context(cfg.tls) if cfg.tls else None
-        self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx,
-                             known=literal_addresses(c["address"] for c in cfg.candidates))
-
-    # -- HTTP API (called from handler threads) ---------------------------------
+    A part of Agent (its fields: Agent's docstring)."""
 
     def api(self, method, name, body):
         now = time.monotonic()
@@ -4236,6 +4190,111 @@ class Agent:
                          "datasets_unavailable": unavailable, "demotion_pending": pending,
                          "time": round(time.time(), 3)},
                 "vms": out, "errors": errors}
+
+    def status(self):
+        with self.lock:
+            st = self.core.status(time.monotonic())
+        st.update(mode=self.mode, api_pid=os.getpid(),
+                  watchdog_pid=self.wd_pid if self.wd_pid and pid_alive(self.wd_pid) else None)
+        inv = self.inventory_cache       # a complete list or None (no lock: see the class)
+        st["vms_running"] = sorted(
+            v["vm_name"] for v in inv if isinstance(v, dict) and v.get("live") and
+            v.get("production") and v.get("parent_host") == self.cfg.hostname) \
+            if isinstance(inv, list) else None
+        return st
+
+    def count(self, key):
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+    def metrics(self, now=None):
+        """GET /metrics: Prometheus text format (README "Metrics" lists every series)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            core = self.core
+            st = core.status(now)
+            states = core.member_states(now) if core.is_candidate else None
+            reach = {c: core.reach[c] is not None and
+                     now - core.reach[c] <= self.cfg.survival_window for c in core.candidates}
+            ages = core.silence_ages(now)
+            margin = core.survival_margin(now)
+            counters = dict(self.counters)
+            protection = dict(core.protection) if st["role"] == "manager" else None
+        starts = {r: counters.get("vm_starts_" + r, 0) for r in ("ok", "failed")}
+        series = [
+            ("hoster_ha_up", "gauge", "1 while the agent runs", [({}, 1)]),
+            ("hoster_ha_manager", "gauge", "1 if this node is the manager",
+             [({}, int(st["role"] == "manager"))]),
+            ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
+            ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
+            ("hoster_ha_ready", "gauge", ("1 if this node can start its VMs (Hoster "
+              "initialised, vmm present, every VM dataset available)"),
+             [({}, int(st["ready"]))]),
+            ("hoster_ha_reachable_candidates", "gauge", ("candidates reached within "
+              "survival_window"), [({}, len(st["reachable_candidates"]))]),
+            ("hoster_ha_candidate_reachable", "gauge", ("1 if the candidate answered a ping "
+              "sent within survival_window"), [({"candidate": c}, int(v))
+                                             for c, v in sorted(reach.items())]),
+            ("hoster_ha_candidate_last_ping_age_seconds", "gauge", ("seconds since the send time "
+              "of the candidate's last good ping (absent: never answered)"),
+             [({"candidate": c}, v) for c, v in sorted(ages.items()) if v is not None]),
+            ("hoster_ha_survival_margin_seconds", "gauge", ("seconds until this node loses "
+              "quorum (and fences if armed) if no candidate answers any more"), [({}, margin)]),
+            ("hoster_ha_fences_total", "counter", ("fences: members this node failed as manager, "
+              "and its own self-fence decisions"), [({}, counters.get("fences", 0))]),
+            ("hoster_ha_vm_starts_total", "counter", ("failover starts of VMs on this node, by "
+              "result"), [({"result": r}, v) for r, v in sorted(starts.items())]),
+            ("hoster_ha_notify_dropped_total", "counter", ("notifications dropped (queue full, "
+              "command failed or timed out)"), [({}, counters.get("notify_dropped", 0))]),
+            ("hoster_ha_auth_failures_total", "counter", "requests refused with 401",
+             [({}, counters["auth_failures"])]),
+            ("hoster_ha_ping_failures_total", "counter", "pings to candidates that failed",
+             [({}, counters["ping_failures"])]),
+        ]
+        if states is not None:
+            series.append(("hoster_ha_members", "gauge", (
+                "members in this candidate's table, each in the first of left, failed, "
+                "maintenance, unarmed, alive that fits"),
+                [({"state": k}, v) for k, v in states.items()]))
+        if protection is not None:   # the manager's last protection round
+            series += [
+                ("hoster_ha_vm_protected", "gauge", ("1 if the production VM would come back "
+                  "if its host failed"), [({"vm": vm}, int(r["protected"]))
+                                          for vm, r in sorted(protection.items())]),
+                ("hoster_ha_vm_replica_age_seconds", "gauge", ("age of the VM's newest snapshot "
+                  "on an eligible member (absent: none)"),
+                 [({"vm": vm}, r["replica_age_seconds"]) for vm, r in sorted(protection.items())
+                  if r["replica_age_seconds"] is not None]),
+                ("hoster_ha_unprotected_vms", "gauge", "production VMs that are not protected",
+                 [({}, sum(not r["protected"] for r in protection.values()))])]
+        return prometheus_text(series)
+
+    @staticmethod
+    def _check_register(body):
+        if body["protocol"] not in ("http", "https"):
+            return "field 'protocol' must be http or https"
+        if not 1 <= body["port"] <= 65535:
+            return "field 'port' out of range"
+        if not ADDRESS_RE.fullmatch(body["address"]):
+            return "field 'address' is not a host name or IP address"
+        if not (_is_number(body["failover_time"]) and body["failover_time"] > 0):
+            return "field 'failover_time' must be a number of seconds above 0"
+        if body["failover_strategy"] not in STRATEGIES:
+            return "field 'failover_strategy' is not a known strategy"
+        if not all(valid_vm_name(v) for v in body["fenced_vms"]):
+            return "field 'fenced_vms' must be a list of VM names"
+        stopped = body.get("stopped_vms", [])
+        if not (isinstance(stopped, list) and all(valid_vm_name(v) for v in stopped)):
+            return "field 'stopped_vms' must be a list of VM names"
+        return None
+
+
+class AgentTarget:
+    """This host as a failover target and a returning host (SPEC §3.4, §3.6):
+    its local copies, the start of a VM a failover asks for and its confirmation, the
+    undo of a start that failed, and the demotion of VMs moved away.
+
+    A part of Agent (its fields: Agent's docstring)."""
 
     def local_copy(self, name):
         """Our copy of VM `name` for a failover, without a full inventory per request: the
@@ -4447,111 +4506,13 @@ class Agent:
         with self.lock:
             self.core.demote_done(done, deferred, unavailable, seen_at)
 
-    def send(self, a):
-        status, answer = self.client.request(a["peer"], a["method"], a["name"], a["body"],
-                                             timeout=a["timeout"])
-        with self.lock:
-            self.core.on_response(a["id"], status, answer, time.monotonic())
-        self.wake.set()
 
-    @staticmethod
-    def _check_register(body):
-        if body["protocol"] not in ("http", "https"):
-            return "field 'protocol' must be http or https"
-        if not 1 <= body["port"] <= 65535:
-            return "field 'port' out of range"
-        if not ADDRESS_RE.fullmatch(body["address"]):
-            return "field 'address' is not a host name or IP address"
-        if not (_is_number(body["failover_time"]) and body["failover_time"] > 0):
-            return "field 'failover_time' must be a number of seconds above 0"
-        if body["failover_strategy"] not in STRATEGIES:
-            return "field 'failover_strategy' is not a known strategy"
-        if not all(valid_vm_name(v) for v in body["fenced_vms"]):
-            return "field 'fenced_vms' must be a list of VM names"
-        stopped = body.get("stopped_vms", [])
-        if not (isinstance(stopped, list) and all(valid_vm_name(v) for v in stopped)):
-            return "field 'stopped_vms' must be a list of VM names"
-        return None
+class AgentHost:
+    """This host's companions and records: the ha_watchdog companion (§3.5), the
+    inventory and readiness checks, the fence record, and the running and stopped
+    records in state_dir (§3.6).
 
-    def status(self):
-        with self.lock:
-            st = self.core.status(time.monotonic())
-        st.update(mode=self.mode, api_pid=os.getpid(),
-                  watchdog_pid=self.wd_pid if self.wd_pid and pid_alive(self.wd_pid) else None)
-        inv = self.inventory_cache       # a complete list or None (no lock: see the class)
-        st["vms_running"] = sorted(
-            v["vm_name"] for v in inv if isinstance(v, dict) and v.get("live") and
-            v.get("production") and v.get("parent_host") == self.cfg.hostname) \
-            if isinstance(inv, list) else None
-        return st
-
-    def count(self, key):
-        with self.lock:
-            self.counters[key] = self.counters.get(key, 0) + 1
-
-    def metrics(self, now=None):
-        """GET /metrics: Prometheus text format (README "Metrics" lists every series)."""
-        now = time.monotonic() if now is None else now
-        with self.lock:
-            core = self.core
-            st = core.status(now)
-            states = core.member_states(now) if core.is_candidate else None
-            reach = {c: core.reach[c] is not None and
-                     now - core.reach[c] <= self.cfg.survival_window for c in core.candidates}
-            ages = core.silence_ages(now)
-            margin = core.survival_margin(now)
-            counters = dict(self.counters)
-            protection = dict(core.protection) if st["role"] == "manager" else None
-        starts = {r: counters.get("vm_starts_" + r, 0) for r in ("ok", "failed")}
-        series = [
-            ("hoster_ha_up", "gauge", "1 while the agent runs", [({}, 1)]),
-            ("hoster_ha_manager", "gauge", "1 if this node is the manager",
-             [({}, int(st["role"] == "manager"))]),
-            ("hoster_ha_term", "gauge", "term of the manager this node knows", [({}, st["term"])]),
-            ("hoster_ha_armed", "gauge", "1 if this node is armed", [({}, int(st["armed"]))]),
-            ("hoster_ha_ready", "gauge", ("1 if this node can start its VMs (Hoster "
-              "initialised, vmm present, every VM dataset available)"),
-             [({}, int(st["ready"]))]),
-            ("hoster_ha_reachable_candidates", "gauge", ("candidates reached within "
-              "survival_window"), [({}, len(st["reachable_candidates"]))]),
-            ("hoster_ha_candidate_reachable", "gauge", ("1 if the candidate answered a ping "
-              "sent within survival_window"), [({"candidate": c}, int(v))
-                                             for c, v in sorted(reach.items())]),
-            ("hoster_ha_candidate_last_ping_age_seconds", "gauge", ("seconds since the send time "
-              "of the candidate's last good ping (absent: never answered)"),
-             [({"candidate": c}, v) for c, v in sorted(ages.items()) if v is not None]),
-            ("hoster_ha_survival_margin_seconds", "gauge", ("seconds until this node loses "
-              "quorum (and fences if armed) if no candidate answers any more"), [({}, margin)]),
-            ("hoster_ha_fences_total", "counter", ("fences: members this node failed as manager, "
-              "and its own self-fence decisions"), [({}, counters.get("fences", 0))]),
-            ("hoster_ha_vm_starts_total", "counter", ("failover starts of VMs on this node, by "
-              "result"), [({"result": r}, v) for r, v in sorted(starts.items())]),
-            ("hoster_ha_notify_dropped_total", "counter", ("notifications dropped (queue full, "
-              "command failed or timed out)"), [({}, counters.get("notify_dropped", 0))]),
-            ("hoster_ha_auth_failures_total", "counter", "requests refused with 401",
-             [({}, counters["auth_failures"])]),
-            ("hoster_ha_ping_failures_total", "counter", "pings to candidates that failed",
-             [({}, counters["ping_failures"])]),
-        ]
-        if states is not None:
-            series.append(("hoster_ha_members", "gauge", (
-                "members in this candidate's table, each in the first of left, failed, "
-                "maintenance, unarmed, alive that fits"),
-                [({"state": k}, v) for k, v in states.items()]))
-        if protection is not None:   # the manager's last protection round
-            series += [
-                ("hoster_ha_vm_protected", "gauge", ("1 if the production VM would come back "
-                  "if its host failed"), [({"vm": vm}, int(r["protected"]))
-                                          for vm, r in sorted(protection.items())]),
-                ("hoster_ha_vm_replica_age_seconds", "gauge", ("age of the VM's newest snapshot "
-                  "on an eligible member (absent: none)"),
-                 [({"vm": vm}, r["replica_age_seconds"]) for vm, r in sorted(protection.items())
-                  if r["replica_age_seconds"] is not None]),
-                ("hoster_ha_unprotected_vms", "gauge", "production VMs that are not protected",
-                 [({}, sum(not r["protected"] for r in protection.values()))])]
-        return prometheus_text(series)
-
-    # -- the watchdog companion (§3.5) -------------------------------------------
+    A part of Agent (its fields: Agent's docstring)."""
 
     def start_watchdog(self):
         """Use the watchdog running for this run_dir, or start one and wait for its pid file."""
@@ -4627,29 +4588,6 @@ class Agent:
             self.log.error(str(e))
         finally:
             self.wd_restarting = False
-
-    # -- ping rounds ---------------------------------------------------------------
-
-    def ping_round(self, now):
-        with self.lock:
-            out = self.core.outgoing(now)
-        for cand, kind, body in out:
-            fut = self.inflight.get(cand)
-            if fut is not None and not fut.done():
-                continue  # the previous exchange is still out; it will count as failed
-            self.inflight[cand] = self.pool.submit(self.exchange, cand, kind, body, now)
-
-    def exchange(self, cand, kind, body, sent_at):
-        status, answer = self.client.request(self.cfg.candidate(cand), "POST", kind, body,
-                                             timeout=self.cfg.ping_timeout)
-        now = time.monotonic()
-        with self.lock:
-            if kind == "ping":
-                self.core.on_ping_result(cand, sent_at, status, answer, now)
-            else:
-                self.core.on_register_result(cand, status, answer, now)
-            if not (status and 200 <= status < 300):
-                self.counters["ping_failures"] += 1
 
     def refresh_inventory(self):
         """Refresh the cached VM inventory in a worker thread (used by fencing)."""
@@ -4812,6 +4750,144 @@ class Agent:
             self.running_record = names
         except OSError as e:
             self.log.error(f"cannot write {self.paths.running}: {e}")
+
+
+class Agent(AgentAPI, AgentTarget, AgentHost):
+    """One node: HTTP server, ping rounds, control loop, fencing (SPEC §3).
+
+    The agent owns threads, sockets, files and subprocesses; every decision is the
+    core's (or a host-side rule's), and the agent never writes a core field: it calls
+    core methods and executes their actions (execute).
+
+    Threads: *loop* (run/loop: tick, heartbeat, check_watchdog, ping_round, execute,
+    fence), *http* (one per request: api, vms, failover, maintenance, terminate),
+    *ping* pool (exchange, the inventory refresh job), *work* pool (send, demote,
+    restart_watchdog, leave_then_stop).  Fields, who writes them, what guards them:
+      core               every thread; only with `lock` held (RLock).
+      counters           http, ping: `lock` (count(), exchange).
+      term_on_disk       loop, http: `lock` (persist_now is called with it held).
+      running_record,    ping (record_running), http (note_running), loop (shutdown):
+      running_closed       `running_lock`, taken before `lock` when both are needed.
+      inventory_cache    http (vms, local_copy), ping (refresh job): no lock; one
+                           reference assignment of a complete list, readers accept
+                           an older one.
+      inventory_busy     loop sets it, the ping job clears it: no lock (at worst two
+                           refreshes overlap).
+      host_check_busy,   like inventory_busy (check_host); inventory_errors: the ping
+      inventory_errors     job only.
+      unresolved         http (failover) adds, ping (resolve_starts) removes: no lock
+                           (single dict operations; one entry per uid).
+      wd_pid, wd_proc    loop (start), work (restart_watchdog): no lock; a restart
+                           runs only while unarmed and one at a time (wd_restarting).
+      wd_restarting      loop sets it (execute), work clears it: no lock.
+      wd_armed_ack,      loop only.
+      inflight
+      leaving            loop sets it, work (leave_then_stop) clears it: no lock.
+      stopping,          threading.Event.
+      stop_requested
+      wake               threading.Event: work (send) sets it after an answer, the loop
+                           waits on it between ticks and clears it.
+      cfg, paths, host, client, events, server, pool, work, nonces, startup_time:
+                         set in __init__, never rebound (events, nonces lock inside).
+    """
+
+    ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"},
+              "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}, "leave": {"POST"},
+              "terminate": {"POST"}, "maintenance": {"POST"}}
+    WATCHDOG_START_TIMEOUT = 10.0
+
+    def __init__(self, cfg, log):
+        self.cfg, self.log = cfg, log
+        self.paths = Paths(cfg)
+        self.debug = cfg.debug
+        self.mode = "DEBUG" if cfg.debug else "PRODUCTION"
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        # set by a worker that handed the core an answer: the loop ticks at once, so the
+        # sends that answer produced leave now, not a loop step later (issue 13 item 2)
+        self.wake = threading.Event()
+        self.nonces = NonceCache()
+        self.client = Client(cfg)
+        self.host = Host(cfg, log)
+        self.events = EventLog(self.paths.events, cfg.hostname)
+        self.counters = {"auth_failures": 0, "ping_failures": 0}
+        self.notifier = Notifier(cfg.commands["notify"], cfg.hostname, log, self.count) \
+            if cfg.commands.get("notify") else None
+        self.inventory_cache = None
+        self.inventory_busy = False
+        self.inventory_errors = []
+        self.host_check_busy = False
+        self.wd_pid = None
+        self.wd_proc = None
+        self.wd_restarting = False
+        self.wd_armed_ack = False
+        self.inflight = {}
+        self.unresolved = {}      # uid -> (copy, restore_parent, error) of unknown starts
+        self.stop_requested = threading.Event()
+        self.leaving = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                          thread_name_prefix="ha-ping")
+        self.work = concurrent.futures.ThreadPoolExecutor(
+            max_workers=cfg.max_parallel_starts + 8, thread_name_prefix="ha-work")
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        term = read_term(self.paths.term)
+        p = self.paths
+        if term is None and not any(os.path.exists(x) for x in (
+                p.events, p.members, p.plans, p.fence, p.running, p.maintenance)):
+            term = 0   # a new state_dir: no term file yet is no loss (SPEC §3.2, §4.5)
+            write_atomic(p.term, b"0\n", mode=0o600)
+        elif term is None:
+            log.warning(f"{p.term} is missing although {cfg.state_dir} was used before: this "
+                        "candidate votes only once it has learnt the other two candidates' "
+                        "terms")
+        self.term_on_disk = -1 if term is None else term
+        self.startup_time = int(time.time() * 1000)
+        self.core = Core(cfg, self.startup_time, time.monotonic(), persisted_term=term,
+                         maintenance=os.path.exists(self.paths.maintenance),
+                         fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
+                                           set(read_fence_record(self.paths.running))),
+                         stopped_vms=self.read_stopped(),
+                         members_state=read_state(p.members), plans_state=read_state(p.plans))
+        self.running_record = None
+        self.noted = {}      # {VM: when note_running put it in the record} (running_lock)
+        self.running_lock = threading.Lock()
+        self.running_closed = False
+        ctx = server_ssl_context(cfg.tls) if cfg.tls else None
+        self.server = Server((cfg.listen_address, cfg.port), Handler, self, ctx,
+                             known=literal_addresses(c["address"] for c in cfg.candidates))
+
+    # -- the manager's requests (work pool) --------------------------------------
+
+    def send(self, a):
+        status, answer = self.client.request(a["peer"], a["method"], a["name"], a["body"],
+                                             timeout=a["timeout"])
+        with self.lock:
+            self.core.on_response(a["id"], status, answer, time.monotonic())
+        self.wake.set()
+
+    # -- ping rounds ---------------------------------------------------------------
+
+    def ping_round(self, now):
+        with self.lock:
+            out = self.core.outgoing(now)
+        for cand, kind, body in out:
+            fut = self.inflight.get(cand)
+            if fut is not None and not fut.done():
+                continue  # the previous exchange is still out; it will count as failed
+            self.inflight[cand] = self.pool.submit(self.exchange, cand, kind, body, now)
+
+    def exchange(self, cand, kind, body, sent_at):
+        status, answer = self.client.request(self.cfg.candidate(cand), "POST", kind, body,
+                                             timeout=self.cfg.ping_timeout)
+        now = time.monotonic()
+        with self.lock:
+            if kind == "ping":
+                self.core.on_ping_result(cand, sent_at, status, answer, now)
+            else:
+                self.core.on_register_result(cand, status, answer, now)
+            if not (status and 200 <= status < 300):
+                self.counters["ping_failures"] += 1
 
     # -- the control loop ---------------------------------------------------------
 
