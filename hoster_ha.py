@@ -16,11 +16,14 @@ The contract (behaviour, timings, CLI, config, HTTP API, files) is SPEC.md.
 The file reads top to bottom:
 
     1. config       load and validate ha_config.json
-    2. core         pure cluster logic: votes, leases, terms, survival rule, failure
-                    detection, failover placement and plans
+    2. core         pure cluster logic: placement, then Core, a facade over named
+                    parts sharing one outbox (Election, Membership, Link, Rejoin,
+                    PlanBook, Detector, Protection, FailoverManager, FailoverTarget),
+                    then the host-side rules (fence, demotion, running record)
     3. host         VM inventory, vm_config.json edits, fencing commands
     4. transport    request signing, HTTP server and client
     5. agent        threads and the control loop wiring core, host, transport
+                    (Agent and its parts AgentAPI, AgentTarget, AgentHost)
     6. CLI
 """
 
@@ -1398,6 +1401,36 @@ class Link(Part):
         self.approach_since = None  # armed with exactly 2 candidates reachable since
         self.approach_warned = False
 
+    LIFECYCLE = {   # this node's lifecycle (state()), most telling first; _set() logs it
+        "fenced": "fencing itself: accepts and starts nothing any more; the host reboots",
+        "left": "its leave was acknowledged by 2 candidates: never failed over; it stops",
+        "leaving": "a leave request (stop) is out: it refuses failover starts meanwhile",
+        "maintenance": "`maintenance on` acknowledged by 2 candidates: disarmed, never "
+                       "failed over",
+        "armed": "protected: failed over when silent for failover_time; fences itself "
+                 "below 2 candidates",
+        "unarmed": "waiting for quorum, a manager, its demotions, 2 views that do not say "
+                   "left or maintenance, and the watchdog; not failed over",
+    }
+
+    def state(self):
+        """The first state of LIFECYCLE that fits this node's flags."""
+        flags = {"fenced": self.fenced, "left": self.left, "leaving": self.leaving,
+                 "maintenance": self.maintenance, "armed": self.armed}
+        return next((k for k in self.LIFECYCLE if flags.get(k, True)), "unarmed")
+
+    def _set(self, **flags):
+        """The one mutator of the lifecycle flags (fenced, left, leaving, maintenance,
+        armed): it logs each change of state() as "state A => B"."""
+        before = self.state()
+        for k, v in flags.items():
+            assert k in self.LIFECYCLE, k
+            setattr(self, k, v)
+        after = self.state()
+        if after != before:
+            self.box.event("state", "INFO", f"state {before} => {after}",
+                           before=before, after=after)
+
     def quorum(self, now):
         """(quorum, the candidates reachable): logged when it changes; a `maintenance on`
         acknowledged by 2 candidates takes effect."""
@@ -1416,7 +1449,8 @@ class Link(Part):
                                reachable=reach)
             self.had_quorum = quorum
         if self.maintenance_asked_at is not None and len(self.maintenance_acks) >= 2:
-            self.maintenance, self.maintenance_asked_at = True, None
+            self.maintenance_asked_at = None
+            self._set(maintenance=True)
             self.box.event("maintenance", "NOTICE", "maintenance on (acknowledged by "
                            f"{', '.join(sorted(self.maintenance_acks))}): the node is "
                            "disarmed and will not be failed over", on=True)
@@ -1431,12 +1465,13 @@ class Link(Part):
                            f"maintenance any more (acknowledged by "
                            f"{', '.join(sorted(self.clear_acks))}): it may arm")
         if self.maintenance or self.left:
-            self.arming = self.armed = False
+            self.arming = False
+            self._set(armed=False)
         elif not self.armed:
             self.arming = quorum and self.election.manager_view(now)[0] is not None and \
                 not demotions and self.flags_clear()
         if self.arming and watchdog_armed and not self.armed:
-            self.armed = True
+            self._set(armed=True)
             self.box.event("armed", "NOTICE", "armed: quorum reached, manager "
                            f"{self.election.manager_view(now)[0]}, watchdog acknowledged")
             self.box.action("clear_fence_record")   # the candidates have it
@@ -1460,7 +1495,7 @@ class Link(Part):
         elif not on:
             self.maintenance_asked_at = None
             if self.maintenance:
-                self.maintenance = False
+                self._set(maintenance=False)
                 self.box.event("maintenance", "NOTICE", "maintenance off: the node arms again "
                                "once 2 candidates have acknowledged it", on=False)
 
@@ -1477,7 +1512,7 @@ class Link(Part):
     def leave_body(self):
         """A leave request; our pings say `left` from now on (a ping built between this
         and the acknowledgements must not undo the leave), until leave_refused()."""
-        self.leaving = True
+        self._set(leaving=True)
         self.seq += 1
         self.flag_at, self.clear_acks = math.inf, set()   # the leave itself is a flag
         return {"hostname": self.hostname, "startup_time": self.startup_time, "seq": self.seq}
@@ -1487,7 +1522,7 @@ class Link(Part):
         our VMs are not protected from now on; we stop).  Fewer: the leave is refused.
         Returns whether we left."""
         if len(acks) >= 2:
-            self.left = True
+            self._set(left=True)
             return True
         self.leave_refused()
         return False
@@ -1495,7 +1530,7 @@ class Link(Part):
     def leave_refused(self):
         """A candidate may have marked us left: we arm again only once 2 candidates have
         answered a later ping (flags_clear)."""
-        self.leaving = False
+        self._set(leaving=False)
 
     def register_body(self):
         c = self.cfg
@@ -1600,8 +1635,8 @@ class Link(Part):
     def fence(self, msg, why, **details):
         """Fence now (§3.3): from here on no failover is accepted or started.  msg: the
         EMERG line; why: the fence record's `reason`."""
-        self.fenced = True
         self.box.event("self_fence", "EMERG", msg, **details)
+        self._set(fenced=True)
         self.box.action("fence", reason=why)
 
     def check_watchdog(self, alive, now, restarting=False, pid=None):
@@ -2784,7 +2819,7 @@ class Core:
         return {"hostname": self.hostname, "role": role, "manager": manager, "term": term,
                 "reachable_candidates": self.link.reachable(now), "armed": self.link.armed,
                 "maintenance": self.link.maintenance, "startup_time": self.startup_time,
-                "fenced": self.link.fenced,
+                "fenced": self.link.fenced, "state": self.link.state(),
                 "vote": self.election.vote.holder if self.election.vote else None,
                 "manager_for_s": round(now - self.election.view_since, 3) if manager else None,
                 "candidate_silence": self.link.silence_ages(now),
@@ -5570,6 +5605,8 @@ def cmd_status(cfg, args):
                       + (f" ({', '.join(reach)})" if reach else ""),
                       f"Armed: {'yes' if st['armed'] else 'no'}",
                       f"Maintenance: {'on' if st['maintenance'] else 'off'}"]
+            if st.get("state") in Link.LIFECYCLE:
+                lines.append(f"State: {st['state']} ({Link.LIFECYCLE[st['state']]})")
             lines += status_details(st)
     print("\n".join(lines))
     return 0 if st["api_pid"] else 1

@@ -954,3 +954,36 @@ def test_members_are_persisted_on_register_and_flag_changes_only():
     m = a2.members["w"]
     assert (m.armed, m.startup_time) == (True, w.startup_time)
     assert a2.table.members_view(58.0)[0]["silence"] == 8.0       # counted from a2's start
+
+
+def test_every_lifecycle_transition_is_logged_once_and_shown_in_status():
+    """Issue 10 item 4: the node's lifecycle (Link.LIFECYCLE) changes only through one
+    mutator, which logs each transition as "state A => B"; status says the state."""
+    cores, w = _armed_worker()
+    assert w.status(5.0)["state"] == "armed"
+    seen = []
+
+    def step(t, **kw):
+        run_round(cores, t, acks={"w": True}, **kw)
+        seen.extend(a["msg"] for a in w.take_actions()
+                    if a["kind"] == "event" and a["event"] == "state")
+    w.set_maintenance(True, 6.0)
+    for t in (6.0, 7.0, 8.0):
+        step(t)
+    assert w.status(8.0)["state"] == "maintenance" and not w.armed
+    w.set_maintenance(False, 9.0)
+    for t in (9.0, 10.0, 11.0, 12.0):
+        step(t)
+    assert w.status(12.0)["state"] == "armed"
+    w.leave_body()
+    w.leave_result(["a"])                  # refused: one acknowledgement
+    w.leave_body()
+    w.leave_result(["a", "b"])             # acknowledged by 2: left
+    step(13.0)
+    assert w.status(13.0)["state"] == "left" and not w.armed
+    assert seen == ["state armed => maintenance", "state maintenance => unarmed",
+                    "state unarmed => armed", "state armed => leaving",
+                    "state leaving => armed", "state armed => leaving",
+                    "state leaving => left"], seen
+    assert set(hoster_ha.Link.LIFECYCLE) == {"fenced", "left", "leaving", "maintenance",
+                                             "armed", "unarmed"}

@@ -138,11 +138,12 @@ def test_watchdog_gone_three_checks_armed_fences():
     assert w.take_actions() == [] and not w.fenced
     w.check_watchdog(False, 12.0, pid=42)
     acts = w.take_actions()
-    assert kinds(acts) == [("event", "self_fence"), ("fence", None)]
+    assert kinds(acts) == [("event", "self_fence"), ("event", "state"), ("fence", None)]
     assert acts[0]["level"] == "EMERG"
     assert acts[0]["msg"] == "ha_watchdog (PID 42) is gone, initiating self fencing"
     assert acts[0]["details"] == {"reason": "ha_watchdog gone"}
-    assert acts[1]["reason"] == "ha_watchdog is gone"
+    assert acts[1]["msg"] == "state armed => fenced"
+    assert acts[2]["reason"] == "ha_watchdog is gone"
     assert w.fenced
     w.check_watchdog(False, 13.0, pid=42)
     assert w.take_actions() == [], "fenced once"
