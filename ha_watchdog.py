@@ -217,15 +217,8 @@ class Watchdog:
                                        "was not armed, so nothing else is done")
                 self.agent_pid = None
             return None
-        if not alive:
-            if self.newcomer is not None:
-                return (f"hoster_ha (PID {self.agent_pid}) is gone and PID {self.newcomer} "
-                        "took its place while the node was armed")
-            return f"hoster_ha (PID {self.agent_pid}) is gone"
-        if now - self.last_beat >= self.cfg.watchdog_timeout:
-            return (f"no heartbeat from hoster_ha (PID {self.agent_pid}) for "
-                    f"{now - self.last_beat:.1f} s (watchdog_timeout {self.cfg.watchdog_timeout:g})")
-        return None
+        return ha.watchdog_verdict(True, alive, now - self.last_beat,
+                                   self.cfg.watchdog_timeout, self.agent_pid, self.newcomer)
 
     def fence(self, reason):
         # The commands we run (bhyvectl, shutdown) must not inherit our blocked signals;

@@ -2961,6 +2961,26 @@ def start_verdict(now, appear_by, confirm, seen_at, vanished_at):
     return "wait", None
 
 
+def watchdog_verdict(armed, alive, since_beat, timeout, pid, newcomer=None):
+    """The companion watchdog's rule (SPEC §3.5): the reason to fence the host, or None.
+
+    armed: the agent's last heartbeat said armed; alive: its PID still runs; since_beat:
+    seconds since that heartbeat; timeout: watchdog_timeout; newcomer: a PID that sent
+    heartbeats in its place.  An unarmed agent that is gone fences nothing (its VMs are
+    not protected: nobody fails them over)."""
+    if not armed:
+        return None
+    if not alive:
+        if newcomer is not None:
+            return (f"hoster_ha (PID {pid}) is gone and PID {newcomer} took its place "
+                    "while the node was armed")
+        return f"hoster_ha (PID {pid}) is gone"
+    if since_beat >= timeout:
+        return (f"no heartbeat from hoster_ha (PID {pid}) for {since_beat:.1f} s "
+                f"(watchdog_timeout {timeout:g})")
+    return None
+
+
 def absence_verdict(now, absent_since, confirm, give_up_at):
     """After a failed start, before the target reports the failure: the VM must stay
     absent for `confirm` seconds (absent_since: since when it has been absent without a

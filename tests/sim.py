@@ -1106,8 +1106,8 @@ class Sim:
 
     def _ev_watchdog(self, name, inc, pause_id):
         n = self.nodes[name]
-        if n.inc != inc or n.state != PAUSED or n.pause_id != pause_id or not n.hb_armed \
-                or not n.wd_alive:
+        if n.inc != inc or n.state != PAUSED or n.pause_id != pause_id or not n.wd_alive \
+                or self._watchdog_verdict(n, alive=True) is None:
             return
         self.emit(f"{name}/watchdog", "EMERG",
                   f"no heartbeat for {n.cfg.watchdog_timeout:g} s while armed: "
@@ -1303,7 +1303,8 @@ class Sim:
 
     def _ev_watchdog_kill(self, name, inc):
         n = self.nodes[name]
-        if n.inc != inc or n.state != DOWN or not n.wd_alive:
+        if n.inc != inc or n.state != DOWN or not n.wd_alive or \
+                self._watchdog_verdict(n, alive=False) is None:
             return
         self.emit(f"{name}/watchdog", "EMERG",
                   f"no heartbeat for {n.cfg.watchdog_timeout:g} s while armed (agent gone): "
@@ -1460,12 +1461,19 @@ class Sim:
         n = self._node(name)
         if not n.alive:
             return
-        armed = n.hb_armed and n.wd_alive
+        fences = n.wd_alive and self._watchdog_verdict(n, alive=False) is not None
         self._stop(n, DOWN)
-        if armed:
+        if fences:
             self.at(self.t + 0.25, "fastfence", name, n.inc)
         else:
             self.at(self.t + float(delay), "faststart", name, n.inc)
+
+    def _watchdog_verdict(self, n, alive):
+        """hoster_ha.watchdog_verdict, the rule ha_watchdog.py applies, on what n's watchdog
+        knows now: its last heartbeat (armed or not, when) and whether the agent runs."""
+        since = (self.t - n.hb_t) * n.rate + EPS if n.hb_t is not None else math.inf
+        return hoster_ha.watchdog_verdict(n.hb_armed, alive, since, n.cfg.watchdog_timeout,
+                                          pid=n.name)
 
     def _ev_fastfence(self, name, inc):
         n = self.nodes[name]

@@ -250,3 +250,25 @@ def test_sim_demotes_and_records_running_by_the_real_rules(monkeypatch):
           [[30, "expect armed worker1"], [31, "crash worker1"]])
     assert "running_record" in seen and s.nodes["worker1"].fence_record == ["own"]
 
+
+
+def test_watchdog_verdict_is_the_rule_of_the_watchdog_and_of_the_simulator(monkeypatch):
+    """ha_watchdog.py's fence rule (§3.5) is hoster_ha.watchdog_verdict, and the
+    simulator's watchdog asks the same function (issue 10: no copy in tests/sim.py)."""
+    v = hoster_ha.watchdog_verdict
+    assert v(False, False, 99.0, 10, 42) is None                  # unarmed: nothing
+    assert v(True, True, 9.9, 10, 42) is None                     # heartbeats arrive
+    assert v(True, True, 10.0, 10, 42).startswith("no heartbeat from hoster_ha (PID 42)")
+    assert v(True, False, 0.1, 10, 42) == "hoster_ha (PID 42) is gone"
+    assert "PID 43 took its place" in v(True, False, 0.1, 10, 42, newcomer=43)
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(a[:2])
+        return v(*a, **kw)
+    monkeypatch.setattr(hoster_ha, "watchdog_verdict", spy)
+    s = sim.Sim()
+    s.run([[0, "vm worker1 own snapshot=400 live=1"]] +
+          [[0, f"start {n}"] for n in sim.CANDIDATES + ("worker1",)] +
+          [[30, "expect armed worker1"], [31, "pause worker1"], [60, "expect fenced worker1"]])
+    assert (True, True) in seen and not s.failures, (seen, s.failures)
