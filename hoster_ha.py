@@ -552,15 +552,18 @@ class Member:
     """A candidate's record of one member (SPEC §3.1)."""
 
     FIELDS = ("hostname", "address", "port", "protocol", "startup_time", "backup_node",
-              "failover_strategy", "failover_time", "fenced_vms", "stopped_vms")
+              "failover_strategy", "failover_time", "fenced_vms", "stopped_vms",
+              "locked_vms")
 
     def __init__(self, body, now):
         for k in self.FIELDS:
             setattr(self, k, body.get(k))
-        # optional: the production VMs it ran before an orderly stop (restart_after_stop)
-        if not (isinstance(self.stopped_vms, list) and
-                all(valid_vm_name(v) for v in self.stopped_vms)):
-            self.stopped_vms = []
+        # optional: the production VMs it ran before an orderly stop (restart_after_stop),
+        # and those its fence locked while they were stopped (issue 11 item 2.2)
+        for k in ("stopped_vms", "locked_vms"):
+            v = getattr(self, k)
+            if not (isinstance(v, list) and all(valid_vm_name(x) for x in v)):
+                setattr(self, k, [])
         self.armed = False
         self.maintenance = False
         self.left = False
@@ -804,10 +807,13 @@ def plan_failover(sources, inventories, eligible, busy=(), failed=None, left=(),
 
 
 def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, left=(),
-                 waiting=None):
+                 waiting=None, locked=False):
     """Which of `vms` -- the production VMs member `host` ran before an orderly stop --
     to start again on `host` alone (issue 14 item 5; an orderly stop is not a failure,
-    so never on a replica elsewhere).  inventories: {member: GET vms answer} of every
+    so never on a replica elsewhere).  locked=True: which of `vms` -- the production VMs
+    host's fence locked while they were stopped (issue 11 item 2.2) -- get host back as
+    their parent_host, unstarted: the same rules, except that host's copy must be locked
+    (a lock elsewhere is not another parent).  inventories: {member: GET vms answer} of every
     member neither failed nor left, `host` included.  A VM is started only if it is
     live nowhere, no plan for it is in flight (busy), host's copy is production and
     still names host as its parent_host, no other copy names another parent_host, and
@@ -826,21 +832,27 @@ def plan_restart(host, vms, inventories, busy=(), last_ran=None, skipped=None, l
         cs = copies.get(name, [])
         live = sorted(h for h, v in cs if v.get("live") or v.get("state") == "starting")
         own = next((v for h, v in cs if h == host), None)
-        others = sorted({v.get("parent_host") for h, v in cs if h != host} -
-                        {host, None})
+        others = sorted(p for p in {v.get("parent_host") for h, v in cs if h != host} -
+                        {host, None} if not (locked and is_locked(p)))
         ran = (last_ran or {}).get(name)
+        host_inv = inventories.get(host, {}).get("host", {})
         why = (None if name not in busy else "a failover plan for it is under way")
         why = why or (f"it runs on {', '.join(live)}" if live else None)
+        if why is None and own is None and locked and host_inv.get("ready") is False:
+            if waiting is not None:   # its copy may be on a dataset that is not available
+                waiting.append((name, host, "not ready: " + ("; ".join(
+                    host_inv.get("not_ready") or []) or "its dataset is not available")))
+            continue
         why = why or (f"{host} holds no copy of it" if own is None else None)
         why = why or ("it is not a production VM" if not own.get("production") else None)
         why = why or (f"its parent_host here is {own.get('parent_host')}"
-                      if own.get("parent_host") != host else None)
+                      if (not is_locked(own.get("parent_host")) if locked else
+                          own.get("parent_host") != host) else None)
         why = why or (f"a copy names {', '.join(others)} as its parent_host"
                       + (" (it left the cluster: its VMs may run there)"
                          if set(others) & set(left) else "") if others else None)
         why = why or (f"its latest failover plan started it on {ran}"
                       if ran not in (None, host) else None)
-        host_inv = inventories.get(host, {}).get("host", {})
         if why is None and (own.get("ready") is False or host_inv.get("ready") is False):
             if waiting is not None:
                 waiting.append((name, host, "not ready: " + ("; ".join(
@@ -965,6 +977,9 @@ class Outbox:
                               remove state_dir/fence.json (kept in debug mode).
           record_running      {}: rewrite state_dir/running.json from a fresh inventory by
                               Core.running_record() (we armed, or were asked to).
+          restore             {"vms"}: issue 11 item 2.2, copies our fence locked while they
+                              were stopped that the cluster keeps here: the executor applies
+                              restore_steps(), then calls Core.restore_done().
           restart_watchdog    {}: the ha_watchdog companion is gone and we are not armed: start
                               a new one (Core.check_watchdog).
 
@@ -1538,7 +1553,8 @@ class Link(Part):
                 "protocol": c.protocol, "startup_time": self.startup_time,
                 "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
                 "failover_time": c.failover_time, "fenced_vms": self.rejoin.fenced_vms,
-                "stopped_vms": self.rejoin.stopped_vms}
+                "stopped_vms": self.rejoin.stopped_vms,
+                "locked_vms": self.rejoin.locked_vms}
 
     def ping_body(self, now):
         """Our ping.  A manager sends its term at once (voters persist it), but announces
@@ -1685,10 +1701,15 @@ class Rejoin(Part):
     while we were gone are demoted here before we arm; and what this host can start
     (issue 11: its datasets available, Hoster initialised)."""
 
-    def __init__(self, core, fenced_vms, stopped_vms):
+    def __init__(self, core, fenced_vms, stopped_vms, locked_vms=()):
         super().__init__(core)
         self.fenced_vms = list(fenced_vms)    # our fence record's VMs (register)
         self.stopped_vms = list(stopped_vms)  # ran here before an orderly stop
+        # our fence record's `locked` that were not running (issue 11 item 2.2): the
+        # manager gives them their parent_host back (a done plan to us) once they run
+        # nowhere and no plan moves them; `restored`: those we did that to
+        self.locked_vms = list(locked_vms)
+        self.restored, self.restore_asked = set(), set()
         self.moved = {}            # vm -> (plan key, new parent), newest plan wins (§3.6)
         self.demoted = {}          # vm -> new parent, applied locally
         self.demote_asked = {}
@@ -1714,7 +1735,20 @@ class Rejoin(Part):
             # Once armed, a live copy here is ours by the cluster's own rule (we would have
             # fenced otherwise): a lagging plan must never destroy it.
             self.box.action("demote", vms=todo, keep_live=self.link.armed)
+        restore = sorted(vm for vm in self.locked_vms if vm not in self.restored and
+                         vm not in self.restore_asked and
+                         self.moved.get(vm, (None, None))[1] == self.hostname)
+        if restore:
+            # the manager's done plan keeps it here: its fence lock is lifted (item 2.2)
+            self.restore_asked |= set(restore)
+            self.box.action("restore", vms=restore)
         return todo
+
+    def restore_done(self, done, failed=()):
+        """The agent gave these locked copies their parent_host back (or found nothing to
+        do); `failed` ones are asked for again at the next step."""
+        self.restored |= set(done)
+        self.restore_asked -= set(failed)
 
     def learn_moved(self, moved):
         """moved_vms from a register or ping answer: {vm_name, new_parent, term, seq} of
@@ -2082,6 +2116,18 @@ class Detector(Part):
                 return ep, {m.hostname: set(m.stopped_vms)}
         return None
 
+    def restore_source(self, now):
+        """(episode, {member: VMs}) for one member back from a fence with VMs its fence
+        locked while they were stopped (issue 11 item 2.2): armed, not in maintenance,
+        not left; or None."""
+        for m in sorted(self.table.members.values(), key=lambda m: m.hostname):
+            ep = ("restore", m.hostname, m.startup_time)
+            if m.locked_vms and m.armed and not (m.maintenance or m.left) and \
+                    m.hostname not in self.failed and ep not in self.settled and \
+                    self.retry_at.get(ep, (now, 0))[0] <= now:
+                return ep, {m.hostname: set(m.locked_vms)}
+        return None
+
     def fence_record(self, h):
         """The fence record of failed member h's failed incarnation."""
         m = self.table.members.get(h)
@@ -2244,9 +2290,10 @@ class FailoverManager(Part):
             if sources:
                 self._start_job(now, sources)
             else:
-                restart = self.detector.restart_source(now)
-                if restart:
-                    self._start_job(now, restart[1], restart=restart[0])
+                again = self.detector.restart_source(now) or \
+                    self.detector.restore_source(now)
+                if again:
+                    self._start_job(now, again[1], restart=again[0])
         # protection too waits until the members had time to register and arm
         if self.job is None and self.protector.prot is None and \
                 now >= self.protector.protect_at and \
@@ -2341,6 +2388,8 @@ class FailoverManager(Part):
                               not_ready=inv["host"]["not_ready"])
         skipped = []
         last_ran = {vm: e["to"] for vm, e in self.planbook.latest_plans(("done",)).items()}
+        if job.restart and job.restart[0] == "restore":
+            return self._restore(now, busy, last_ran)
         waiting = []   # restart: VMs its host cannot start yet (not ready): tried again
         if job.restart:
             (h, vms), = job.sources.items()
@@ -2387,6 +2436,46 @@ class FailoverManager(Part):
         if self.cfg.debug or not job.queue:
             return self._finish_job(now)
         self._replicate([self.planbook.plans[u] for u in job.queue], ("plan_ack", job.id, 1))
+
+    def _restore(self, now, busy, last_ran):
+        """A restore job (issue 11 item 2.2): the VMs the member's fence locked while they
+        were stopped, that run nowhere, that no plan is moving and whose copies name no
+        other parent, get a done plan to the member itself; nothing is started.  The
+        member learns it with moved_vms (the newest plan wins) and lifts their lock."""
+        job = self.job
+        (h, vms), = job.sources.items()
+        skipped, waiting, restore = [], [], []
+        r = job.members.get(h)
+        if r is not None and r["armed"] and not (r["maintenance"] or r["left"]):
+            restore = plan_restart(h, vms, job.inv, busy, last_ran, skipped, job.left,
+                                   waiting, locked=True)
+        for vm, src, reason in skipped:
+            self.box.once(("skipped", vm, job.episodes[src]), "NOTICE",
+                          f"VM {vm} of {src} is not unlocked: {reason}")
+        for vm, src, reason in waiting:
+            self.box.once(("restore_wait", vm, job.episodes[src]), "NOTICE",
+                          f"VM {vm} stays locked on {src} for now: {reason}")
+        job.unplaced = {src for _, src, _ in waiting}
+        term = self.election.manager_term(now)
+        entries = []
+        for vm in restore:
+            if self.cfg.debug:
+                self.box.event("vm_unlocked", "NOTICE", f"(DEBUG) would unlock VM {vm} on {h} "
+                               "(stopped when it fenced; it runs nowhere)", vm_name=vm,
+                               host=h, debug=True)
+                continue
+            self.uid_seq += 1
+            uid = f"{self.hostname}-{self.startup_time}-{term}-{self.uid_seq}"
+            e = {"vm": vm, "from": h, "to": h, "term": term, "uid": uid, "state": "done",
+                 "seq": self.uid_seq}
+            self.planbook.plans[uid] = e
+            entries.append(e)
+            self.box.event("vm_unlocked", "NOTICE", f"VM {vm} stays at home on {h}: its "
+                           f"fence lock is lifted (it was stopped then, and runs nowhere; "
+                           f"uid {uid}, term {term})", vm_name=vm, host=h, uid=uid, term=term)
+        if entries:
+            self._replicate(entries, None)
+        self._finish_job(now)
 
     def _why_target(self, vm, targets, eligible):
         """The inputs of a placement (issue 14 item 8): every copy's newest snapshot and
@@ -2756,7 +2845,8 @@ class Core:
                 "on_ping_result set_maintenance flags_clear leave_body leave_result "
                 "leave_refused reachable silence_ages survival_margin check_watchdog "
                 "running_record",
-        "rejoin": "fenced_vms stopped_vms demote_done set_datasets set_host_readiness "
+        "rejoin": "fenced_vms stopped_vms locked_vms demote_done restore_done set_datasets "
+                  "set_host_readiness "
                   "not_ready_reasons ready demotion_pending",
         "planbook": "plans handle_plan moved_vms",
         "protector": "protection",
@@ -2765,7 +2855,8 @@ class Core:
     }
 
     def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
-                 fenced_vms=(), members_state=None, plans_state=None, stopped_vms=()):
+                 fenced_vms=(), members_state=None, plans_state=None, stopped_vms=(),
+                 locked_vms=()):
         """persisted_term None: state_dir/term was lost (SPEC §3.2: no vote until the other
         two candidates' terms are known).  members_state, plans_state: the contents of
         state_dir/members.json and plans.json (the "persist" actions' data), or None."""
@@ -2776,7 +2867,7 @@ class Core:
         self.election = Election(self, now, persisted_term)
         self.table = Membership(self, now, members_state)
         self.link = Link(self, maintenance)
-        self.rejoin = Rejoin(self, fenced_vms, stopped_vms)
+        self.rejoin = Rejoin(self, fenced_vms, stopped_vms, locked_vms)
         self.planbook = PlanBook(self, plans_state)
         self.detector = Detector(self)
         self.protector = Protection(self, now)
@@ -2874,8 +2965,9 @@ def fence_plan(hostname, inventory, running, ours=(), old=None):
       locked  every VM this incident locked (the record's `locked`): every production VM
               whose parent_host is this host, running or not (Hoster's own fence does the
               same: a VM the planner may move must be locked on the host it leaves), and the
-              `ours` ones.  On rejoin a moved one is demoted and a placed one gets its
-              parent back; a stopped one stays locked for the operator (README, Survival);
+              `ours` ones.  On rejoin a moved one is demoted, a placed one gets its
+              parent back, and a stopped one that runs nowhere and was not moved gets it
+              back from the manager's restore job (restore_steps);
       lock    the inventory entries to lock now (those not locked already);
       destroy every running VM, production or not."""
     old = old if isinstance(old, dict) else {}
@@ -2926,6 +3018,23 @@ def demotion_steps(local, moved, keep_live, unavailable=()):
         else:
             step = "demote"
         steps.append((name, parent, step))
+    return steps
+
+
+def restore_steps(local, vms, hostname):
+    """Issue 11 item 2.2: what this host does to the copies its fence locked while they
+    were stopped, once the manager's done plan keeps them here (moved_vms names this
+    host).  local: {vm: {"parent_host", "live"}}.  Returns [(vm, step)], sorted, step:
+      "restore"  locked and not running: parent_host = this host again;
+      "done"     it names this host already (the operator, or an earlier restore);
+      "skip"     it runs, or names another host: left as it is (reported);
+      "absent"   no copy here."""
+    steps = []
+    for name in sorted(vms):
+        v = local.get(name)
+        parent = None if v is None else v.get("parent_host")
+        steps.append((name, "absent" if v is None else "done" if parent == hostname else
+                      "restore" if is_locked(parent) and not v.get("live") else "skip"))
     return steps
 
 
@@ -3070,7 +3179,8 @@ EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
                "vm_moved", "fence_warning", "fence_warning_cleared", "vm_unprotected",
-               "vm_protected", "vm_restarted", "dataset_unavailable", "dataset_available",
+               "vm_protected", "vm_restarted", "vm_unlocked", "dataset_unavailable",
+               "dataset_available",
                "not_ready", "ready"}
 
 
@@ -4338,9 +4448,10 @@ class AgentAPI:
             return "field 'failover_strategy' is not a known strategy"
         if not all(valid_vm_name(v) for v in body["fenced_vms"]):
             return "field 'fenced_vms' must be a list of VM names"
-        stopped = body.get("stopped_vms", [])
-        if not (isinstance(stopped, list) and all(valid_vm_name(v) for v in stopped)):
-            return "field 'stopped_vms' must be a list of VM names"
+        for k in ("stopped_vms", "locked_vms"):
+            vms = body.get(k, [])
+            if not (isinstance(vms, list) and all(valid_vm_name(v) for v in vms)):
+                return f"field '{k}' must be a list of VM names"
         return None
 
 
@@ -4561,6 +4672,36 @@ class AgentTarget:
         with self.lock:
             self.core.demote_done(done, deferred, unavailable, seen_at)
 
+    def restore(self, vms):
+        """Issue 11 item 2.2: carry out restore_steps() on the copies our fence locked while
+        they were stopped and that the manager keeps here; a copy not visible while a
+        dataset is unavailable, or a rewrite that failed, is asked for again."""
+        inventory, errors = self.host.inventory(snapshots=False)
+        local = {v["vm_name"]: v for v in inventory}
+        say = "(DEBUG) would " if self.debug else ""
+        done, failed = [], []
+        for name, step in restore_steps(local, vms, self.cfg.hostname):
+            if step == "absent" and errors:
+                failed.append(name)
+                continue
+            if step == "skip":
+                self.log.warning(f"VM {name}: the cluster keeps it here, but its copy runs or "
+                                 f"names {local[name].get('parent_host')}: left as it is")
+            if step == "restore":
+                self.log.log(NOTICE, f"{say}unlock VM {name}: parent_host = "
+                                     f"{self.cfg.hostname} (locked by the fence while stopped; "
+                                     "it runs nowhere)")
+                if not self.debug:
+                    try:
+                        self.host.set_parent(local[name]["config_path"], self.cfg.hostname)
+                    except (OSError, ValueError) as e:
+                        self.log.error(f"cannot unlock VM {name}: {e}")
+                        failed.append(name)
+                        continue
+            done.append(name)
+        with self.lock:
+            self.core.restore_done(done, failed)
+
 
 class AgentHost:
     """This host's companions and records: the ha_watchdog companion (§3.5), the
@@ -4694,6 +4835,13 @@ class AgentHost:
                              f"it ran {', '.join(names['vms']) or 'no production VM'}, "
                              f"locked {', '.join(names['locked']) or 'none'}; the manager "
                              "places what runs nowhere, moved VMs are demoted here")
+
+    def read_locked(self):
+        """The VMs our fence locked while they were stopped (state_dir/fence.json's
+        `locked` but not its `vms`), for `register` (issue 11 item 2.2)."""
+        record = read_fence_file(self.paths.fence) or {}
+        ran = set(record.get("vms") or []) | set(read_fence_record(self.paths.running))
+        return sorted(v for v in record.get("locked") or [] if valid_vm_name(v) and v not in ran)
 
     def read_stopped(self):
         """The VMs of state_dir/stopped.json (an orderly stop's), for `register`; []
@@ -4903,6 +5051,7 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
                          fenced_vms=sorted(set(read_fence_record(self.paths.fence)) |
                                            set(read_fence_record(self.paths.running))),
                          stopped_vms=self.read_stopped(),
+                         locked_vms=self.read_locked(),
                          members_state=read_state(p.members), plans_state=read_state(p.plans))
         self.running_record = None
         self.noted = {}      # {VM: when note_running put it in the record} (running_lock)
@@ -4965,6 +5114,8 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
                 self.work.submit(self.send, a)
             elif kind == "demote":
                 self.work.submit(self.demote, a["vms"], a.get("keep_live", False))
+            elif kind == "restore":
+                self.work.submit(self.restore, a["vms"])
             elif kind == "clear_fence_record":
                 if not self.debug:   # the candidates have both (register)
                     remove_file(self.paths.fence)

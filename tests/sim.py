@@ -387,14 +387,19 @@ class Sim:
             n.disk["term"] = 0
         persisted = n.disk.get("term")      # None: the term file was lost (losetermfile)
         fenced = list(n.fence_record or [])
+        # Agent.read_locked: what the fence locked while it was stopped (issue 11 item 2.2)
+        locked = sorted(set(n.fence_locked or []) - set(fenced)) if n.fence_record is not None \
+            else []
         n.core = hoster_ha.Core(n.cfg, n.startup_time, now, persisted_term=persisted,
                                 fenced_vms=fenced, maintenance=bool(n.disk.get("maintenance")),
                                 members_state=n.disk.get("members.json"),
-                                plans_state=n.disk.get("plans.json"))
+                                plans_state=n.disk.get("plans.json"), locked_vms=locked)
         self.emit(n.who, "INFO", f"agent started (incarnation {n.incarnation}, persisted term "
                                  f"{'lost' if persisted is None else persisted}"
                                  + (f", fence record: {', '.join(fenced)}"
-                                    if fenced else "") + ")")
+                                    if fenced else "")
+                                 + (f", locked while stopped: {', '.join(locked)}"
+                                    if locked else "") + ")")
         self.at(self.t, "round", n.name, n.inc)
         self.at(self.t, "tick", n.name, n.inc)
 
@@ -1135,6 +1140,9 @@ class Sim:
             elif kind == "demote":
                 if n.state == RUNNING:
                     self._demote(n, a["vms"], a.get("keep_live", False))
+            elif kind == "restore":
+                if n.state == RUNNING:
+                    self._restore(n, a["vms"])
             elif kind == "clear_fence_record":
                 n.fence_record, n.fence_locked = None, []   # the candidates have it
             elif kind == "restart_watchdog":
@@ -1165,6 +1173,20 @@ class Sim:
                                                     + (" (it was live: destroyed)"
                                                        if step == "destroy" else ""))
         n.core.demote_done(done)
+
+    def _restore(self, n, vms):
+        """Issue 11 item 2.2: hoster_ha.restore_steps on n's copies its fence locked while
+        they were stopped, that the cluster keeps on n."""
+        local = {v["vm_name"]: v for v in self._host_inventory(n)}
+        for name, step in hoster_ha.restore_steps(local, vms, n.name):
+            if step == "restore":
+                n.vms[name]["parent"] = n.name
+                self.emit(f"{n.name}/host", "INFO", f"unlocked VM {name}: parent_host = "
+                                                    f"{n.name}")
+            elif step == "skip":
+                self.emit(f"{n.name}/host", "WARNING", f"VM {name} runs or names another "
+                                                       "host: not unlocked")
+        n.core.restore_done(vms)
 
     def _on_event(self, n, a, now):
         ev, d = a["event"], a["details"]
@@ -1939,8 +1961,8 @@ VM_TIMINGS = dict(TIMINGS, failover_time=40)
 
 def random_vm_schedule(seed, episode=64.0, tail=20.0, honest=None):
     """A random failover schedule (all derived from seed): 3 candidates and 2-3 workers
-    (sometimes one is a backup node), each worker running 1-3 VMs (candidates 0-1),
-    most of them production, replicated to 0-3 other hosts with older or equal
+    (sometimes one is a backup node), each worker holding 1-3 VMs (candidates 0-1), the
+    first running, the others running 4 times in 5, most of them production, replicated to 0-3 other hosts with older or equal
     snapshots (a few replicas without one), hosts with different free memory.
 
     Once the cluster is up, one victim (a worker 3 times in 4) fails: kill (the watchdog
@@ -1960,6 +1982,10 @@ def random_vm_schedule(seed, episode=64.0, tail=20.0, honest=None):
     """
     honest = HONEST if honest is None else honest
     rng = random.Random(f"hoster_ha-vmsim-{seed}")
+    # a VM other than a host's first is sometimes stopped (issue 11 item 2.2: a fence
+    # locks it too; its lock is lifted on rejoin unless it was moved); its own stream, so
+    # every other draw of a seed stays as it was
+    stopped = random.Random(f"hoster_ha-vmsim-stopped-{seed}")
     workers = ["worker1", "worker2"] + (["worker3"] if rng.random() < 0.3 else [])
     nodes = list(CANDIDATES) + workers
     rates = {n: round(rng.uniform(0.95, 1.05), 4) for n in nodes}
@@ -1980,7 +2006,8 @@ def random_vm_schedule(seed, episode=64.0, tail=20.0, honest=None):
             name = f"{n[0]}{n[-1]}{'abc'[i]}"
             prod = i == 0 or rng.random() < 0.8
             snap = rng.randint(1000, 1100)
-            add(0, f"vm {n} {name} production={int(prod)} snapshot={snap} live=1")
+            live = int(i == 0 or stopped.random() >= 0.2)
+            add(0, f"vm {n} {name} production={int(prod)} snapshot={snap} live={live}")
             others = [x for x in nodes if x != n]
             for r in rng.sample(others, rng.choices([0, 1, 2, 3], [1, 5, 5, 2])[0]):
                 rs = "none" if rng.random() < 0.1 else snap - rng.choice([0, 0, 5, 20, 60])

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from hoster_ha import clean_inventory, plan_failover
+from hoster_ha import LOCK_PREFIX, clean_inventory, plan_failover, plan_restart, restore_steps
 
 GB = 1 << 30
 
@@ -434,3 +434,49 @@ def test_vm_wanted_by_a_plan_is_not_moved_if_a_copy_names_another_owner():
     moves, _ = plan_failover({"m": {"vm1"}}, invs, {"t1": True, "t2": True}, (),
                              owners={"vm1": {"m", "p"}})
     assert moves == [("vm1", "m", ["t1", "t2"])]
+
+
+# -- issue 11 item 2.2: a fence's lock on a stopped VM is lifted only when safe -------------
+
+LOCKED = LOCK_PREFIX + "2026-12-06_23-00-00__"
+
+
+def test_restore_lifts_a_lock_only_for_a_vm_that_runs_nowhere_and_was_not_moved():
+    """plan_restart(locked=True): the member's copy must be locked; a VM that runs
+    elsewhere, is being moved, has a copy naming another parent or was last started
+    elsewhere stays as it is; a member whose dataset is unavailable waits."""
+    invs = {"m": inv("m", vm("ok", parent=LOCKED), vm("runs", parent=LOCKED),
+                     vm("busy", parent=LOCKED), vm("moved", parent=LOCKED),
+                     vm("other", parent=LOCKED), vm("free", parent="m"),
+                     vm("dev", parent=LOCKED, production=False)),
+            "t": inv("t", vm("ok", parent="m", creation=5), vm("runs", parent="t", live=True),
+                     vm("other", parent="x"), vm("moved", parent=LOCKED))}
+    skipped, waiting = [], []
+    out = plan_restart("m", {"ok", "runs", "busy", "moved", "other", "free", "dev", "gone"},
+                       invs, busy={"busy"}, last_ran={"moved": "t"}, skipped=skipped,
+                       waiting=waiting, locked=True)
+    assert out == ["ok"]
+    why = {vm: reason for vm, _, reason in skipped}
+    assert why["runs"] == "it runs on t"
+    assert why["moved"] == "its latest failover plan started it on t"
+    assert why["other"] == "a copy names x as its parent_host"
+    assert why["free"] == "its parent_host here is m"           # not locked: nothing to do
+    assert why["dev"] == "it is not a production VM"
+    assert why["gone"] == "m holds no copy of it"
+    assert "busy" not in why and waiting == []                  # busy: not even reported
+    # the member's dataset is locked: its copies are invisible, so it waits (tried again)
+    hidden = {"m": {"host": {"hostname": "m", "ready": False,
+                             "not_ready": ["dataset tank/vm unavailable: locked"]},
+                    "vms": []}}
+    waiting = []
+    assert plan_restart("m", {"ok"}, hidden, waiting=waiting, locked=True) == []
+    assert waiting == [("ok", "m", "not ready: dataset tank/vm unavailable: locked")]
+
+
+def test_restore_steps_touch_only_a_locked_stopped_copy():
+    local = {"a": {"parent_host": LOCKED, "live": False},
+             "b": {"parent_host": "h", "live": False},
+             "c": {"parent_host": LOCKED, "live": True},
+             "d": {"parent_host": "other", "live": False}}
+    assert restore_steps(local, ["d", "c", "b", "a", "e"], "h") == [
+        ("a", "restore"), ("b", "done"), ("c", "skip"), ("d", "skip"), ("e", "absent")]

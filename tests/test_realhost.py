@@ -575,3 +575,41 @@ def test_the_periodic_inventory_lists_no_snapshots_only_vms_does(tmp_path):
         assert sum("snapshot" in call for call in zfs_calls(n1)) == 1
     finally:
         c.teardown()
+
+
+# -- item 2.2: the lock of a VM that was stopped when the host fenced -----------------------
+
+def test_a_fence_lock_of_a_stopped_vm_is_lifted_when_the_host_is_back(tmp_path):
+    """Issue 11 item 2.2, end to end: worker1 comes back from a fence whose record locked
+    vmS (stopped then, it runs nowhere) and vmM (moved since: node2 runs it).  worker1
+    registers with what it locked while stopped; the manager keeps vmS on worker1 (a done
+    plan to worker1 itself, nothing started) and worker1 lifts its lock; vmM stays
+    locked.  Nothing is started."""
+    c = Cluster(tmp_path, workers=1, debug=False)
+    nodes = ("node1", "node2", "node3", "worker1")
+    w1 = c["worker1"]
+    stamp = hoster_ha.lock_name(NOW - HOUR)
+    w1.add_vm("vmS", parent=stamp, snapshots=[snap("vmS", HOUR)])
+    w1.add_vm("vmM", parent=stamp, snapshots=[snap("vmM", HOUR)])
+    c["node2"].add_vm("vmM", parent="node2", snapshots=[snap("vmM", MIN)], running=True)
+    os.makedirs(w1.state_dir, exist_ok=True)
+    with open(os.path.join(w1.state_dir, "fence.json"), "w") as f:
+        json.dump({"ts": NOW - HOUR, "reason": "test", "vms": [], "locked": ["vmM", "vmS"]}, f)
+    try:
+        c.start_all(nodes)
+        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
+        assert c.wait_for(lambda: parent_of(w1, "vmS") == "worker1", 30, interval=0.2), \
+            w1.log()[-3000:]
+        m = c.manager()
+        log = c[m].log()
+        assert re.search(r"VM vmS stays at home on worker1: its fence lock is lifted", log), \
+            log[-3000:]
+        assert c.wait_for(lambda: "VM vmM of worker1 is not unlocked: it runs on node2"
+                          in c[m].log(), 10, interval=0.2), c[m].log()[-3000:]
+        assert parent_of(w1, "vmM") == stamp
+        assert "unlock VM vmS: parent_host = worker1" in w1.log()
+        assert not live(w1, "vmS") and not live(w1, "vmM") and live(c["node2"], "vmM")
+        assert all(c[n].starts(v) == [] for n in nodes for v in ("vmS", "vmM"))
+        assert c.get("worker1", "status")["state"] == "armed"
+    finally:
+        c.teardown()
