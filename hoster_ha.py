@@ -4674,16 +4674,18 @@ class AgentTarget:
 
     def restore(self, vms):
         """Issue 11 item 2.2: carry out restore_steps() on the copies our fence locked while
-        they were stopped and that the manager keeps here; a copy not visible while a
-        dataset is unavailable, or a rewrite that failed, is asked for again."""
+        they were stopped and that the manager keeps here; a rewrite that failed is asked
+        for again.  A copy not visible (a dataset unavailable again since the manager saw
+        this host ready) keeps its lock, with a warning."""
         inventory, errors = self.host.inventory(snapshots=False)
         local = {v["vm_name"]: v for v in inventory}
         say = "(DEBUG) would " if self.debug else ""
         done, failed = [], []
         for name, step in restore_steps(local, vms, self.cfg.hostname):
-            if step == "absent" and errors:
-                failed.append(name)
-                continue
+            if step == "absent" and errors:    # (the manager waits for a ready host)
+                self.log.warning(f"VM {name}: the cluster keeps it here, but no copy is "
+                                 f"visible ({last_line(errors[0]['error'])}): its lock stays; "
+                                 "set its parent_host back by hand once it is")
             if step == "skip":
                 self.log.warning(f"VM {name}: the cluster keeps it here, but its copy runs or "
                                  f"names {local[name].get('parent_host')}: left as it is")

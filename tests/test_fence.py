@@ -195,3 +195,27 @@ def test_an_inventory_that_failed_is_asked_again_after_the_destroys(tmp_path, ca
     assert "bhyvectl --destroy --vm=own" in calls and "shutdown -r now" in calls
     assert calls.index("bhyvectl --destroy --vm=own") < calls.rindex("zfs list")
     assert calls.rindex("zfs list") < calls.index("shutdown -r now")
+
+
+def test_agent_restore_unlocks_only_a_locked_stopped_copy(tmp_path, caplog):
+    """Issue 11 item 2.2, the executor: the copies the manager keeps here get this host
+    back as parent_host only if locked and stopped; a running one is left alone and
+    reported; what was handled goes back to the core."""
+    import threading
+    import types
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("s", parent=LOCKED)
+    n.add_vm("r", parent=LOCKED, running=True)
+    n.add_vm("o", parent="node2")
+    told = []
+    agent = types.SimpleNamespace(
+        host=host, cfg=cfg, log=log, debug=False, lock=threading.RLock(),
+        core=types.SimpleNamespace(restore_done=lambda done, failed=(): told.append(
+            (sorted(done), sorted(failed)))))
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.AgentTarget.restore(agent, ["s", "r", "o", "gone"])
+    assert vm_cfg(n, "s")["parent_host"] == "worker1"
+    assert vm_cfg(n, "r")["parent_host"] == LOCKED and vm_cfg(n, "o")["parent_host"] == "node2"
+    assert told == [(["gone", "o", "r", "s"], [])]
+    msgs = " | ".join(r.getMessage() for r in caplog.records)
+    assert "unlock VM s: parent_host = worker1" in msgs and "VM r: the cluster keeps it" in msgs
