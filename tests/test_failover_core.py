@@ -409,7 +409,7 @@ def test_plan_replicated_and_failover_sent_only_after_an_ack():
     net, t = make_net()
     a = net.cores["a"]
     net.policy = lambda net, src, a_, now: "hold" if a_["name"] == "plan" else None
-    last = kill_w1(net, 10.0)
+    kill_w1(net, 10.0)
     t = net.run(10.0, 40.0, until=lambda t: len(net.held) >= 2)
     plans = net.sends("a", "POST", "plan")
     assert sorted(p["to"] for p in plans) == ["b", "c"]
@@ -456,7 +456,7 @@ def test_no_start_when_no_candidate_acknowledges_the_plan():
     assert warn
     # once a candidate answers again, the VM is placed (once)
     net.policy = None
-    t = net.run(last + FAILOVER_TIME + 9, last + FAILOVER_TIME + 12)
+    net.run(last + FAILOVER_TIME + 9, last + FAILOVER_TIME + 12)
     assert net.live_on("vm1") == ["w2"]
     assert len(net.starts_of("vm1")) == 1
 
@@ -650,7 +650,7 @@ def die_mid_failover(net, mode):
             return mode
         return None
     net.policy = policy
-    last = kill_w1(net, 10.0)
+    kill_w1(net, 10.0)
     t = net.run(10.0, 40.0, until=lambda t: "uid" in state)
     net.kill("a")
     net.policy = None
@@ -811,7 +811,7 @@ def test_rejoined_member_with_fence_record_gets_its_vms_placed():
     invs["w2"]["vms"][0]["latest_snapshot"]["creation"] = 800
     net, t = make_net(invs=invs, fenced={"w1": ["vm1"]})
     assert net.cores["a"].members["w1"].fenced_vms == ["vm1"]
-    t = net.run(6.0, 30.0)
+    net.run(6.0, 30.0)
     fo_ = net.sends("a", "POST", "failover")
     assert [(x["to"], x["body"]["vm_name"], x["body"]["from_host"]) for x in fo_] == \
         [("w1", "vm1", "w1")], "placed back on w1, which holds the newest snapshot"

@@ -672,7 +672,7 @@ class TestHostileInput:
         """VM_NAME_RE / HOSTNAME_RE / ADDRESS_RE end in `$`, which Python's re.match also
         accepts before a final newline: "vm1\\n", "node9\\n" and "127.0.0.9\\n" pass
         valid_vm_name / valid_hostname / the register address check."""
-        target, secret = steady.manager, steady.secret
+        target, _secret = steady.manager, steady.secret
         st = int(time.time() * 1000)
         cases = [
             ("failover", {"vm_name": "vm1\n", "from_host": "node2", "term": 0, "uid": "nl1"}),

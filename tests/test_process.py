@@ -354,7 +354,6 @@ def test_two_sigkills_make_the_survivor_self_fence(tmp_path):
         victim_wd = {v.name: v.pid("ha_watchdog") for v in victims}
         t = c.timings
         bound = t["survival_window"] + 2 * t["ping_interval"] + SCHED_TOLERANCE
-        t0 = time.monotonic()
         for v in victims:
             v.signal(signal.SIGKILL)
         rc, elapsed = wait_exit(c, survivor, bound + 5)
@@ -405,7 +404,6 @@ def test_watchdog_sigkill_on_armed_node_fences_after_three_checks(tmp_path):
         wd = node.pid("ha_watchdog")
         assert wd and c.http_status(name).get("armed") is True
         pi = c.timings["ping_interval"]
-        t0 = time.monotonic()
         node.signal(signal.SIGKILL, "ha_watchdog")
         rc, elapsed = wait_exit(c, node, 3 * pi + SCHED_TOLERANCE + 5)
         print(f"{name} exited {rc} {elapsed:.2f} s after its watchdog was killed")

@@ -555,7 +555,7 @@ def test_stop_of_an_armed_worker_leaves_without_fence_or_failover(tmp_path):
     try:
         c.start_armed()
         check_running_status(c, "worker1", "🚀 HA is running in PRODUCTION mode", "worker")
-        api, wd = w1.pid(), w1.pid("ha_watchdog")
+        _api, wd = w1.pid(), w1.pid("ha_watchdog")
         t_stop = time.monotonic()
         r = w1.cli("stop")
         print(f"stop took {time.monotonic() - t_stop:.2f} s: {r.stdout.strip()}")
