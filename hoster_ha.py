@@ -3394,11 +3394,10 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     a VM that appears meanwhile (a start under way) is destroyed too.  If a zfs command
     of the inventory failed, it is asked again once the VMs are gone (with what is left
     of fence_timeout, at least 1 s) and what it finds is recorded and locked before the
-    reboot.  Only the reboot
-    line is EMERG (a wall message); a lock or record that failed is CRIT, a destroy
-    that failed ALERT.  In debug mode every step is logged as "(DEBUG) would ..." and
-    nothing is changed.  Returns after the reboot command (a real reboot never
-    returns)."""
+    reboot.  Only the reboot line is EMERG (a wall message); a lock or record that failed
+    is CRIT, a destroy that failed ALERT.  In debug mode every step is logged as
+    "(DEBUG) would ..." and nothing is changed.  Returns after the reboot command (a real
+    reboot never returns)."""
     t0 = time.monotonic()
     ran = host.running_vms()
     inventory, errors = host.inventory(snapshots=False, budget=max(1.0, cfg.fence_timeout / 4))
