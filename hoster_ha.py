@@ -2409,6 +2409,11 @@ class FailoverManager(Part):
                                                          if job.restart else "failed over")
                           + f": {reason}")
         job.unplaced = {src for _, src, _ in unplaced} | {src for _, src, _ in waiting}
+        if job.left - self.detector.live_members(now)[1]:
+            # a member that had left when the job began is back (its leave was refused,
+            # failover seed 38451): the VMs skipped as its are placed by the next try,
+            # which asks it for its inventory too
+            job.unplaced |= set(job.sources)
         for vm, src, reason in waiting:
             self.box.once(("restart_wait", vm, job.episodes[src]), "NOTICE",
                           f"VM {vm} waits to be started again on {src}: {reason}")
