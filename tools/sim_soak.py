@@ -67,6 +67,8 @@ def main(argv=None):
     ctx = multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     pool = ctx.Pool(args.processes)
+    interrupted = False
+    next_note = t0 + 600
     try:
         for gen, n, bad, took in pool.imap_unordered(run_chunk, chunks(args.start, args.seeds)):
             done[gen] += n
@@ -75,9 +77,15 @@ def main(argv=None):
                 kinds[gen][kind] += 1
                 failures.append((gen, seed, kind, text))
                 print(f"FAILED {gen} seed {seed}: {kind}: {text}", flush=True)
+            if time.monotonic() >= next_note:   # a partial run still says how far it got
+                next_note += 600
+                print(f"... {sum(done.values())} schedules, {len(failures)} violation(s), "
+                      f"{(time.monotonic() - t0) / 60:.0f} min", flush=True)
             if deadline is not None and time.monotonic() >= deadline:
                 timed_out = True
                 break
+    except KeyboardInterrupt:   # SIGINT: the table of what ran
+        interrupted = True
     finally:
         pool.terminate()
         pool.join()
@@ -86,7 +94,8 @@ def main(argv=None):
     print()
     print(f"sim-soak: {total} schedules in {wall / 60:.1f} min on {args.processes} processes "
           f"({os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()})"
-          + (", stopped by --minutes" if timed_out else ""))
+          + (", stopped by --minutes" if timed_out else "")
+          + (", interrupted" if interrupted else ""))
     rows = [("generator", "seeds", "violations", "by kind", "seeds/min (wall)",
              "seeds/min/core")]
     for gen in sim.GENERATORS:
