@@ -2104,28 +2104,19 @@ class Detector(Part):
                     sources[m.hostname] = set(m.fenced_vms)
         return sources
 
-    def restart_source(self, now):
-        """(episode, {member: VMs}) for one member back from an orderly stop with VMs to
-        start again (issue 14 item 5): armed (so done with its demotions), not in
-        maintenance, not left; or None."""
+    def home_source(self, now, kind):
+        """(episode, {member: VMs}) for one member back with VMs that go nowhere but home,
+        or None.  kind "restart": the VMs it ran before an orderly stop, to start again
+        (issue 14 item 5); "restore": the VMs its fence locked while they were stopped, to
+        unlock (issue 11 item 2.2).  The member is armed (so done with its demotions), not
+        in maintenance, not left."""
+        attr = {"restart": "stopped_vms", "restore": "locked_vms"}[kind]
         for m in sorted(self.table.members.values(), key=lambda m: m.hostname):
-            ep = ("restart", m.hostname, m.startup_time)
-            if m.stopped_vms and m.armed and not (m.maintenance or m.left) and \
+            ep = (kind, m.hostname, m.startup_time)
+            if getattr(m, attr) and m.armed and not (m.maintenance or m.left) and \
                     m.hostname not in self.failed and ep not in self.settled and \
                     self.retry_at.get(ep, (now, 0))[0] <= now:
-                return ep, {m.hostname: set(m.stopped_vms)}
-        return None
-
-    def restore_source(self, now):
-        """(episode, {member: VMs}) for one member back from a fence with VMs its fence
-        locked while they were stopped (issue 11 item 2.2): armed, not in maintenance,
-        not left; or None."""
-        for m in sorted(self.table.members.values(), key=lambda m: m.hostname):
-            ep = ("restore", m.hostname, m.startup_time)
-            if m.locked_vms and m.armed and not (m.maintenance or m.left) and \
-                    m.hostname not in self.failed and ep not in self.settled and \
-                    self.retry_at.get(ep, (now, 0))[0] <= now:
-                return ep, {m.hostname: set(m.locked_vms)}
+                return ep, {m.hostname: set(getattr(m, attr))}
         return None
 
     def fence_record(self, h):
@@ -2290,8 +2281,8 @@ class FailoverManager(Part):
             if sources:
                 self._start_job(now, sources)
             else:
-                again = self.detector.restart_source(now) or \
-                    self.detector.restore_source(now)
+                again = self.detector.home_source(now, "restart") or \
+                    self.detector.home_source(now, "restore")
                 if again:
                     self._start_job(now, again[1], restart=again[0])
         # protection too waits until the members had time to register and arm
