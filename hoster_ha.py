@@ -43,12 +43,14 @@ import logging.handlers
 import math
 import operator
 import os
+import platform
 import re
 import secrets
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -3380,6 +3382,114 @@ class Host:
             time.sleep(0.1)
 
 
+# watchdog(4): WDIOCPATPAT = _IOW('W', 42, u_int); the argument is WD_ACTIVE | N, where the
+# timeout is 2**N nanoseconds; 0 disarms.  Closing the device does not disarm.
+WDIOCPATPAT = 0x8004572A
+WD_ACTIVE = 0x8000000
+FIDO = "/dev/fido"
+WATCHDOGD_PID = "watchdogd.pid"  # in run_dir: watchdogd(8) writes /var/run/watchdogd.pid
+
+
+def patpat_arg(n):
+    """The ioctl argument that arms (or pats) watchdog(4) for 2**n ns; 0 disarms."""
+    return struct.pack("I", (WD_ACTIVE | n) if n else 0)
+
+
+def freebsd_major(release=None):
+    release = platform.release() if release is None else release
+    try:
+        return int(release.split(".")[0])
+    except ValueError:
+        return 0
+
+
+class KernelWatchdog:
+    """FreeBSD watchdog(4), armed while the node is armed and patted on every heartbeat.
+
+    FreeBSD 15 replaced WDIOCPATPAT; there the watchdog(8) command does the work.  The
+    device, ioctl, command runner and watchdogd(8)'s pid file are parameters so the
+    encoding and the checks can be tested without a real /dev/fido."""
+
+    def __init__(self, watchdog_timeout, log, device=FIDO, ioctl=None, opener=os.open,
+                 release=None, run=run_cmd, watchdogd_pidfile="/var/run/" + WATCHDOGD_PID):
+        self.n, self.seconds = kernel_watchdog_seconds(watchdog_timeout)
+        self.whole = math.ceil(watchdog_timeout + 5)  # watchdog(8) -t takes whole seconds
+        self.log, self.device, self.run = log, device, run
+        self.watchdogd_pidfile = watchdogd_pidfile
+        self.use_command = freebsd_major(release) >= 15
+        if ioctl is None:
+            import fcntl
+            ioctl = fcntl.ioctl
+        self.ioctl, self.opener = ioctl, opener
+        self.fd = None
+        self.armed = False
+
+    def check(self):
+        """Raise RuntimeError (one clear line) if watchdog(4) cannot be used here.
+
+        watchdogd(8) must not run (it pats the device with its own timeout, overriding
+        ours); then the device is armed once with our timeout, by the mechanism pat()
+        uses (the ioctl, or watchdog(8) on FreeBSD 15), and disarmed at once: /dev/fido
+        exists whenever the watchdog module is loaded, even with no driver, and only
+        arming tells (EOPNOTSUPP)."""
+        other = read_pid(self.watchdogd_pidfile)
+        if other is not None:
+            raise RuntimeError(
+                f"kernel_watchdog is on but watchdogd(8) runs (PID {other}, "
+                f"{self.watchdogd_pidfile}): it pats {self.device} with its own timeout and "
+                "overrides ours; stop it (service watchdogd stop; sysrc watchdogd_enable=NO) "
+                "or set kernel_watchdog to false")
+        if not os.path.exists(self.device):
+            raise RuntimeError(f"kernel_watchdog is on but {self.device} does not exist (no "
+                               "watchdog(4) driver: load ichwd, amdsbwd or ipmi)")
+        try:
+            self._set(self.n)
+        except OSError as e:
+            raise RuntimeError(self._refusal(e))
+        error = None
+        for _ in range(3):  # armed now: it must not stay armed while we refuse to start
+            try:
+                self._set(0)
+                return
+            except OSError as e:
+                error = e
+        raise RuntimeError(f"kernel watchdog {self.device} was armed for a test and could not "
+                           f"be disarmed ({error}): the host may reset in {self.seconds:g} s")
+
+    def _refusal(self, e):
+        how = "/usr/sbin/watchdog -t" if self.use_command else "WDIOCPATPAT"
+        if getattr(e, "errno", None) == errno.EOPNOTSUPP or "not supported" in str(e):
+            return (f"kernel_watchdog is on but watchdog(4) has no driver on this host ({how} "
+                    f"on {self.device}: Operation not supported): load one (kldload ichwd, "
+                    "amdsbwd or ipmi) or set kernel_watchdog to false")
+        return (f"kernel_watchdog is on but the kernel watchdog cannot be armed ({how} on "
+                f"{self.device}: {e}); set kernel_watchdog to false if this host has none")
+
+    def _set(self, n):
+        if self.use_command:
+            rc, _, err = self.run(["/usr/sbin/watchdog", "-t", str(self.whole) if n else "0"], 5)
+            if rc != 0:
+                raise OSError(f"/usr/sbin/watchdog failed ({rc}): {last_line(err)}")
+            return
+        if self.fd is None:
+            self.fd = self.opener(self.device, os.O_RDWR)
+        self.ioctl(self.fd, WDIOCPATPAT, patpat_arg(n))
+
+    def pat(self):
+        """Arm (first call) or pat the kernel watchdog."""
+        self._set(self.n)
+        if not self.armed:
+            self.armed = True
+            self.log.log(NOTICE, f"kernel watchdog armed: {self.device}, "
+                                    f"{self.seconds:g} s (2**{self.n} ns)")
+
+    def disarm(self):
+        if self.armed:
+            self._set(0)
+            self.armed = False
+            self.log.log(NOTICE, "kernel watchdog disarmed")
+
+
 def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     """SPEC §3.3 steps 2-4: fence record + locks, destroy every VM, reboot.
 
@@ -5349,13 +5459,10 @@ def check_kernel_watchdog(cfg, make_kernel=None):
     if wd is not None:
         return Check(name, True, f"in use by ha_watchdog (PID {wd}); not probed")
     if make_kernel is None:
-        sys.dont_write_bytecode = True  # ha_watchdog.py lies beside us, in sbin
-        import ha_watchdog
-
         def make_kernel(cfg):
-            return ha_watchdog.KernelWatchdog(
+            return KernelWatchdog(
                 cfg.watchdog_timeout, logging.getLogger("hoster_ha.checks"),
-                watchdogd_pidfile=os.path.join(cfg.run_dir, ha_watchdog.WATCHDOGD_PID))
+                watchdogd_pidfile=os.path.join(cfg.run_dir, WATCHDOGD_PID))
     kernel = make_kernel(cfg)
     try:
         kernel.check()
