@@ -3498,9 +3498,9 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     `ours` as in fence_plan.  The record is written first (an existing one, the other
     fencer's, is extended, never shrunk), then the locks, then every VM is destroyed;
     a VM that appears meanwhile (a start under way) is destroyed too.  If a zfs command
-    of the inventory failed, it is asked again once the VMs are gone (with what is left
-    of fence_timeout, at least 1 s) and what it finds is recorded and locked before the
-    reboot.  Only the reboot line is EMERG (a wall message); a lock or record that failed
+    of the inventory failed, it is asked again once the VMs are gone, until it answers
+    (for at most max(fence_timeout, 2 s) more), and what it finds is recorded and locked
+    before the reboot.  Only the reboot line is EMERG (a wall message); a lock or record that failed
     is CRIT, a destroy that failed ALERT.  In debug mode every step is logged as
     "(DEBUG) would ..." and nothing is changed.  Returns after the reboot command (a real
     reboot never returns)."""
@@ -3549,17 +3549,24 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
             log.log(NOTICE, f"destroy VM {n} (started during the fence): "
                             f"{' '.join(cfg.command('vm_destroy', n))}")
         running = late
-    failed = [e for e in errors if "dataset" in e and (  # a command failed, not a lock
-        not e.get("unavailable") or e.get("reason", "").startswith("zfs get failed"))]
-    if failed:
-        # The inventory failed (a host slow enough to lose its agent is slow for zfs too):
-        # the VMs are gone now, so the locks may take what is left of fence_timeout (at
-        # least 1 s) before the reboot, which Hoster's start-all may follow.
-        log.log(logging.ERROR, "fence: the inventory was incomplete ("
-                             f"{'; '.join(e['error'] for e in failed)[:300]}); asking zfs again")
-        budget = max(1.0, cfg.fence_timeout - (time.monotonic() - t0))
-        again, _ = host.inventory(snapshots=False, budget=budget)
-        record_and_lock(again, record)
+    def failed(errors):   # a zfs command failed (timed out), not a dataset that is locked
+        return [e for e in errors if "dataset" in e and (
+            not e.get("unavailable") or e.get("reason", "").startswith("zfs get failed"))]
+    # An inventory that failed (a host slow enough to lose its agent is slow for zfs too)
+    # is asked again now that the VMs are gone: the locks must be on disk before the
+    # reboot, which Hoster's start-all may follow.  Until one is complete, for at most
+    # max(fence_timeout, 2 s) more (a zfs that hangs for good must not stop the reboot).
+    until = time.monotonic() + max(2.0, cfg.fence_timeout)
+    for attempt in range(1, 6):
+        missed = failed(errors)
+        if not missed or debug or time.monotonic() >= until:
+            break
+        log.log(logging.ERROR, f"fence: the inventory was incomplete ("
+                             f"{'; '.join(e['error'] for e in missed)[:300]}); asking zfs "
+                             f"again ({attempt})")
+        inventory, errors = host.inventory(
+            snapshots=False, budget=max(1.0, until - time.monotonic()))
+        plan, record = record_and_lock(inventory, record)
     key = "reboot" if gone else "reboot_now"
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,

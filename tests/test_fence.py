@@ -6,6 +6,7 @@ named in `commands`): a "reboot" here only writes a line to calls.log.
 import json
 import logging
 import os
+import time
 
 import hoster_ha
 from localcluster import LocalCluster
@@ -195,6 +196,48 @@ def test_an_inventory_that_failed_is_asked_again_after_the_destroys(tmp_path, ca
     assert "bhyvectl --destroy --vm=own" in calls and "shutdown -r now" in calls
     assert calls.index("bhyvectl --destroy --vm=own") < calls.rindex("zfs list")
     assert calls.rindex("zfs list") < calls.index("shutdown -r now")
+
+
+def test_the_inventory_is_asked_until_it_answers(tmp_path, caplog):
+    """CI saw a watchdog's fence lock nothing again: its second inventory failed too.
+    zfs is asked until it answers (bounded), and the record and the locks are those of
+    the answer.  Here the first two `zfs get`s fail."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    n.add_vm("stopped")
+    zfs = os.path.join(n.dir, "bin", "zfs")
+    flaky = os.path.join(n.dir, "bin", "flaky-zfs")
+    with open(flaky, "w") as f:
+        f.write(f'#!/bin/sh\nfor i in 1 2; do\n  if mkdir "{n.dir}/zfs-fail-$i" 2>/dev/null; then\n'
+                f'    echo "cannot open pool: I/O error" >&2; exit 1\n  fi\ndone\n'
+                f'exec "{zfs}" "$@"\n')
+    os.chmod(flaky, 0o755)
+    cfg.commands["zfs"] = [flaky]
+    cfg.fence_timeout = 2
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False)
+    msgs = [r.getMessage() for r in caplog.records]
+    again = [m for m in msgs if m.startswith("fence: the inventory was incomplete")]
+    assert len(again) == 2 and again[1].endswith("asking zfs again (2)"), msgs
+    rec = record(cfg)
+    assert rec["vms"] == ["own"] and rec["locked"] == ["own", "stopped"], rec
+    assert vm_cfg(n, "stopped")["parent_host"].startswith(hoster_ha.LOCK_PREFIX)
+    assert n.calls().count("shutdown -r now") == 1
+
+
+def test_a_zfs_that_never_answers_does_not_stop_the_reboot(tmp_path, caplog):
+    """The bound: a zfs that always fails is asked for at most max(fence_timeout, 2 s)
+    after the destroys, then the host reboots anyway."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    cfg.commands["zfs"] = ["false"]
+    cfg.fence_timeout = 1
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False)
+    assert time.monotonic() - t0 < 1 + 2 + 5
+    assert record(cfg)["vms"] == [] and "bhyvectl --destroy --vm=own" in n.calls()
+    assert n.calls().count("shutdown -r now") == 1
 
 
 def test_agent_restore_unlocks_only_a_locked_stopped_copy(tmp_path, caplog):
