@@ -34,8 +34,6 @@ import email.utils
 import errno
 import hashlib
 import hmac
-import http.client
-import http.server
 import ipaddress
 import json
 import logging
@@ -49,13 +47,25 @@ import secrets
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+
+# The agent imports ssl (with libssl) only when its config has a tls section (tls_module());
+# http.client imports it if it can, so when this file is the program it is kept from it
+# (a program that imports this module keeps its http.client whole).
+_SSL_UNLOADED = __name__ == "__main__" and "ssl" not in sys.modules
+if _SSL_UNLOADED:
+    sys.modules["ssl"] = None
+try:
+    import http.client
+    import http.server
+finally:
+    if _SSL_UNLOADED:
+        del sys.modules["ssl"]
 
 __version__ = "0.1.0"
 
@@ -3647,7 +3657,14 @@ def verify_request(secret, nonces, method, target, headers, body, wall):
     return None
 
 
+def tls_module():
+    """The ssl module, imported on first use (see the imports)."""
+    import ssl
+    return ssl
+
+
 def server_ssl_context(tls):
+    ssl = tls_module()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(tls["cert"], tls["key"])
@@ -3658,6 +3675,7 @@ def server_ssl_context(tls):
 
 def client_ssl_context(tls):
     """Verify peers against the cluster CA; the name check is cert_names_match()."""
+    ssl = tls_module()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(tls["ca"])
@@ -3678,19 +3696,22 @@ def cert_names_match(cert, names):
     return any(n and n.lower() in found for n in names)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a peer whose certificate must name its hostname or its address."""
+class _HTTPSConnection(http.client.HTTPConnection):
+    """HTTPS to a peer whose certificate must name its hostname or its address (on
+    HTTPConnection: http.client may lack HTTPSConnection, see the imports)."""
 
-    def __init__(self, host, port, names, **kw):
+    default_port = 443
+
+    def __init__(self, host, port, names, context, **kw):
         super().__init__(host, port, **kw)
-        self.names = names
+        self.names, self.context = names, context
 
     def connect(self):
-        http.client.HTTPConnection.connect(self)
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.names[0])
+        super().connect()
+        self.sock = self.context.wrap_socket(self.sock, server_hostname=self.names[0])
         if not cert_names_match(self.sock.getpeercert(), self.names):
             self.sock.close()
-            raise ssl.SSLCertVerificationError(
+            raise tls_module().SSLCertVerificationError(
                 f"peer certificate does not name {' or '.join(n for n in self.names if n)}")
 
 
@@ -3736,7 +3757,7 @@ class Client:
             except (UnicodeDecodeError, ValueError, RecursionError):
                 answer = None
             return resp.status, answer
-        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+        except (OSError, http.client.HTTPException) as e:  # ssl.SSLError is an OSError
             return None, f"{type(e).__name__}: {e}"
         finally:
             conn.close()
@@ -3785,6 +3806,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.per_client = {}
         self.deadlines = {}  # request socket -> monotonic time its reading must end
         self.slot_kind = {}  # request socket -> True if it holds a stranger's slot
+        self.tls = ssl_ctx is not None
         super().__init__(addr, handler)
         if ssl_ctx is not None:
             self.socket = ssl_ctx.wrap_socket(self.socket, server_side=True,
@@ -3839,7 +3861,7 @@ class Server(http.server.ThreadingHTTPServer):
                 self.slot_kind[request] = stranger
         if not ok:
             try:
-                if isinstance(request, ssl.SSLSocket):
+                if self.tls:
                     raise OSError("no 503 over TLS: the handshake would block this thread")
                 request.setblocking(False)
                 request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
@@ -4840,7 +4862,7 @@ class AgentHost:
                 time.sleep(0.05)
             if pid_alive(pid):
                 raise RuntimeError(f"ha_watchdog (PID {pid}) in another mode did not stop")
-        argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
+        argv = interpreter_argv(self.cfg) + [watchdog_script(), "--config", self.cfg.path]
         if self.debug:
             argv.append("--ha-debug")
         # No inherited stdout/stderr: daemon(8) waits for EOF on its pipe before it exits.
@@ -5644,7 +5666,7 @@ def clock_offset(cfg, cand, timeout=3.0):
             return None, "the answer is not signed by its agent (another service on that port?)"
         date = email.utils.parsedate_to_datetime(resp.getheader("Date") or "")
         return date.timestamp() + 0.5 - (t0 + t1) / 2, None
-    except (OSError, http.client.HTTPException, ssl.SSLError, TypeError, ValueError) as e:
+    except (OSError, http.client.HTTPException, TypeError, ValueError) as e:
         return None, f"{type(e).__name__}: {e}"
     finally:
         conn.close()
@@ -5723,6 +5745,8 @@ def cmd_start(cfg, args):
     if pid is not None:
         return die(f"already running as PID {pid} ({paths.pid}); "
                    "use 'hoster_ha.py stop' first", 1)
+    if args.foreground:
+        exec_from_bytecode(cfg)
     refuse, warn = refusals(cfg, preflight(cfg))
     for line in warn:
         print(f"hoster_ha: warning (debug mode): {line}", file=sys.stderr)
@@ -5740,6 +5764,7 @@ def cmd_start(cfg, args):
         fd = os.open(os.devnull, os.O_RDWR)
         for n in (0, 1, 2):
             os.dup2(fd, n)
+        exec_from_bytecode(cfg, foreground=True)
         os._exit(run_agent(cfg, stderr=False))
     os.waitpid(child, 0)
     deadline = time.monotonic() + 15
@@ -5756,6 +5781,60 @@ def cmd_start(cfg, args):
 
 SYSTEM_PATH = ("/sbin", "/bin", "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin",
                "/opt/hoster-core")
+
+
+BYTECODE_LOADER = ("import sys, importlib.util as u; sys.argv = sys.argv[1:]; "
+                   "s = u.spec_from_file_location('__main__', sys.argv[0]); "
+                   "m = u.module_from_spec(s); sys.modules['__main__'] = m; "
+                   "s.loader.exec_module(m)")
+
+
+def bytecode_dir(cfg):
+    """state_dir/bytecode, where the agent and its watchdog keep this file's compiled
+    bytecode (sys.pycache_prefix), or None if it cannot be made ours alone: bytecode
+    that someone else could write would be code run as root."""
+    path = os.path.join(cfg.state_dir, "bytecode")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError:
+        return None
+    return path if st.st_uid == os.geteuid() and not st.st_mode & 0o022 else None
+
+
+def interpreter_argv(cfg):
+    """[python, flags...] for a process of ours: the flags we run with (-S, -I, -E) and the
+    bytecode cache (bytecode_dir)."""
+    flags = [f for f, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site),
+                             ("-E", sys.flags.ignore_environment and not sys.flags.isolated))
+             if on]
+    cache = bytecode_dir(cfg)
+    return [sys.executable] + flags + (["-X", f"pycache_prefix={cache}"] if cache else [])
+
+
+def exec_from_bytecode(cfg, foreground=False):
+    """Run the long-lived agent from cached bytecode: compiling this 6,000-line file (as
+    Python does for the script it runs) leaves ~11 MB that glibc's allocator keeps (bench/
+    footprint.py).  Replaces the process (same PID, same arguments, this file still named
+    on its command line) with one that loads this file through importlib, which reads and
+    writes the cache in bytecode_dir; returns only when that is not possible (already done,
+    no private cache folder, exec failed).  foreground: add --foreground to the arguments
+    (the detached child of `start`)."""
+    cache = bytecode_dir(cfg)
+    if cache is None or __name__ != "__main__" or \
+            os.path.abspath(sys.pycache_prefix or "") == os.path.abspath(cache):
+        return
+    import importlib.util
+    import py_compile
+    source = os.path.realpath(__file__)
+    prefix, sys.pycache_prefix = sys.pycache_prefix, cache
+    try:   # written here, not by the loader: PYTHONDONTWRITEBYTECODE may be set
+        py_compile.compile(source, cfile=importlib.util.cache_from_source(source),
+                           doraise=True)
+        os.execv(sys.executable, interpreter_argv(cfg) + ["-c", BYTECODE_LOADER, source]
+                 + sys.argv[1:] + (["--foreground"] if foreground else []))
+    except (OSError, py_compile.PyCompileError):
+        sys.pycache_prefix = prefix
 
 
 def run_agent(cfg, stderr):

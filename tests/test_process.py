@@ -211,6 +211,27 @@ class TestHealthyCluster:
             assert b"--ha-debug" in cmdline and node.config.encode() in cmdline  # same mode
             assert read(os.path.join(node.run_dir, "hoster_ha.mode")) == "DEBUG\n"
 
+    def test_agent_and_watchdog_run_from_bytecode_without_ssl(self, ready):
+        """Issue 13 item 6, footprint: the agent re-executes itself from bytecode kept in
+        state_dir/bytecode (compiling this file as a script leaves ~11 MB with the
+        allocator), its watchdog reads the same bytecode, and without a tls section the
+        agent never loads ssl.  (The sizes are bench/footprint.py's.)"""
+        c, _ = ready
+        script = os.path.realpath(hoster_ha.__file__).encode()
+        for n in NAMES:
+            node = c[n]
+            cache = os.path.join(node.state_dir, "bytecode")
+            assert oct(os.stat(cache).st_mode & 0o777) == "0o700"
+            pycs = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
+            assert [os.path.basename(p).split(".")[0] for p in pycs] == ["hoster_ha"], pycs
+            agent = open(f"/proc/{node.pid()}/cmdline", "rb").read().split(b"\0")
+            assert agent[1:3] == [b"-X", b"pycache_prefix=" + cache.encode()], agent
+            assert agent[3] == b"-c" and agent[5] == script and b"start" in agent, agent
+            wd = open(f"/proc/{node.pid('ha_watchdog')}/cmdline", "rb").read().split(b"\0")
+            assert wd[1:3] == agent[1:3], wd
+            maps = open(f"/proc/{node.pid()}/maps").read()
+            assert "_ssl" not in maps and "libssl" not in maps, node.name
+
     def test_members_json_lists_the_three_members(self, ready):
         c, _ = ready
         r = c["node1"].cli("members", "--json")
