@@ -4,6 +4,7 @@
 #   make test       the test suite (pytest)
 #   make sim-soak   100,000 random simulator schedules on every core (SIM_SOAK_SEEDS=N,
 #                   SIM_SOAK_MINUTES=M to bound the run time); a table of violations
+#   make bench      the benchmarks, one markdown report (about 11 minutes on 2 cores)
 #   make demo       3 candidates + 2 workers on loopback, fake host commands: a failover
 #   make lint       sh -n and shellcheck on the rc.d script, mandoc -T lint on the man page
 #   make install    [DESTDIR=/stage] [PREFIX=/usr/local]
@@ -21,10 +22,10 @@ RCDIR=		$(DESTDIR)$(PREFIX)/etc/rc.d
 ETCDIR=		$(DESTDIR)$(PREFIX)/etc/hoster_ha
 MAN8DIR=	$(DESTDIR)$(PREFIX)/share/man/man8
 
-.PHONY: all test demo soak sim-soak lint install uninstall
+.PHONY: all test demo soak sim-soak bench lint install uninstall
 
 all:
-	@echo "targets: test demo soak sim-soak lint install uninstall (see the top of Makefile)"
+	@echo "targets: test demo soak sim-soak bench lint install uninstall (see the top of Makefile)"
 
 # With pytest-xdist installed (CI installs it) the tests run on 3 workers: a network
 # test or a cluster test mostly waits, and a simulator chunk mostly computes.
@@ -47,6 +48,9 @@ soak:
 
 sim-soak:
 	$(PYTHON) tools/sim_soak.py
+
+bench:
+	$(PYTHON) bench/all.py
 
 lint:
 	sh -n rc.d/hoster_ha

@@ -136,8 +136,8 @@ def use_sh_start(cluster, delay):
             json.dump(cfg, f, indent=2)
 
 
-def build(base, n, start_delay, sh_start=False):
-    cluster = LocalCluster(base, workers=2, debug=False)
+def build(base, n, start_delay, sh_start=False, timings=None):
+    cluster = LocalCluster(base, workers=2, debug=False, timings=timings)
     if sh_start:
         use_sh_start(cluster, start_delay)
     expected = {}
@@ -155,9 +155,10 @@ def build(base, n, start_delay, sh_start=False):
     return cluster, expected
 
 
-def one_run(n, start_delay, keep, sh_start=False):
+def one_run(n, start_delay, keep, sh_start=False, timings=None):
+    """One failover of n VMs (timings: FAST unless given); the figures of the table."""
     base = tempfile.mkdtemp(prefix=f"bench-failover-{n}-")
-    cluster, expected = build(base, n, start_delay, sh_start)
+    cluster, expected = build(base, n, start_delay, sh_start, timings)
     ft = cluster.timings["failover_time"]
     client = hoster_ha.Client(hoster_ha.load_config(cluster["node1"].config))
     try:

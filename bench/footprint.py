@@ -72,13 +72,9 @@ def status(client, node, port):
     return ans if st == 200 and isinstance(ans, dict) else {}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--settle", type=float, default=5.0)
-    p.add_argument("--fast", action="store_true", help="the test timings (ping_interval 0.5)")
-    a = p.parse_args()
-    timings = dict(FAST) if a.fast else dict(hoster_ha.TIMINGS)
+def measure(timings, seconds, settle):
+    """(bare RSS KiB, RSS KiB with the agent's imports, elapsed s, rows) where rows are
+    (process, node, role, RSS KiB or None, CPU % of a core or None) of an idle cluster."""
     bare = reference("")
     stdlib = reference(f"import {IMPORTS}")
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as base:
@@ -97,37 +93,56 @@ def main():
             if not cluster.wait_for(ready, 120, interval=0.5):
                 raise SystemExit(f"the cluster did not arm within 120 s: {views}")
             manager = next(iter(views.values()))["manager"]
-            time.sleep(a.settle)
+            time.sleep(settle)
             procs = []
             for n in cluster.nodes:
                 role = "manager" if n == manager else (
                     "candidate" if cluster[n].candidate else "worker")
-                procs += [(n, role, "hoster_ha", cluster[n].pid()),
-                          (n, role, "ha_watchdog", cluster[n].pid("ha_watchdog"))]
+                procs += [("hoster_ha", n, role, cluster[n].pid()),
+                          ("ha_watchdog", n, role, cluster[n].pid("ha_watchdog"))]
             before = {pid: sample(pid)[1] for *_, pid in procs}
             t0 = time.monotonic()
-            time.sleep(a.seconds)
+            time.sleep(seconds)
             elapsed = time.monotonic() - t0
             after = {pid: sample(pid) for *_, pid in procs}
         finally:
             cluster.stop_all()
+    rows = []
+    for what, node, role, pid in procs:
+        rss, cpu = after[pid]
+        used = None if cpu is None or before[pid] is None else \
+            (cpu - before[pid]) / elapsed * 100
+        rows.append((what, node, role, rss, used))
+    return bare, stdlib, elapsed, rows
+
+
+def table(bare, stdlib, rows):
+    """The markdown table of measure()'s figures."""
+    out = ["| process | node | role | RSS | CPU, % of a core |", "|---|---|---|---|---|",
+           f"| bare python3 | | | {bare / 1024:.1f} MiB | |",
+           f"| python3 + the agent's imports | | | {stdlib / 1024:.1f} MiB | |"]
+    for what, node, role, rss, used in rows:
+        out.append(f"| {what} | {node} | {role} | "
+                   f"{'n/a' if rss is None else f'{rss / 1024:.1f} MiB'} | "
+                   f"{'n/a' if used is None else f'{used:.2f} %'} |")
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument("--fast", action="store_true", help="the test timings (ping_interval 0.5)")
+    a = p.parse_args()
+    timings = dict(FAST) if a.fast else dict(hoster_ha.TIMINGS)
+    bare, stdlib, elapsed, rows = measure(timings, a.seconds, a.settle)
     print(f"machine: {platform.node()} {platform.system()} {platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"timings: {'test' if a.fast else 'SPEC defaults'} (ping_interval "
           f"{timings['ping_interval']:g} s); idle for {elapsed:.0f} s after arming; "
-          f"interpreter flags: {' '.join(f for f, on in (('-S', sys.flags.no_site),) if on) or 'none'}")
+          f"interpreter flags: {'-S' if sys.flags.no_site else 'none'}")
     print()
-    print("| process | node | role | RSS | CPU, % of a core |")
-    print("|---|---|---|---|---|")
-    print(f"| bare python3 | | | {bare / 1024:.1f} MiB | |")
-    print(f"| python3 + the agent's imports | | | {stdlib / 1024:.1f} MiB | |")
-    for node, role, what, pid in procs:
-        rss, cpu = after[pid]
-        used = (cpu - before[pid]) / elapsed * 100 if cpu is not None and before[pid] is not None \
-            else None
-        print(f"| {what} | {node} | {role} | "
-              f"{'n/a' if rss is None else f'{rss / 1024:.1f} MiB'} | "
-              f"{'n/a' if used is None else f'{used:.2f} %'} |")
+    print(table(bare, stdlib, rows))
     return 0
 
 
