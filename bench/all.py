@@ -9,11 +9,12 @@
    (ping_interval 0.5, failover_time 13) and SPEC defaults (2 and 60).
 2. Footprint (bench/footprint.py): RSS and idle CPU of every agent and watchdog of an
    armed cluster at SPEC default timings, against a bare interpreter in the same run.
+3. Members (bench/members.py): 3 candidates with 100, 300 and 1,000 simulated members
+   pinging them at SPEC default timings: CPU of each candidate, ping round trips.
 
-Not measured because not built yet: the confirmed fence (POST fenced) and the manager
-with 100-1,000 simulated members; the report says so.
+Not measured because not built yet: the confirmed fence (POST fenced); the report says so.
 
-    python3 bench/all.py [--sizes 1,10,100,300] [--idle 60] [--quick]
+    python3 bench/all.py [--sizes 1,10,100,300] [--idle 40] [--members 100,300,1000] [--quick]
 """
 import argparse
 import os
@@ -25,13 +26,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import failover  # noqa: E402
 import footprint  # noqa: E402
+import members  # noqa: E402
 from failover import FAST, hoster_ha  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1,10,100,300", help="VMs on the dead worker")
-    p.add_argument("--idle", type=float, default=60.0, help="seconds of idle measurement")
+    p.add_argument("--idle", type=float, default=40.0, help="seconds of idle measurement")
+    p.add_argument("--members", default="100,300,1000", help="simulated members")
     p.add_argument("--quick", action="store_true",
                    help="test timings only, sizes 1 and 10, 10 s idle (a smoke run)")
     a = p.parse_args()
@@ -55,6 +58,9 @@ def main():
     idle = 10.0 if a.quick else a.idle
     fp_timings = dict(FAST) if a.quick else dict(hoster_ha.TIMINGS)
     bare, stdlib, elapsed, fp_rows = footprint.measure(fp_timings, idle, 5.0)
+    sizes_m = [50] if a.quick else [int(s) for s in a.members.split(",") if s.strip()]
+    m_rows = [members.one_size(n, fp_timings, 10.0 if a.quick else 20.0, 10.0)
+              for n in sizes_m]
 
     print(f"# hoster_ha benchmarks, {time.strftime('%Y-%m-%d')}")
     print()
@@ -88,7 +94,9 @@ def main():
     print()
     print(footprint.table(bare, stdlib, fp_rows))
     print()
-    print("manager with 100 / 300 / 1,000 simulated members: no benchmark yet, not measured.")
+    print("## Candidates under many members")
+    print()
+    print(members.table(m_rows, fp_timings))
     return 0
 
 
