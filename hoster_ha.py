@@ -3778,8 +3778,9 @@ def literal_addresses(addresses):
 class Server(http.server.ThreadingHTTPServer):
     """Threaded HTTP(S) server that a flood or a slow client cannot take over.
 
-    At most MAX_CONCURRENT requests at once and PER_CLIENT from one address (503 beyond).
-    Addresses that are not known to belong to the cluster (the candidates' configured
+    At most MAX_CONCURRENT requests at once and PER_CLIENT from one address (503 beyond)
+    that is not a candidate's: the cluster's own traffic (a manager's held-open failover
+    starts) is not throttled by it.  Addresses that are not known to belong to the cluster (the candidates' configured
     addresses, and any address that sent a correctly signed request within VOUCH_TTL)
     share MAX_CONCURRENT - RESERVED of the slots: strangers from many addresses cannot
     take the slots that answer the cluster's pings.  A request must be read (TLS
@@ -3851,7 +3852,7 @@ class Server(http.server.ThreadingHTTPServer):
         with self.guard:
             stranger = self._stranger(ip, now)
             ok = self.active < self.MAX_CONCURRENT and \
-                self.per_client.get(ip, 0) < self.PER_CLIENT and \
+                (ip in self.known or self.per_client.get(ip, 0) < self.PER_CLIENT) and \
                 (not stranger or self.strangers < self.MAX_CONCURRENT - self.RESERVED)
             if ok:
                 self.active += 1

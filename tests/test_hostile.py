@@ -939,6 +939,53 @@ class TestHostileInput:
         assert all(st == 200 and dt < 1.0 for st, dt in legit), legit
 
 
+def test_per_client_limit_spares_the_candidates():
+    """Issue 13 item 1: a manager holds one POST failover open per start; the per-address
+    limit (PER_CLIENT) must not refuse them, so a candidate's address is bound only by
+    MAX_CONCURRENT.  Any other address still gets 503 beyond PER_CLIENT."""
+    import http.server
+    release = threading.Event()
+
+    class Hold(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            release.wait(10)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    srv = hoster_ha.Server(("127.0.0.1", 0), Hold, None, known=["127.0.0.2"])
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    port, n = srv.server_address[1], srv.PER_CLIENT + 4
+    socks = []
+    try:
+        def burst(src):
+            out = []
+            for _ in range(n):
+                s = connect("127.0.0.1", port, src=src, timeout=2)
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                socks.append(s)
+                out.append(s)
+            time.sleep(0.5)
+            refused = 0
+            for s in out:
+                s.setblocking(False)
+                try:
+                    refused += b" 503 " in s.recv(200)
+                except BlockingIOError:
+                    pass
+            return refused
+        assert burst("127.0.0.2") == 0            # a candidate: all held
+        assert burst("127.0.0.78") == n - srv.PER_CLIENT   # anyone else: the limit
+    finally:
+        release.set()
+        for s in socks:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_server_reserves_slots_for_cluster_addresses():
     """Known addresses: the candidates' configured ones, and any that sent a signed
     request within VOUCH_TTL.  Everyone else is a stranger (the shared pool)."""
