@@ -5796,6 +5796,7 @@ def bytecode_dir(cfg):
     that someone else could write would be code run as root."""
     path = os.path.join(cfg.state_dir, "bytecode")
     try:
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)   # as the agent makes it
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
     except OSError:
