@@ -651,6 +651,8 @@ PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection thi
                             # (or every 10 ping_intervals, if that is sooner)
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
+MAX_STARTS_AT_ONCE = 64  # failover starts a manager holds open at once, all targets together
+                         # (max_parallel_starts is per target; the agent's send threads)
 WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (§3.5)
 LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
 
@@ -2229,7 +2231,8 @@ class Job:
            "replicate"  a batch of plans (`batch`) is out to the other candidates:
                         nothing starts before one of them acknowledged it;
            "start"      POST failover to the targets (`queue`, `inflight`), at most
-                        max_parallel_starts at once.
+                        max_parallel_starts at once per target (MAX_STARTS_AT_ONCE in
+                        all), in queue order (vm_priority) for each target.
     A job ends in FailoverManager._finish_job, or is dropped (the manager cannot act,
     an inventory is missing, no candidate acknowledged the plan)."""
 
@@ -2555,12 +2558,17 @@ class FailoverManager(Part):
 
     def _pump(self, now):
         job = self.job
-        while job.queue and len(job.inflight) < self.cfg.max_parallel_starts:
+        busy = collections.Counter(self.planbook.plans[u]["to"] for u in job.inflight)
+        i = 0
+        while i < len(job.queue) and len(job.inflight) < MAX_STARTS_AT_ONCE:
+            e = self.planbook.plans[job.queue[i]]
+            if busy[e["to"]] >= self.cfg.max_parallel_starts:   # that target is full
+                i += 1
+                continue
             if not self.election.can_act(now):
                 self.job = None
                 return
-            uid = job.queue.pop(0)
-            e = self.planbook.plans[uid]
+            uid = job.queue.pop(i)
             peer = job.members.get(e["to"])
             if peer is None:  # failed since it was planned: never sent, placed again later
                 e["state"] = "abandoned"
@@ -2571,6 +2579,7 @@ class FailoverManager(Part):
                            "orderly stop)" if uid in self.restart_uids else
                            f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
             job.inflight.add(uid)
+            busy[e["to"]] += 1
             self.box.send(e["to"], peer, "POST", "failover",
                           {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
                            "uid": uid}, self.target.start_answer_timeout(self.cfg),
@@ -5167,8 +5176,8 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
         self.leaving = False
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
                                                           thread_name_prefix="ha-ping")
-        self.work = concurrent.futures.ThreadPoolExecutor(
-            max_workers=cfg.max_parallel_starts + 8, thread_name_prefix="ha-work")
+        self.work = concurrent.futures.ThreadPoolExecutor(   # threads made as needed
+            max_workers=MAX_STARTS_AT_ONCE + 8, thread_name_prefix="ha-work")
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.run_dir, exist_ok=True)
         term = read_term(self.paths.term)

@@ -308,6 +308,33 @@ def test_vm_priority_orders_the_starts_on_each_target():
     assert order == ["vm3", "vm4", "vm2", "vm1"]
 
 
+def test_max_parallel_starts_is_a_limit_per_target():
+    """Issue 13 item 1: max_parallel_starts bounds the starts held open at one target, not
+    in the whole cluster: with 1, two targets each get one start at once, and neither gets
+    a second while its first is under way; then every VM starts."""
+    from test_failover_core import host_inv, vm
+    names = ["vm1", "vm2", "vm3", "vm4"]
+    invs = {"a": host_inv("a"), "b": host_inv("b"),
+            "c": host_inv("c", *[vm(n, "w1", creation=300) for n in ("vm3", "vm4")]),
+            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
+            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in ("vm1", "vm2")])}
+    extra = {n: {"max_parallel_starts": 1} for n in ("a", "b", "c")}
+    net, _ = make_net(invs=invs, extra=extra)
+    net.policy = lambda net, src, a, now: "hold" if a["name"] == "failover" else None
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
+                until=lambda _: len(net.held) >= 2)
+    net.run(t + 0.5, t + 3, step=0.5)            # held: nothing more goes out
+    assert sorted(x["to"] for _, x in net.held) == ["c", "w2"], net.held
+    assert len(net.sends(name="failover")) == 2
+    net.policy = None
+    for item in list(net.held):
+        net.release(item, t + 3)
+    net.run(t + 3.5, t + 20, step=0.5, until=lambda _: len(net.starts) >= 4)
+    assert sorted((h, v) for h, v, _ in net.starts) == \
+        [("c", "vm3"), ("c", "vm4"), ("w2", "vm1"), ("w2", "vm2")]
+
+
 def test_vm_priority_default_is_name_order_and_config_is_validated():
     from test_core import make_cfg
     assert make_cfg("a").vm_priority == {}
