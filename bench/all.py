@@ -73,7 +73,7 @@ def main():
     print("overhead = the manager's last `VM … is live` line − the dead host's last "
           "successful ping − failover_time; kill → last live includes failover_time. "
           "Shell-script fake `hoster vm start` of 0.2 s, start_confirm 1 s, "
-          "max_parallel_starts 8, one run per row.")
+          "max_parallel_starts 8 per target, one run per row.")
     print()
     print("| timings | ping_interval / failover_time | VMs | overhead | kill → last live | "
           "detect | inventories + plan | starts |")
