@@ -5750,13 +5750,13 @@ def answer_text(answer):
 
 
 def cmd_start(cfg, args):
+    if args.foreground:   # before anything else: the checks run once, in the new process
+        exec_from_bytecode(cfg)
     paths = Paths(cfg)
     pid = read_pid(paths.pid)
     if pid is not None:
         return die(f"already running as PID {pid} ({paths.pid}); "
                    "use 'hoster_ha.py stop' first", 1)
-    if args.foreground:
-        exec_from_bytecode(cfg)
     refuse, warn = refusals(cfg, preflight(cfg))
     for line in warn:
         print(f"hoster_ha: warning (debug mode): {line}", file=sys.stderr)
@@ -5823,6 +5823,22 @@ def interpreter_argv(cfg):
     return [sys.executable] + flags + (["-X", f"pycache_prefix={cache}"] if cache else [])
 
 
+def bytecode_current(source, cfile):
+    """True if cfile is bytecode of source as it is now, as importlib checks it (magic
+    number, flags 0, source mtime and size)."""
+    import importlib.util
+    try:
+        st = os.stat(source)
+        with open(cfile, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and \
+        head[4:8] == b"\0\0\0\0" and \
+        int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF and \
+        int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF
+
+
 def exec_from_bytecode(cfg, foreground=False):
     """Run the long-lived agent from cached bytecode: compiling this 6,000-line file (as
     Python does for the script it runs) leaves ~11 MB that glibc's allocator keeps (bench/
@@ -5840,8 +5856,9 @@ def exec_from_bytecode(cfg, foreground=False):
     source = os.path.realpath(__file__)
     prefix, sys.pycache_prefix = sys.pycache_prefix, cache
     try:   # written here, not by the loader: PYTHONDONTWRITEBYTECODE may be set
-        py_compile.compile(source, cfile=importlib.util.cache_from_source(source),
-                           doraise=True)
+        cfile = importlib.util.cache_from_source(source)
+        if not bytecode_current(source, cfile):
+            py_compile.compile(source, cfile=cfile, doraise=True)
         os.execv(sys.executable, interpreter_argv(cfg) + ["-c", BYTECODE_LOADER, source]
                  + sys.argv[1:] + (["--foreground"] if foreground else []))
     except (OSError, py_compile.PyCompileError):

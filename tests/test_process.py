@@ -363,6 +363,24 @@ def test_daemon_mode_start_status_stop(tmp_path):
         c.teardown()
 
 
+def test_bytecode_is_compiled_again_only_when_the_source_changed(tmp_path):
+    """exec_from_bytecode compiles only when the cached bytecode is not that of the
+    source as it is now (the check importlib makes: magic, mtime, size)."""
+    import py_compile
+    src, pyc = tmp_path / "m.py", tmp_path / "m.pyc"
+    src.write_text("x = 1\n")
+    assert not hoster_ha.bytecode_current(str(src), str(pyc))        # none yet
+    py_compile.compile(str(src), cfile=str(pyc), doraise=True)
+    assert hoster_ha.bytecode_current(str(src), str(pyc))
+    st = os.stat(src)
+    src.write_text("x = 22\n")                                       # an upgrade
+    os.utime(src, (st.st_atime, st.st_mtime))                         # same mtime
+    assert not hoster_ha.bytecode_current(str(src), str(pyc))         # size differs
+    src.write_text("x = 2\n")
+    os.utime(src, (st.st_atime, st.st_mtime + 5))
+    assert not hoster_ha.bytecode_current(str(src), str(pyc))         # mtime differs
+
+
 # -- self-fencing: two candidates SIGKILLed ------------------------------------------------
 
 def test_two_sigkills_make_the_survivor_self_fence(tmp_path):
