@@ -47,6 +47,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -463,8 +464,9 @@ def _config_starts(data, path, get):
         raise ConfigError(f"{path}: key 'start_confirm': must be greater than 0 and at most "
                           f"600 seconds, got {start_confirm}")
     mps = get("max_parallel_starts", "int", 8)
-    if mps < 1:
-        raise ConfigError(f"{path}: key 'max_parallel_starts': must be at least 1")
+    if not 1 <= mps <= MAX_STARTS_AT_ONCE:
+        raise ConfigError(f"{path}: key 'max_parallel_starts': must be 1 to "
+                          f"{MAX_STARTS_AT_ONCE} (starts at once on one target), got {mps}")
     prio = data.get("vm_priority", {})
     if not isinstance(prio, dict):
         raise ConfigError(f"{path}: key 'vm_priority': expected an object (VM name -> integer)")
@@ -3202,16 +3204,30 @@ EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum
 
 
 def run_cmd(argv, timeout):
-    """Run argv (never a shell).  Returns (exit status or None on timeout, stdout, stderr)."""
+    """Run argv (never a shell).  Returns (exit status or None on timeout, stdout, stderr).
+
+    Bounded: on timeout the command is killed and waited for at most 1 s more; one that
+    will not die (stuck in the kernel: a suspended pool) or whose children keep its
+    output open is left behind, so no caller (a fence) waits for it for ever."""
     try:
-        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=timeout, close_fds=True)
-    except subprocess.TimeoutExpired:
-        return None, "", f"timed out after {timeout:g} s"
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, close_fds=True)
     except OSError as e:
         return 127, "", f"{argv[0]}: {e.strerror}"
-    return (p.returncode, p.stdout.decode("utf-8", "replace"),
-            p.stderr.decode("utf-8", "replace"))
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        try:
+            p.communicate(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            for f in (p.stdout, p.stderr):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        return None, "", f"timed out after {timeout:g} s"
+    return p.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
 def last_line(text):
@@ -3576,13 +3592,14 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     # reboot, which Hoster's start-all may follow.  Until one is complete, for at most
     # max(fence_timeout, 2 s) more (a zfs that hangs for good must not stop the reboot).
     until = time.monotonic() + max(2.0, cfg.fence_timeout)
-    for attempt in range(1, 6):
-        missed = failed(errors)
-        if not missed or debug or time.monotonic() >= until:
-            break
+    attempt = 0
+    while failed(errors) and not debug and time.monotonic() < until:
+        attempt += 1
+        if attempt > 1:   # a zfs that fails at once is not asked in a tight loop
+            time.sleep(min(0.5, max(0.0, until - time.monotonic())))
         log.log(logging.ERROR, f"fence: the inventory was incomplete ("
-                             f"{'; '.join(e['error'] for e in missed)[:300]}); asking zfs "
-                             f"again ({attempt})")
+                             f"{'; '.join(e['error'] for e in failed(errors))[:300]}); "
+                             f"asking zfs again ({attempt})")
         inventory, errors = host.inventory(
             snapshots=False, budget=max(1.0, until - time.monotonic()))
         plan, record = record_and_lock(inventory, record)
@@ -3787,21 +3804,25 @@ def literal_addresses(addresses):
 class Server(http.server.ThreadingHTTPServer):
     """Threaded HTTP(S) server that a flood or a slow client cannot take over.
 
-    At most MAX_CONCURRENT requests at once and PER_CLIENT from one address (503 beyond)
-    that is not a candidate's: the cluster's own traffic (a manager's held-open failover
-    starts) is not throttled by it.  Addresses that are not known to belong to the cluster (the candidates' configured
+    At most MAX_CONCURRENT requests at once, PER_CLIENT from one address, PER_CANDIDATE
+    from a candidate's configured address (503 beyond): a manager holds one failover
+    start open per VM, up to max_parallel_starts (at most PER_CANDIDATE) at a target.
+    Addresses that are not known to belong to the cluster (the candidates' configured
     addresses, and any address that sent a correctly signed request within VOUCH_TTL)
     share MAX_CONCURRENT - RESERVED of the slots: strangers from many addresses cannot
-    take the slots that answer the cluster's pings.  A request must be read (TLS
+    take the slots that answer the cluster's pings.  So with strangers and one
+    candidate's starts at their limits, MAX_CONCURRENT - (MAX_CONCURRENT - RESERVED) -
+    PER_CANDIDATE slots still answer the others' pings.  A request must be read (TLS
     handshake, headers, body) within READ_DEADLINE seconds, or its connection is shut
     down."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
-    MAX_CONCURRENT = 64
-    RESERVED = 32
+    MAX_CONCURRENT = 128
+    RESERVED = 96
     PER_CLIENT = 16
+    PER_CANDIDATE = 64
     READ_DEADLINE = 5.0
     VOUCH_TTL = 600.0
     MAX_VOUCHED = 4096
@@ -3861,7 +3882,8 @@ class Server(http.server.ThreadingHTTPServer):
         with self.guard:
             stranger = self._stranger(ip, now)
             ok = self.active < self.MAX_CONCURRENT and \
-                (ip in self.known or self.per_client.get(ip, 0) < self.PER_CLIENT) and \
+                self.per_client.get(ip, 0) < (self.PER_CANDIDATE if ip in self.known
+                                              else self.PER_CLIENT) and \
                 (not stranger or self.strangers < self.MAX_CONCURRENT - self.RESERVED)
             if ok:
                 self.active += 1
@@ -5793,24 +5815,41 @@ SYSTEM_PATH = ("/sbin", "/bin", "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/us
                "/opt/hoster-core")
 
 
-BYTECODE_LOADER = ("import sys, importlib.util as u; sys.argv = sys.argv[1:]; "
-                   "s = u.spec_from_file_location('__main__', sys.argv[0]); "
-                   "m = u.module_from_spec(s); sys.modules['__main__'] = m; "
-                   "s.loader.exec_module(m)")
+# Run by `python3 -c` (exec_from_bytecode).  First: no '' (the current folder) on the
+# import path, which -c would put there (a stray argparse.py would run as root).  Bytecode
+# that cannot be loaded (a corrupt file) falls back to the source.
+BYTECODE_LOADER = "\n".join([
+    "import sys",
+    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]",
+    "sys.argv = sys.argv[1:]",
+    "import importlib.util as u",
+    "s = u.spec_from_file_location('__main__', sys.argv[0])",
+    "m = u.module_from_spec(s)",
+    "sys.modules['__main__'] = m",
+    "try:",
+    "    c = s.loader.get_code('__main__')",
+    "except Exception:",
+    "    c = compile(open(sys.argv[0], 'rb').read(), sys.argv[0], 'exec')",
+    "exec(c, m.__dict__)"])
 
 
 def bytecode_dir(cfg):
     """state_dir/bytecode, where the agent and its watchdog keep this file's compiled
-    bytecode (sys.pycache_prefix), or None if it cannot be made ours alone: bytecode
-    that someone else could write would be code run as root."""
+    bytecode (sys.pycache_prefix), or None unless it and state_dir are ours alone (our
+    owner, not writable by group or others, not symlinks): bytecode that someone else
+    could write or swap would be code run as root."""
     path = os.path.join(cfg.state_dir, "bytecode")
     try:
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)   # as the agent makes it
         os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
+        for d in (cfg.state_dir, path):
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or \
+                    st.st_mode & 0o022:
+                return None
     except OSError:
         return None
-    return path if st.st_uid == os.geteuid() and not st.st_mode & 0o022 else None
+    return path
 
 
 def interpreter_argv(cfg):
@@ -5824,19 +5863,18 @@ def interpreter_argv(cfg):
 
 
 def bytecode_current(source, cfile):
-    """True if cfile is bytecode of source as it is now, as importlib checks it (magic
-    number, flags 0, source mtime and size)."""
+    """True if cfile is bytecode of source as it is now: a checked-hash pyc (PEP 552)
+    whose hash is that of the source's bytes (importlib checks the same at each load)."""
     import importlib.util
     try:
-        st = os.stat(source)
+        with open(source, "rb") as f:
+            data = f.read()
         with open(cfile, "rb") as f:
             head = f.read(16)
     except OSError:
         return False
     return len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and \
-        head[4:8] == b"\0\0\0\0" and \
-        int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF and \
-        int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF
+        head[4:8] == b"\3\0\0\0" and head[8:16] == importlib.util.source_hash(data)
 
 
 def exec_from_bytecode(cfg, foreground=False):
@@ -5858,7 +5896,8 @@ def exec_from_bytecode(cfg, foreground=False):
     try:   # written here, not by the loader: PYTHONDONTWRITEBYTECODE may be set
         cfile = importlib.util.cache_from_source(source)
         if not bytecode_current(source, cfile):
-            py_compile.compile(source, cfile=cfile, doraise=True)
+            py_compile.compile(source, cfile=cfile, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
         os.execv(sys.executable, interpreter_argv(cfg) + ["-c", BYTECODE_LOADER, source]
                  + sys.argv[1:] + (["--foreground"] if foreground else []))
     except (OSError, py_compile.PyCompileError):

@@ -609,6 +609,9 @@ def test_bad_protocol_and_https_requires_tls():
 
 def test_bad_max_parallel_starts():
     assert "max_parallel_starts" in config_error(base(max_parallel_starts=0))
+    # per target, and a candidate's address may hold 64 requests at a server
+    assert "must be 1 to 64" in config_error(base(max_parallel_starts=65))
+    assert hoster_ha.MAX_STARTS_AT_ONCE <= hoster_ha.Server.PER_CANDIDATE
 
 
 def test_hostname_must_be_valid():

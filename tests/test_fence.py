@@ -226,18 +226,39 @@ def test_the_inventory_is_asked_until_it_answers(tmp_path, caplog):
 
 
 def test_a_zfs_that_never_answers_does_not_stop_the_reboot(tmp_path, caplog):
-    """The bound: a zfs that always fails is asked for at most max(fence_timeout, 2 s)
-    after the destroys, then the host reboots anyway."""
+    """The bound: a zfs that always fails at once is asked again every 0.5 s (not in a
+    tight loop) for max(fence_timeout, 2 s) after the destroys, then the host reboots."""
     n, cfg, host, log = node(tmp_path)
     n.add_vm("own", running=True)
-    cfg.commands["zfs"] = ["false"]
+    count = os.path.join(n.dir, "zfs-calls")
+    failing = os.path.join(n.dir, "bin", "failing-zfs")
+    with open(failing, "w") as f:
+        f.write(f'#!/bin/sh\necho x >> "{count}"\necho "I/O error" >&2\nexit 1\n')
+    os.chmod(failing, 0o755)
+    cfg.commands["zfs"] = [failing]
     cfg.fence_timeout = 1
     t0 = time.monotonic()
     with caplog.at_level(logging.INFO, logger="test_fence"):
         hoster_ha.fence_host(cfg, host, log, "test", debug=False)
-    assert time.monotonic() - t0 < 1 + 2 + 5
+    took = time.monotonic() - t0
+    with open(count) as f:
+        calls = len(f.read().split())
+    assert 1.5 <= took < 1 + 2 + 5, took
+    assert 3 <= calls <= 8, calls         # about one per 0.5 s, each inventory 1 zfs get
     assert record(cfg)["vms"] == [] and "bhyvectl --destroy --vm=own" in n.calls()
     assert n.calls().count("shutdown -r now") == 1
+
+
+def test_run_cmd_is_bounded_when_children_keep_the_output_open():
+    """A timed-out command is killed and waited for at most 1 s more: a child it left
+    holding the output pipe (or one stuck in the kernel) does not hold the caller."""
+    t0 = time.monotonic()
+    rc, out, err = hoster_ha.run_cmd(["sh", "-c", "sleep 20 & sleep 20"], 0.3)
+    assert rc is None and "timed out after 0.3 s" in err
+    assert time.monotonic() - t0 < 3.0
+    assert hoster_ha.run_cmd(["sh", "-c", "echo hi; echo oops >&2; exit 3"], 5) == \
+        (3, "hi\n", "oops\n")
+    assert hoster_ha.run_cmd(["/no/such/command"], 5)[0] == 127
 
 
 def test_agent_restore_unlocks_only_a_locked_stopped_copy(tmp_path, caplog):

@@ -939,32 +939,36 @@ class TestHostileInput:
         assert all(st == 200 and dt < 1.0 for st, dt in legit), legit
 
 
-def test_per_client_limit_spares_the_candidates():
-    """Issue 13 item 1: a manager holds one POST failover open per start; the per-address
-    limit (PER_CLIENT) must not refuse them, so a candidate's address is bound only by
-    MAX_CONCURRENT.  Any other address still gets 503 beyond PER_CLIENT."""
+def test_per_client_limit_of_a_candidate_and_room_for_the_others():
+    """Issue 13 item 1: a manager holds one POST failover open per start (up to
+    max_parallel_starts at a target), so a candidate's address may hold PER_CANDIDATE
+    requests, more than anyone else's PER_CLIENT; and with strangers on their share and
+    one candidate at its limit, another candidate is still answered (a server whose
+    slots a manager's starts took would make the cluster fence)."""
     import http.server
     release = threading.Event()
 
     class Hold(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            release.wait(10)
+            if self.path == "/hold":
+                release.wait(20)
             self.send_response(204)
             self.end_headers()
 
         def log_message(self, *args):
             pass
-    srv = hoster_ha.Server(("127.0.0.1", 0), Hold, None, known=["127.0.0.2"])
+    srv = hoster_ha.Server(("127.0.0.1", 0), Hold, None, known=["127.0.0.2", "127.0.0.3"])
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                      daemon=True).start()
-    port, n = srv.server_address[1], srv.PER_CLIENT + 4
+    port = srv.server_address[1]
+    assert srv.PER_CANDIDATE >= hoster_ha.MAX_STARTS_AT_ONCE > srv.PER_CLIENT
     socks = []
     try:
-        def burst(src):
+        def burst(src, n, path=b"/hold"):
             out = []
             for _ in range(n):
                 s = connect("127.0.0.1", port, src=src, timeout=2)
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                s.sendall(b"GET " + path + b" HTTP/1.0\r\n\r\n")
                 socks.append(s)
                 out.append(s)
             time.sleep(0.5)
@@ -976,8 +980,16 @@ def test_per_client_limit_spares_the_candidates():
                 except BlockingIOError:
                     pass
             return refused
-        assert burst("127.0.0.2") == 0            # a candidate: all held
-        assert burst("127.0.0.78") == n - srv.PER_CLIENT   # anyone else: the limit
+        assert burst("127.0.0.2", srv.PER_CANDIDATE + 4) == 4      # a candidate's limit
+        assert burst("127.0.0.78", srv.PER_CLIENT + 4) == 4        # anyone else's
+        strangers = srv.MAX_CONCURRENT - srv.RESERVED - srv.PER_CLIENT
+        for k in range(strangers // srv.PER_CLIENT + 1):           # the strangers' share
+            burst(f"127.0.0.{80 + k}", srv.PER_CLIENT)
+        assert srv.strangers == srv.MAX_CONCURRENT - srv.RESERVED
+        other = connect("127.0.0.1", port, src="127.0.0.3", timeout=2)  # another candidate
+        socks.append(other)
+        other.sendall(b"GET /ping HTTP/1.0\r\n\r\n")
+        assert other.recv(200).startswith(b"HTTP/1.0 204"), "no room for the other candidate"
     finally:
         release.set()
         for s in socks:

@@ -19,6 +19,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -365,20 +367,55 @@ def test_daemon_mode_start_status_stop(tmp_path):
 
 def test_bytecode_is_compiled_again_only_when_the_source_changed(tmp_path):
     """exec_from_bytecode compiles only when the cached bytecode is not that of the
-    source as it is now (the check importlib makes: magic, mtime, size)."""
+    source as it is now: a checked-hash pyc of the same bytes (an edit of the same size
+    in the same second is seen; a timestamp pyc is never taken for current)."""
     import py_compile
     src, pyc = tmp_path / "m.py", tmp_path / "m.pyc"
     src.write_text("x = 1\n")
     assert not hoster_ha.bytecode_current(str(src), str(pyc))        # none yet
-    py_compile.compile(str(src), cfile=str(pyc), doraise=True)
+    py_compile.compile(str(src), cfile=str(pyc), doraise=True)         # timestamp pyc
+    assert not hoster_ha.bytecode_current(str(src), str(pyc))
+    py_compile.compile(str(src), cfile=str(pyc), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
     assert hoster_ha.bytecode_current(str(src), str(pyc))
     st = os.stat(src)
-    src.write_text("x = 22\n")                                       # an upgrade
-    os.utime(src, (st.st_atime, st.st_mtime))                         # same mtime
-    assert not hoster_ha.bytecode_current(str(src), str(pyc))         # size differs
-    src.write_text("x = 2\n")
-    os.utime(src, (st.st_atime, st.st_mtime + 5))
-    assert not hoster_ha.bytecode_current(str(src), str(pyc))         # mtime differs
+    src.write_text("x = 2\n")                                        # same size ...
+    os.utime(src, (st.st_atime, st.st_mtime))                          # ... and mtime
+    assert not hoster_ha.bytecode_current(str(src), str(pyc))
+
+
+def test_the_bytecode_loader_imports_nothing_from_the_current_folder(tmp_path):
+    """`python3 -c` puts the current folder first on the import path: an argparse.py
+    there would run as root when an operator starts the agent from it.  The loader
+    drops it before any import; a corrupt bytecode file falls back to the source."""
+    bait = tmp_path / "cwd"
+    bait.mkdir()
+    marker = tmp_path / "hijacked"
+    for mod in ("argparse", "importlib", "collections"):
+        (bait / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    script = os.path.realpath(hoster_ha.__file__)
+    r = subprocess.run([sys.executable, "-c", hoster_ha.BYTECODE_LOADER, script, "--help"],
+                       cwd=bait, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "usage:" in r.stdout, r
+    assert not marker.exists()
+    # a corrupt pyc with a valid header: the source runs instead
+    import py_compile
+    cache = tmp_path / "cache"
+    src = tmp_path / "m.py"
+    src.write_text("import sys\nprint('ran', __name__, sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(cache))
+    cfile = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
+                            f"print(importlib.util.cache_from_source({str(src)!r}))"],
+                           env=env, capture_output=True, text=True, timeout=30).stdout.strip()
+    py_compile.compile(str(src), cfile=cfile, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    with open(cfile, "r+b") as f:
+        f.seek(16)
+        f.write(b"\xff" * 8)
+    assert hoster_ha.bytecode_current(str(src), cfile)     # the header is still right
+    r = subprocess.run([sys.executable, "-c", hoster_ha.BYTECODE_LOADER, str(src), "x"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == "ran __main__ ['x']\n", r
 
 
 # -- self-fencing: two candidates SIGKILLed ------------------------------------------------
