@@ -47,7 +47,6 @@ import secrets
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -4894,7 +4893,7 @@ class AgentHost:
                 time.sleep(0.05)
             if pid_alive(pid):
                 raise RuntimeError(f"ha_watchdog (PID {pid}) in another mode did not stop")
-        argv = interpreter_argv(self.cfg) + [watchdog_script(), "--config", self.cfg.path]
+        argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
         if self.debug:
             argv.append("--ha-debug")
         # No inherited stdout/stderr: daemon(8) waits for EOF on its pipe before it exits.
@@ -5772,8 +5771,6 @@ def answer_text(answer):
 
 
 def cmd_start(cfg, args):
-    if args.foreground:   # before anything else: the checks run once, in the new process
-        exec_from_bytecode(cfg)
     paths = Paths(cfg)
     pid = read_pid(paths.pid)
     if pid is not None:
@@ -5796,7 +5793,6 @@ def cmd_start(cfg, args):
         fd = os.open(os.devnull, os.O_RDWR)
         for n in (0, 1, 2):
             os.dup2(fd, n)
-        exec_from_bytecode(cfg, foreground=True)
         os._exit(run_agent(cfg, stderr=False))
     os.waitpid(child, 0)
     deadline = time.monotonic() + 15
@@ -5813,95 +5809,6 @@ def cmd_start(cfg, args):
 
 SYSTEM_PATH = ("/sbin", "/bin", "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin",
                "/opt/hoster-core")
-
-
-# Run by `python3 -c` (exec_from_bytecode).  First: no '' (the current folder) on the
-# import path, which -c would put there (a stray argparse.py would run as root).  Bytecode
-# that cannot be loaded (a corrupt file) falls back to the source.
-BYTECODE_LOADER = "\n".join([
-    "import sys",
-    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]",
-    "sys.argv = sys.argv[1:]",
-    "import importlib.util as u",
-    "s = u.spec_from_file_location('__main__', sys.argv[0])",
-    "m = u.module_from_spec(s)",
-    "sys.modules['__main__'] = m",
-    "try:",
-    "    c = s.loader.get_code('__main__')",
-    "except Exception:",
-    "    c = compile(open(sys.argv[0], 'rb').read(), sys.argv[0], 'exec')",
-    "exec(c, m.__dict__)"])
-
-
-def bytecode_dir(cfg):
-    """state_dir/bytecode, where the agent and its watchdog keep this file's compiled
-    bytecode (sys.pycache_prefix), or None unless it and state_dir are ours alone (our
-    owner, not writable by group or others, not symlinks): bytecode that someone else
-    could write or swap would be code run as root."""
-    path = os.path.join(cfg.state_dir, "bytecode")
-    try:
-        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)   # as the agent makes it
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        for d in (cfg.state_dir, path):
-            st = os.lstat(d)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or \
-                    st.st_mode & 0o022:
-                return None
-    except OSError:
-        return None
-    return path
-
-
-def interpreter_argv(cfg):
-    """[python, flags...] for a process of ours: the flags we run with (-S, -I, -E) and the
-    bytecode cache (bytecode_dir)."""
-    flags = [f for f, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site),
-                             ("-E", sys.flags.ignore_environment and not sys.flags.isolated))
-             if on]
-    cache = bytecode_dir(cfg)
-    return [sys.executable] + flags + (["-X", f"pycache_prefix={cache}"] if cache else [])
-
-
-def bytecode_current(source, cfile):
-    """True if cfile is bytecode of source as it is now: a checked-hash pyc (PEP 552)
-    whose hash is that of the source's bytes (importlib checks the same at each load)."""
-    import importlib.util
-    try:
-        with open(source, "rb") as f:
-            data = f.read()
-        with open(cfile, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return False
-    return len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and \
-        head[4:8] == b"\3\0\0\0" and head[8:16] == importlib.util.source_hash(data)
-
-
-def exec_from_bytecode(cfg, foreground=False):
-    """Run the long-lived agent from cached bytecode: compiling this 6,000-line file (as
-    Python does for the script it runs) leaves ~11 MB that glibc's allocator keeps (bench/
-    footprint.py).  Replaces the process (same PID, same arguments, this file still named
-    on its command line) with one that loads this file through importlib, which reads and
-    writes the cache in bytecode_dir; returns only when that is not possible (already done,
-    no private cache folder, exec failed).  foreground: add --foreground to the arguments
-    (the detached child of `start`)."""
-    cache = bytecode_dir(cfg)
-    if cache is None or __name__ != "__main__" or \
-            os.path.abspath(sys.pycache_prefix or "") == os.path.abspath(cache):
-        return
-    import importlib.util
-    import py_compile
-    source = os.path.realpath(__file__)
-    prefix, sys.pycache_prefix = sys.pycache_prefix, cache
-    try:   # written here, not by the loader: PYTHONDONTWRITEBYTECODE may be set
-        cfile = importlib.util.cache_from_source(source)
-        if not bytecode_current(source, cfile):
-            py_compile.compile(source, cfile=cfile, doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-        os.execv(sys.executable, interpreter_argv(cfg) + ["-c", BYTECODE_LOADER, source]
-                 + sys.argv[1:] + (["--foreground"] if foreground else []))
-    except (OSError, py_compile.PyCompileError):
-        sys.pycache_prefix = prefix
 
 
 def run_agent(cfg, stderr):

@@ -19,8 +19,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -213,26 +211,13 @@ class TestHealthyCluster:
             assert b"--ha-debug" in cmdline and node.config.encode() in cmdline  # same mode
             assert read(os.path.join(node.run_dir, "hoster_ha.mode")) == "DEBUG\n"
 
-    def test_agent_and_watchdog_run_from_bytecode_without_ssl(self, ready):
-        """Issue 13 item 6, footprint: the agent re-executes itself from bytecode kept in
-        state_dir/bytecode (compiling this file as a script leaves ~11 MB with the
-        allocator), its watchdog reads the same bytecode, and without a tls section the
-        agent never loads ssl.  (The sizes are bench/footprint.py's.)"""
+    def test_the_agent_loads_no_ssl_without_a_tls_section(self, ready):
+        """Issue 13 item 6, footprint: without a tls section the agent never imports ssl
+        (http.client is kept from it when hoster_ha.py is the program)."""
         c, _ = ready
-        script = os.path.realpath(hoster_ha.__file__).encode()
         for n in NAMES:
-            node = c[n]
-            cache = os.path.join(node.state_dir, "bytecode")
-            assert oct(os.stat(cache).st_mode & 0o777) == "0o700"
-            pycs = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
-            assert [os.path.basename(p).split(".")[0] for p in pycs] == ["hoster_ha"], pycs
-            agent = open(f"/proc/{node.pid()}/cmdline", "rb").read().split(b"\0")
-            assert agent[1:3] == [b"-X", b"pycache_prefix=" + cache.encode()], agent
-            assert agent[3] == b"-c" and agent[5] == script and b"start" in agent, agent
-            wd = open(f"/proc/{node.pid('ha_watchdog')}/cmdline", "rb").read().split(b"\0")
-            assert wd[1:3] == agent[1:3], wd
-            maps = open(f"/proc/{node.pid()}/maps").read()
-            assert "_ssl" not in maps and "libssl" not in maps, node.name
+            maps = open(f"/proc/{c[n].pid()}/maps").read()
+            assert "_ssl" not in maps and "libssl" not in maps, n
 
     def test_members_json_lists_the_three_members(self, ready):
         c, _ = ready
@@ -363,59 +348,6 @@ def test_daemon_mode_start_status_stop(tmp_path):
         assert r.returncode == 1 and "🔴 API Server IS NOT running" in r.stdout, r
     finally:
         c.teardown()
-
-
-def test_bytecode_is_compiled_again_only_when_the_source_changed(tmp_path):
-    """exec_from_bytecode compiles only when the cached bytecode is not that of the
-    source as it is now: a checked-hash pyc of the same bytes (an edit of the same size
-    in the same second is seen; a timestamp pyc is never taken for current)."""
-    import py_compile
-    src, pyc = tmp_path / "m.py", tmp_path / "m.pyc"
-    src.write_text("x = 1\n")
-    assert not hoster_ha.bytecode_current(str(src), str(pyc))        # none yet
-    py_compile.compile(str(src), cfile=str(pyc), doraise=True)         # timestamp pyc
-    assert not hoster_ha.bytecode_current(str(src), str(pyc))
-    py_compile.compile(str(src), cfile=str(pyc), doraise=True,
-                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-    assert hoster_ha.bytecode_current(str(src), str(pyc))
-    st = os.stat(src)
-    src.write_text("x = 2\n")                                        # same size ...
-    os.utime(src, (st.st_atime, st.st_mtime))                          # ... and mtime
-    assert not hoster_ha.bytecode_current(str(src), str(pyc))
-
-
-def test_the_bytecode_loader_imports_nothing_from_the_current_folder(tmp_path):
-    """`python3 -c` puts the current folder first on the import path: an argparse.py
-    there would run as root when an operator starts the agent from it.  The loader
-    drops it before any import; a corrupt bytecode file falls back to the source."""
-    bait = tmp_path / "cwd"
-    bait.mkdir()
-    marker = tmp_path / "hijacked"
-    for mod in ("argparse", "importlib", "collections"):
-        (bait / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    script = os.path.realpath(hoster_ha.__file__)
-    r = subprocess.run([sys.executable, "-c", hoster_ha.BYTECODE_LOADER, script, "--help"],
-                       cwd=bait, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and "usage:" in r.stdout, r
-    assert not marker.exists()
-    # a corrupt pyc with a valid header: the source runs instead
-    import py_compile
-    cache = tmp_path / "cache"
-    src = tmp_path / "m.py"
-    src.write_text("import sys\nprint('ran', __name__, sys.argv[1:])\n")
-    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(cache))
-    cfile = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
-                            f"print(importlib.util.cache_from_source({str(src)!r}))"],
-                           env=env, capture_output=True, text=True, timeout=30).stdout.strip()
-    py_compile.compile(str(src), cfile=cfile, doraise=True,
-                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-    with open(cfile, "r+b") as f:
-        f.seek(16)
-        f.write(b"\xff" * 8)
-    assert hoster_ha.bytecode_current(str(src), cfile)     # the header is still right
-    r = subprocess.run([sys.executable, "-c", hoster_ha.BYTECODE_LOADER, str(src), "x"],
-                       env=env, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and r.stdout == "ran __main__ ['x']\n", r
 
 
 # -- self-fencing: two candidates SIGKILLed ------------------------------------------------
