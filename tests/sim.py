@@ -994,10 +994,14 @@ class Sim:
         return starts[1] if len(starts) >= 2 else math.inf
 
     def _on_rejoin(self, n):
-        """n armed with a fence record (§3.6): its VMs get a rejoin obligation."""
+        """n armed with a fence record (§3.6): its VMs get a rejoin obligation, except
+        those that ran on another host since (a failover moved them: they are that host's,
+        and its own obligation covers them, or exempts them if it left: seed 44801, w1b
+        moved to node1, which left and then lost power)."""
         ob = {"kind": "rejoin", "node": n.name, "t_s": self.t, "inc": n.incarnation,
               "ready": self.t + self.timings["ping_interval"] / n.rate, "armed": True,
-              "vms": {name: [n.name] for name in n.core.fenced_vms},
+              "vms": {name: [n.name] for name in n.core.fenced_vms
+                      if self.ran_on.get(name, n.name) == n.name},
               "others": {}, "done": False}
         self.rejoins.append(ob)
 

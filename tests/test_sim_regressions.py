@@ -255,6 +255,17 @@ def test_seed_10093_a_replica_host_back_late_extends_the_bound():
     run_vm_seed(10093)
 
 
+def test_seed_44801_a_fenced_vm_moved_since_is_not_the_rejoining_hosts():
+    """Checker (sim-soak, 2026-12-07): worker1 fenced with [w1a, w1b]; w1b moved to
+    node1, which then left (operator stop) and lost power 2 s later; worker1 rejoined
+    and the checker wanted w1b back as worker1's.  The manager rightly left it alone
+    (its latest done plan names node1, a left member: issue 12 finding 1).  A rejoin
+    obligation now covers only the fenced VMs that ran nowhere else since; a moved one
+    is its new host's (whose leave exempts it)."""
+    s = run_vm_seed(44801)
+    assert any(h == "node1" and "not left" in why for h, _, why in s.skipped), s.skipped
+
+
 def test_seed_13435_a_dropped_jobs_abandoned_plan_keeps_its_source_unsettled():
     """node1's job planned w2a and w2b, then could not act for a moment (a vote renewal)
     and was dropped with both plans still planned; checked as inherited, they were
