@@ -134,7 +134,9 @@ def test_the_invariants_are_exercised():
     failed over within the bound (also after a manager change), unplaceable VMs are
     reported, and the rejoin paths (fence record, demotion) run."""
     recovered, reported, new_manager, placed_back, demoted = 0, 0, 0, 0, 0
-    for seed in list(range(40)) + [75, 80, 85]:     # 75-85: unplaceable VMs
+    # 60 seeds: since a rejoin obligation leaves out the fenced VMs moved elsewhere
+    # (seed 44801), 40 gave fewer than 20 recoveries; 75-85: unplaceable VMs
+    for seed in list(range(60)) + [75, 80, 85]:
         s, _ = sim.run_random(seed, tick=TICK, vms=True)
         for h, vm, ts, deadline, how, t_m in s.recoveries:
             if how.startswith("live"):
