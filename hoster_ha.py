@@ -3601,7 +3601,7 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
                              f"asking zfs again ({attempt})")
         inventory, errors = host.inventory(
             snapshots=False, budget=max(1.0, until - time.monotonic()))
-        plan, record = record_and_lock(inventory, record)
+        _, record = record_and_lock(inventory, record)
     key = "reboot" if gone else "reboot_now"
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,

@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,24 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import hoster_ha  # noqa: E402
+from footprint import sample  # noqa: E402  (RSS and CPU of a process)
 from localcluster import FAST, LocalCluster  # noqa: E402
-
-
-def rss_kib(pid):
-    """Resident set size of pid in KiB, or None."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    try:  # FreeBSD (no /proc by default)
-        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        return int(out) if out.isdigit() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def log_time(line):
@@ -75,7 +58,7 @@ def one_run(vms):
             if not armed:
                 raise RuntimeError("the cluster did not arm within 60 s")
             agent, wd = worker.pid(), worker.pid("ha_watchdog")
-            rss = (rss_kib(wd), rss_kib(agent))
+            rss = (sample(wd)[0], sample(agent)[0])
             t_kill = time.time()
             worker.proc.kill()
             worker.proc.wait(5)
