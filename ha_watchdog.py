@@ -135,7 +135,10 @@ class Watchdog:
                     pass
         self.log.log(ha.EMERG, f"{reason}, initiating fencing")
         ha.EventLog(self.paths.events, self.cfg.hostname).append("watchdog_fence", reason=reason)
-        ha.fence_host(self.cfg, ha.Host(self.cfg, self.log), self.log, reason, debug)
+        # the armed agent's incarnation: its fence may be confirmed to the candidates
+        incarnation = ha.read_incarnation(self.paths.incarnation, self.agent_pid)
+        ha.fence_host(self.cfg, ha.Host(self.cfg, self.log), self.log, reason, debug,
+                      incarnation=incarnation)
         if self.cfg.commands.get("notify"):   # after the fence's commands: never delays them
             ha.notify_detached(self.cfg.commands["notify"], self.cfg.hostname, self.log,
                                "watchdog_fence", f"{reason}, initiating fencing", reason=reason)

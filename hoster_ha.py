@@ -584,8 +584,10 @@ class Member:
         self.not_ready = []
         self.seq = -1              # the member's last applied ping/leave sequence number
         self.last_ping = now
+        self.fence_confirmed = None  # this incarnation's confirmed fence (POST fenced): its
+        #                              record {ts, reason, vms, locked}, or None
 
-    SAVED = FIELDS + ("armed", "maintenance", "left", "seq")
+    SAVED = FIELDS + ("armed", "maintenance", "left", "seq", "fence_confirmed")
 
     def saved(self):
         """The record as written to state_dir/members.json (no ping times: after a restart
@@ -603,6 +605,8 @@ class Member:
         #                           its silence counts from our start (members_view)
         m.armed, m.maintenance, m.left = (rec.get(k) is True for k in
                                           ("armed", "maintenance", "left"))
+        m.fence_confirmed = rec.get("fence_confirmed") if \
+            isinstance(rec.get("fence_confirmed"), dict) else None
         seq = rec.get("seq")
         m.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
         return m
@@ -647,6 +651,7 @@ PLAN_FIELDS = {"vm": (str,), "from": (str,), "to": (str,), "term": _INT, "uid": 
 PLAN_BODY_FIELDS = {"term": _INT, "entries": (list,)}
 FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": (str,)}
 LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
+FENCED_FIELDS = {"hostname": (str,), "startup_time": _INT, "record": (dict,)}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection this often
                             # (or every 10 ping_intervals, if that is sooner)
@@ -1351,6 +1356,40 @@ class Membership(Part):
             self.persist()   # written before the acknowledgement leaves
         return 200, {"ok": True, "known": True}
 
+    def handle_fenced(self, body, now):
+        """POST fenced (issue 13 item 4): the member's incarnation `startup_time` says it
+        fenced, every VM destroyed and confirmed gone, no VM supervisor left, its
+        production VMs locked, and that it reboots now.  Kept (and written to
+        members.json before the answer) only for the incarnation we know: a confirmation
+        of an earlier one (late, replayed) or of one we never saw changes nothing.  It
+        replaces only the silence of SPEC §3.4's rule (Detector.failure_verdict)."""
+        if not self.is_candidate:
+            return 404, {"error": "this node is not a candidate"}
+        h, rec = body["hostname"], body["record"]
+        m = self.members.get(h)
+        if m is None or m.startup_time != body["startup_time"]:
+            self.box.once(("stale_fenced", h, body["startup_time"]), "INFO",
+                          f"a fence confirmation from {h} for startup_time "
+                          f"{body['startup_time']} is ignored: "
+                          + ("not a member here" if m is None else
+                             f"the incarnation known here is {m.startup_time}"), member=h)
+            return 200, {"ok": True, "known": False}
+        if m.left:   # a left member is never failed over: nothing to confirm
+            return 200, {"ok": True, "known": True, "left": True}
+        vms = [v for v in rec.get("vms") or [] if valid_vm_name(v)] \
+            if isinstance(rec.get("vms"), list) else []
+        if m.fence_confirmed is None:
+            m.fence_confirmed = {"vms": sorted(set(vms)),
+                                 "reason": str(rec.get("reason", ""))[:200]}
+            self.box.event("fence_confirmed", "NOTICE",
+                           f"member {h} confirmed its fence (startup_time {m.startup_time}): "
+                           f"its VMs are destroyed and locked ({', '.join(vms) or 'none'}), "
+                           "it reboots now", member=h, startup_time=m.startup_time,
+                           vms=sorted(set(vms)), reason=m.fence_confirmed["reason"])
+            self.persist()   # written before the acknowledgement leaves
+            self.detector.on_fence_confirmed(now)
+        return 200, {"ok": True, "known": True}
+
     def members_answer(self, now):
         """GET members: our table, and the failover plans we hold (for a new manager)."""
         plans = sorted(self.planbook.plans.values(), key=lambda e: (e["term"], e.get("seq", 0)))
@@ -1365,7 +1404,8 @@ class Membership(Part):
                  "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
                  "backup_node": m.backup_node, "failover_time": m.failover_time,
                  "address": m.address, "port": m.port, "protocol": m.protocol,
-                 "ready": m.ready, "not_ready": list(m.not_ready)}
+                 "ready": m.ready, "not_ready": list(m.not_ready),
+                 "fence_confirmed": m.fence_confirmed is not None}
                 for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
     MEMBER_STATES = ("left", "failed", "maintenance", "unarmed", "alive")
@@ -1376,8 +1416,9 @@ class Membership(Part):
         silence = now - max(m.last_ping, self.start)
         if m.left:
             return "left"
-        if m.hostname in self.detector.failed or (
-                m.armed and _is_number(m.failover_time) and silence >= m.failover_time):
+        if m.hostname in self.detector.failed or m.armed and (
+                m.fence_confirmed is not None or
+                _is_number(m.failover_time) and silence >= m.failover_time):
             return "failed"
         if m.maintenance:
             return "maintenance"
@@ -2005,9 +2046,21 @@ class Detector(Part):
                 continue
             if any(r["silence"] < r["failover_time"] <= r["silence"] + (now - at) and
                    h not in self.failed for h, r in view.items()):
-                self.view_asked[c] = now
-                self.box.send(c, self.cfg.candidate(c), "GET", "members", None,
-                              self.cfg.ping_timeout, ("members", c), self.on_members)
+                self.ask_view(c, now)
+
+    def ask_view(self, c, now):
+        self.view_asked[c] = now
+        self.box.send(c, self.cfg.candidate(c), "GET", "members", None,
+                      self.cfg.ping_timeout, ("members", c), self.on_members)
+
+    def on_fence_confirmed(self, now):
+        """A member confirmed its fence to us (Membership.handle_fenced): as manager, ask
+        the other candidates for their views at once instead of at the next round."""
+        if self.election.manager_since is None:
+            return
+        for c in self.candidates:
+            if c != self.hostname and not self.box.asking(("members", c)):
+                self.ask_view(c, now)
 
     def on_members(self, purpose, status, answer, now):
         if status != 200 or not isinstance(answer, dict) or \
@@ -2016,8 +2069,8 @@ class Detector(Part):
         view = {m["hostname"]: m for m in answer["members"]
                 if check_fields(m, MEMBER_VIEW_FIELDS) is None}
         self.views[purpose[1]] = (now, view)
-        fresh = any(r["silence"] >= r["failover_time"] and h not in self.failed
-                    for h, r in view.items())
+        fresh = any((r["silence"] >= r["failover_time"] or r.get("fence_confirmed") is True)
+                    and h not in self.failed for h, r in view.items())
         plans = answer.get("plans")
         for e in plans if isinstance(plans, list) else []:
             if check_plan_entry(e) is None:
@@ -2043,34 +2096,62 @@ class Detector(Part):
                 out[c] = view[h]["silence"]
         return out
 
+    @staticmethod
+    def failure_verdict(reports):
+        """SPEC §3.4's rule on one member's records in the fresh views: (startup_time of
+        the failed incarnation, how, None), how "silent" or "fence confirmed"; or (that
+        incarnation, None, why it is not failed), or (None, None, None) if nothing says so.
+
+        Silent: 2 views report it silent for >= its failover_time, and 2 of those armed,
+        not left and not in maintenance (a real leave or maintenance has 2
+        acknowledgements, so it shows in any 2 views; one candidate's stale flag must not
+        veto).  Fence confirmed (issue 13 item 4): a view holds the confirmation of
+        incarnation I (POST fenced), 2 views report I armed, not left and not in
+        maintenance, and no view reports a later incarnation: the confirmation stands in
+        for the silence, and for nothing else."""
+        def ok(r):
+            return r["armed"] and not r["left"] and not r["maintenance"]
+        silent = [r for r in reports if r["silence"] >= r["failover_time"]]
+        good = [r for r in silent if ok(r)]
+        if len(good) >= 2:
+            return max(r["startup_time"] for r in good), "silent", None
+        confirmed = [r["startup_time"] for r in reports if r.get("fence_confirmed") is True]
+        if confirmed:
+            st = max(confirmed)
+            if sum(r["startup_time"] == st and ok(r) for r in reports) >= 2 and \
+                    all(r["startup_time"] <= st for r in reports):
+                return st, "fence confirmed", None
+        if len(silent) < 2:
+            return None, None, None
+        return max(r["startup_time"] for r in silent), None, (
+            "it left" if sum(r["left"] for r in silent) >= 2 else
+            "it is in maintenance" if sum(r["maintenance"] for r in silent) >= 2 else
+            "it was not armed" if sum(not r["armed"] for r in silent) >= 2 else
+            "fewer than 2 candidates report it armed, not left and not in maintenance")
+
     def detect_failures(self, now):
         views = self.fresh_views(now)
         failed = {}
         for h in sorted(set().union(*views)):
             reports = [v[h] for v in views if h in v]
-            silent = [r for r in reports if r["silence"] >= r["failover_time"]]
-            if len(silent) < 2:
-                continue
-            # 2 silent views that report it armed, not left, not in maintenance suffice: a
-            # real leave or maintenance has 2 acknowledgements, so it shows in any 2 views,
-            # and one candidate's stale flag must not veto (SPEC §3.4)
-            ok = [r for r in silent if r["armed"] and not r["left"] and not r["maintenance"]]
-            st = max(r["startup_time"] for r in (ok if len(ok) >= 2 else silent))
-            why = None if len(ok) >= 2 else (
-                "it left" if sum(r["left"] for r in silent) >= 2 else
-                "it is in maintenance" if sum(r["maintenance"] for r in silent) >= 2 else
-                "it was not armed" if sum(not r["armed"] for r in silent) >= 2 else
-                "fewer than 2 candidates report it armed, not left and not in maintenance")
+            st, how, why = self.failure_verdict(reports)
             if why:
+                silence = next(r["silence"] for r in reports
+                               if r["silence"] >= r["failover_time"])
                 self.box.once(("not_failed", h, st), "NOTICE",
-                              f"member {h} is silent for {silent[0]['silence']:.0f} s, but {why}: "
+                              f"member {h} is silent for {silence:.0f} s, but {why}: "
                               "its VMs are not failed over", member=h)
+            if how is None:
                 continue
             failed[h] = st
             if self.failed.get(h) != st:
-                self.box.event("member_failed", "NOTICE",
-                               f"member {h} failed: silent for >= {silent[0]['failover_time']:g} s "
-                               f"on {len(silent)} candidates", member=h, startup_time=st,
+                silent = [r for r in reports if r["silence"] >= r["failover_time"]]
+                said = (f"silent for >= {silent[0]['failover_time']:g} s on {len(silent)} "
+                        "candidates" if how == "silent" else
+                        f"its fence was confirmed (startup_time {st}); "
+                        f"{sum(r['startup_time'] == st for r in reports)} candidates report it")
+                self.box.event("member_failed", "NOTICE", f"member {h} failed: {said}",
+                               member=h, startup_time=st, how=how,
                                silence=self._silence_reports(h, now),
                                reachable_candidates=self.link.reachable(now))
         if set(failed) - set(self.failed) and self.protector.prot is not None:
@@ -2857,8 +2938,8 @@ class Core:
         "box": "take_actions take_persist",
         "election": "vote term_known was_manager valid_votes is_manager manager_term "
                     "can_act manager_view",
-        "table": "members handle_register handle_ping handle_leave members_answer "
-                 "member_states",
+        "table": "members handle_register handle_ping handle_leave handle_fenced "
+                 "members_answer member_states",
         "link": "armed arming fenced left maintenance reach outgoing on_register_result "
                 "on_ping_result set_maintenance flags_clear leave_body leave_result "
                 "leave_refused reachable silence_ages survival_margin check_watchdog "
@@ -3199,7 +3280,7 @@ EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum
                "vm_moved", "fence_warning", "fence_warning_cleared", "vm_unprotected",
                "vm_protected", "vm_restarted", "vm_unlocked", "dataset_unavailable",
                "dataset_available",
-               "not_ready", "ready"}
+               "not_ready", "ready", "fence_confirmed"}
 
 
 def run_cmd(argv, timeout):
@@ -3397,6 +3478,19 @@ class Host:
         vm_cfg["parent_host"] = parent
         write_atomic(path, (json.dumps(vm_cfg, indent=2) + "\n").encode("utf-8"))
 
+    def kill_supervisors(self, names, timeout):
+        """SIGKILL Hoster's VM supervisors of VMs `names` (commands.vm_kill_supervisor with
+        the names as one alternation): none may start a VM again.  Returns pkill's exit
+        status: 0 one ran (and was killed), 1 none ran, else the command failed."""
+        if not names:
+            return 1
+        pattern = "(" + "|".join(sorted(set(names))) + ")"
+        argv = self.cfg.command("vm_kill_supervisor", pattern)
+        rc, out, err = run_cmd(argv, timeout)
+        if rc not in (0, 1):
+            self.log.log(ALERT, f"{' '.join(argv)[:200]} failed ({rc}): {command_text(out, err)}")
+        return rc
+
     def destroy_all(self, names, timeout):
         """Destroy VMs in parallel; True when every vmm entry is gone within timeout."""
         deadline = time.monotonic() + timeout
@@ -3524,7 +3618,7 @@ class KernelWatchdog:
             self.log.log(NOTICE, "kernel watchdog disarmed")
 
 
-def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
+def fence_host(cfg, host, log, reason, debug, cache=None, ours=(), incarnation=None):
     """SPEC §3.3 steps 2-4: fence record + locks, destroy every VM, reboot.
 
     Carries out fence_plan() (which says what is recorded and locked) on a fresh
@@ -3534,11 +3628,19 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
     a VM that appears meanwhile (a start under way) is destroyed too.  If a zfs command
     of the inventory failed, it is asked again once the VMs are gone, until it answers
     (for at most max(fence_timeout, 2 s) more), and what it finds is recorded and locked
-    before the reboot.  Only the reboot line is EMERG (a wall message); a lock or record that failed
-    is CRIT, a destroy that failed ALERT.  In debug mode every step is logged as
-    "(DEBUG) would ..." and nothing is changed.  Returns after the reboot command (a real
-    reboot never returns)."""
+    before the reboot.  Hoster's VM supervisors of every VM are killed before the
+    destroys, so none starts its VM again.
+
+    incarnation: the startup_time of the agent that was armed here, if the fence may be
+    confirmed (issue 13 item 4).  It is confirmed (POST fenced to every candidate) only
+    when every VM is gone, no supervisor remains, the inventory was complete and the
+    record and every lock are written; then the host reboots with reboot_now at once.
+    Only the reboot line is EMERG (a wall message); a lock or record that failed is CRIT,
+    a destroy that failed ALERT.  In debug mode every step is logged as "(DEBUG) would
+    ..." and nothing is changed.  Returns after the reboot command (a real reboot never
+    returns)."""
     t0 = time.monotonic()
+    problems = []   # why this fence cannot be confirmed
     ran = host.running_vms()
     inventory, errors = host.inventory(snapshots=False, budget=max(1.0, cfg.fence_timeout / 4))
     if cache and (errors or not inventory):
@@ -3560,6 +3662,7 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
                 write_atomic(fence_path, (json.dumps(record) + "\n").encode(), mode=0o600)
             except OSError as e:
                 log.log(CRIT, f"cannot write fence record {fence_path}: {e}")
+                problems.append("the fence record could not be written")
         for v in plan["lock"]:
             log.log(NOTICE, f"{say}lock VM {v['vm_name']}: parent_host = {stamp}")
             if not debug:
@@ -3567,9 +3670,16 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
                     host.set_parent(v["config_path"], stamp)
                 except (OSError, ValueError) as e:
                     log.log(CRIT, f"cannot lock VM {v['vm_name']}: {e}")
+                    problems.append(f"VM {v['vm_name']} could not be locked")
         return plan, record
     plan, record = record_and_lock(inventory, read_fence_file(fence_path))
     running = plan["destroy"]
+    known = sorted(set(running) | {v["vm_name"] for v in inventory})
+    if known:
+        log.log(NOTICE, f"{say}stop the VM supervisors of {', '.join(known)}")
+        if not debug and host.kill_supervisors(known, max(1.0, cfg.fence_timeout / 4)) \
+                not in (0, 1):
+            problems.append("the VM supervisors could not be stopped")
     for n in running:
         log.log(NOTICE, f"{say}destroy VM {n}: {' '.join(cfg.command('vm_destroy', n))}")
     gone = True
@@ -3579,10 +3689,12 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
         if not late or time.monotonic() - t0 >= cfg.fence_timeout:
             gone = gone and not late
             break
+        host.kill_supervisors(late, max(0.5, cfg.fence_timeout - (time.monotonic() - t0)))
         for n in late:
             log.log(NOTICE, f"destroy VM {n} (started during the fence): "
                             f"{' '.join(cfg.command('vm_destroy', n))}")
         running = late
+        known = sorted(set(known) | set(late))
     def failed(errors):   # a zfs command failed (timed out), not a dataset that is locked
         return [e for e in errors if "dataset" in e and (
             not e.get("unavailable") or e.get("reason", "").startswith("zfs get failed"))]
@@ -3602,13 +3714,58 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=()):
         inventory, errors = host.inventory(
             snapshots=False, budget=max(1.0, until - time.monotonic()))
         _, record = record_and_lock(inventory, record)
-    key = "reboot" if gone else "reboot_now"
+    confirmed = False
+    if incarnation is not None and not debug:
+        if failed(errors):
+            problems.append("the inventory is incomplete")
+        if not gone:
+            problems.append("VMs are not confirmed gone")
+        if not problems:
+            # every supervisor was killed before the destroys: one now was started during
+            # the fence (a start under way when the agent died), and may start its VM
+            rc = host.kill_supervisors(known, max(1.0, cfg.fence_timeout / 4))
+            if rc != 1:
+                problems.append("a VM supervisor was started during the fence" if rc == 0
+                                else "the VM supervisors could not be checked")
+            late = host.running_vms()
+            if late:
+                log.log(NOTICE, f"destroy VM {', '.join(late)} (started during the fence)")
+                host.destroy_all(late, max(1.0, cfg.fence_timeout / 4))
+                gone = False   # a VM ran after the destroys: reboot_now
+                problems.append(f"VM {', '.join(late)} appeared after the destroys")
+        confirmed = not problems and confirm_fence(cfg, log, reason, incarnation, record)
+        if problems:
+            log.log(logging.WARNING, f"fence not confirmed ({'; '.join(problems)}): the "
+                                     "cluster fails this host over after failover_time")
+    key = "reboot" if gone and not confirmed else "reboot_now"
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,
             f"{say}reboot: {' '.join(argv)}"
-            + ("" if gone else " (VMs not confirmed gone within fence_timeout)"))
+            + ("" if gone else " (VMs not confirmed gone within fence_timeout)")
+            + (" (fence confirmed: no orderly shutdown)" if confirmed else ""))
     if not debug:
         run_cmd(argv, 30)
+
+
+def confirm_fence(cfg, log, reason, incarnation, record):
+    """POST fenced (issue 13 item 4) to every candidate at once, each within ping_timeout:
+    True if one acknowledged it (a candidate that knows this incarnation)."""
+    body = {"hostname": cfg.hostname, "startup_time": incarnation,
+            "record": {"ts": record["ts"], "reason": reason, "vms": record["vms"],
+                       "locked": record["locked"]}}
+    client = Client(cfg)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(cfg.candidates)) as ex:
+        futs = {c["hostname"]: ex.submit(client.request, c, "POST", "fenced", body,
+                                         cfg.ping_timeout) for c in cfg.candidates}
+        answers = {c: f.result() for c, f in futs.items()}
+    ok = sorted(c for c, (st, a) in answers.items()
+                if st == 200 and isinstance(a, dict) and a.get("known") is True)
+    others = "; ".join(f"{c}: {a if st is None else st}" for c, (st, a) in sorted(answers.items())
+                       if c not in ok)
+    log.log(NOTICE if ok else logging.WARNING,
+            f"fence confirmed to {', '.join(ok) or 'no candidate'}"
+            + (f" (not to {others[:300]})" if others else ""))
+    return bool(ok)
 
 
 # =============================================================================
@@ -4092,6 +4249,19 @@ def read_pid(path):
     return pid if pid > 0 and pid_alive(pid) else None
 
 
+def read_incarnation(path, pid):
+    """The startup_time that run_dir/hoster_ha.incarnation gives for agent `pid`, or None
+    (no file, another agent's, unreadable)."""
+    try:
+        with open(path) as f:
+            parts = f.read(100).split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) == pid:
+        return int(parts[1])
+    return None
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -4124,6 +4294,8 @@ def remove_file(path, only_if_pid=None):
 class Paths:
     def __init__(self, cfg):
         self.pid = os.path.join(cfg.run_dir, "hoster_ha.pid")
+        # "PID STARTUP_TIME" of the running agent: the incarnation its watchdog confirms
+        self.incarnation = os.path.join(cfg.run_dir, "hoster_ha.incarnation")
         self.wd_pid = os.path.join(cfg.run_dir, "ha_watchdog.pid")
         self.wd_ack = os.path.join(cfg.run_dir, "ha_watchdog.ack")
         self.mode = os.path.join(cfg.run_dir, "hoster_ha.mode")
@@ -4387,15 +4559,16 @@ class AgentAPI:
             return self.failover(body)
         if name == "vms":
             return 200, self.vms()
-        if name == "leave":
-            why = check_fields(body, LEAVE_FIELDS)
+        if name in ("leave", "fenced"):
+            why = check_fields(body, LEAVE_FIELDS if name == "leave" else FENCED_FIELDS)
             if why is None and not valid_hostname(body["hostname"]):
                 why = "field 'hostname' is not a valid hostname"
             if why is not None:
                 return 400, {"error": why}
             with self.lock:
-                answer = self.core.handle_leave(body, now)
-                self.persist_now()     # an acknowledged leave is on disk
+                answer = (self.core.handle_leave if name == "leave" else
+                          self.core.handle_fenced)(body, now)
+                self.persist_now()     # an acknowledged leave or fence is on disk
                 return answer
         if name == "terminate":
             return self.terminate()
@@ -5163,7 +5336,7 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
 
     ROUTES = {"register": {"POST"}, "ping": {"POST"}, "members": {"GET"}, "status": {"GET"},
               "vms": {"GET"}, "failover": {"POST"}, "plan": {"POST"}, "leave": {"POST"},
-              "terminate": {"POST"}, "maintenance": {"POST"}}
+              "fenced": {"POST"}, "terminate": {"POST"}, "maintenance": {"POST"}}
     WATCHDOG_START_TIMEOUT = 10.0
 
     def __init__(self, cfg, log):
@@ -5331,8 +5504,10 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
         continues after this."""
         with self.lock:
             ours = self.core.fence_ours(set(self.host.running_vms()))
+            # a start under way in a worker may still launch its VM: no confirmation then
+            confirm = None if self.core.starting() else self.startup_time
         fence_host(self.cfg, self.host, self.log, reason, self.debug, self.inventory_cache,
-                   ours)
+                   ours, confirm)
         if self.debug:
             self.log.log(NOTICE, "(DEBUG) exiting with status 1 to simulate the failure")
         remove_file(self.paths.pid, only_if_pid=os.getpid())
@@ -5342,6 +5517,8 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
     def run(self):
         cfg = self.cfg
         write_pid_file(self.paths.pid)
+        write_atomic(self.paths.incarnation, f"{os.getpid()} {self.startup_time}\n".encode(),
+                     mode=0o644)
         write_atomic(self.paths.mode, b"DEBUG\n" if self.debug else b"PRODUCTION\n", mode=0o644)
         signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())

@@ -56,7 +56,7 @@ AGENT = os.path.join(ROOT, "hoster_ha.py")
 if os.path.join(ROOT, "tools") not in sys.path:   # also run by tools/soak.py
     sys.path.insert(0, os.path.join(ROOT, "tools"))
 import fake_host
-FAKE_COMMANDS = ("hoster", "bhyvectl", "shutdown", "reboot", "power")
+FAKE_COMMANDS = ("hoster", "bhyvectl", "shutdown", "reboot", "power", "pkill")
 DATASET = "zroot/vm-encrypted"
 # zfs and sysctl run on every inventory (every 10 s on every host, and on every GET vms):
 # here they are tiny sh scripts printing what tools/fake_host_cmd.py would print, from
@@ -479,7 +479,10 @@ class NetCluster:
                     "reboot_now": [f"{b}/reboot", "-nq"],
                     "free_memory": [f"{b}/sysctl", "-n", "vm.stats.vm.v_free_count",
                                     "hw.pagesize"],
-                    "hostname": ["echo", h.name]}  # the kernel's name = the host's
+                    "hostname": ["echo", h.name],  # the kernel's name = the host's
+                    # never the machine's pkill: it would match every host's supervisors
+                    "vm_kill_supervisor": [f"{b}/pkill", "-9", "-f",
+                                           "/vm_supervisor_service for {vm}$"]}
         cfg = {"hostname": h.name, "secret": SECRET,
                "candidates": [{"hostname": c, "protocol": "http",
                                "address": self.net.address[c], "port": PORT}

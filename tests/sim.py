@@ -81,7 +81,8 @@ Commands (a list of [time_seconds, "command"]; a scenario folder's setup.json gi
    stood for last time; with no acting manager the command is skipped)
   vm NODE NAME [parent=HOST] [production=1|0] [snapshot=CREATION|none] [live=1|0]
                [memory=GIB]                   a VM copy on NODE (parent: NODE)
-  host NODE [free=GIB] [backup=1|0]           before NODE starts (default free 8)
+  host NODE [free=GIB] [backup=1|0] [confirm=1|0]   before NODE starts (default free 8;
+                                              confirm=0: its fences are never confirmed)
   failstart NODE VM                           the next start of VM on NODE fails
   expect manager NODE | no_manager | one_manager | agreed
   expect fenced NODE | not_fenced NODE | armed NODE | unarmed NODE
@@ -181,6 +182,8 @@ class Node:
         self.fence_locked = []      # ... and the VMs that fence locked (its `locked`)
         self.host_epoch = 0         # bumped when the host's VMs die (fence, power loss)
         self.fence_pending = None   # token of a fence whose VM destruction is still to come
+        self.fence_confirm = None   # the startup_time its fence confirms once the VMs are gone
+        self.confirms = True        # False: its confirmations are lost (`host N confirm=0`)
         self.fail_next = set()      # VM names whose next start here fails
         self.late_next = {}         # VM name -> its next start here fails, live this later
         self.term_lost = False      # state_dir/term is lost at the next start
@@ -418,10 +421,16 @@ class Sim:
     def _fence(self, n, who, reason, agent=False):
         if not n.armed_logged:
             self.violation(f"{n.name} fenced but was never armed in this incarnation ({reason})")
+        # the fence is confirmed (POST fenced, hoster_ha.confirm_fence) once its VMs are
+        # gone: by the watchdog (it killed the agent) always, by the agent only when no
+        # failover start was under way here (Agent.fence)
+        n.fence_confirm = (n.core.startup_time if n.core is not None and n.confirms and not
+                           (agent and n.core.starting()) else None)
         self._stop(n, FENCED)
         n.hb_armed = False      # the host reboots: the watchdog of its next boot is new
         if not n.vms:
             self.emit(who, "FENCE", f"VMs destroyed, host rebooting ({reason})")
+            self._confirm_fence(n)
             return
         # SPEC §3.3 steps 2-4, by hoster_ha.fence_plan: fence record and locks first, then
         # destroy within fence_timeout.  The agent's fence knows its failover starts
@@ -464,6 +473,24 @@ class Sim:
             self._set_live(n, name, False)
         if gone:
             self.emit(f"{n.name}/host", "INFO", f"VMs destroyed: {', '.join(gone)} ({why})")
+        self._confirm_fence(n)
+
+    def _confirm_fence(self, n):
+        """The fence's VMs are gone: POST fenced to every candidate, from the fenced
+        incarnation, over the same network (a partition may let it reach one or none)."""
+        st, n.fence_confirm = n.fence_confirm, None
+        if st is None:
+            return
+        body = {"hostname": n.name, "startup_time": st,
+                "record": {"ts": 0.0, "reason": "fence", "vms": list(n.fence_record or []),
+                           "locked": list(n.fence_locked or [])}}
+        if hoster_ha.check_fields(body, hoster_ha.FENCED_FIELDS):
+            self.violation(f"{n.name} sent a malformed fenced")
+        self.emit(f"{n.name}/host", "INFO", f"fence confirmed to the candidates "
+                                            f"(startup_time {st})")
+        for cand in n.cfg.candidate_names:
+            self._transmit(Msg(n.name, n.inc, cand, "fenced", body, n.now(self.t),
+                               self.t + n.cfg.ping_timeout / n.rate))
 
     def _set_live(self, n, name, live):
         """Change whether VM `name` runs on n; a production VM may run on one host only."""
@@ -591,6 +618,8 @@ class Sim:
             return 200, core.status(dnow)
         if name == "leave":
             return core.handle_leave(body, dnow)
+        if name == "fenced" and hasattr(core, "handle_fenced"):
+            return core.handle_fenced(body, dnow)
         return 404, {"error": f"unknown path {name}"}
 
     # -- the host side of failover (SPEC §3.4, §4.3) -------------------------------
@@ -1354,6 +1383,7 @@ class Sim:
         n.hb_armed = False      # the watchdog is gone with the power; the next boot's is new
         n.host_epoch += 1
         n.fence_pending = None
+        n.fence_confirm = None  # the power went before the fence could be confirmed
         gone = sorted(x for x, v in n.vms.items() if v["live"])
         for x in gone:
             self._set_live(n, x, False)
@@ -1386,7 +1416,9 @@ class Sim:
 
     def _cmd_host(self, node, *words):
         n = self._node(node)
-        o = self._options(words, ("free", "backup"))
+        o = self._options(words, ("free", "backup", "confirm"))
+        if "confirm" in o:      # confirm=0: its fence confirmations never leave the host
+            n.confirms = o["confirm"] == "1"
         if "free" in o:
             n.mem = int(float(o["free"]) * GIB)
         if "backup" in o:

@@ -783,7 +783,7 @@ def test_members_view_fields_and_silence():
     view, = a.table.members_view(105.0)
     assert set(view) == {"hostname", "startup_time", "silence", "armed", "maintenance", "left",
                          "backup_node", "failover_time", "address", "port", "protocol",
-                         "ready", "not_ready"}
+                         "ready", "not_ready", "fence_confirmed"}
     assert view["ready"] is None and view["not_ready"] == []   # no ping yet
     assert view["hostname"] == "w"
     assert view["startup_time"] == 4000

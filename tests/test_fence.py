@@ -283,3 +283,121 @@ def test_agent_restore_unlocks_only_a_locked_stopped_copy(tmp_path, caplog):
     assert told == [(["gone", "o", "r", "s"], [])]
     msgs = " | ".join(r.getMessage() for r in caplog.records)
     assert "unlock VM s: parent_host = worker1" in msgs and "VM r: the cluster keeps it" in msgs
+
+
+# -- the confirmed fence (issue 13 item 4) -------------------------------------------------
+
+def test_the_supervisors_are_killed_before_the_destroys(tmp_path, caplog):
+    """Hoster's vm_supervisor_service could start a VM again after its destroy: the fence
+    kills the supervisors of every VM it knows (one pkill, the names as an alternation)
+    before any destroy.  Without an incarnation nothing is confirmed (no POST fenced)."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    n.add_vm("web.1", running=True)
+    n.add_vm("stopped")
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False)
+    lines = n.calls().splitlines()
+    kill = [i for i, ln in enumerate(lines)
+            if " pkill -9 -f /vm_supervisor_service for (own|stopped|web\\.1)$" in ln]
+    destroys = [i for i, ln in enumerate(lines) if " bhyvectl --destroy" in ln]
+    assert kill and destroys and kill[0] < min(destroys), lines
+    msgs = [r.getMessage() for r in caplog.records]
+    assert not any("fence confirmed" in m or "fence not confirmed" in m for m in msgs), msgs
+    assert "shutdown -r now" in n.calls()
+
+
+def test_a_fence_whose_supervisors_cannot_be_stopped_is_not_confirmed(tmp_path, caplog):
+    """pkill fails (exit 3): the supervisors are not known stopped, so the fence is not
+    confirmed (the cluster waits failover_time) and the host reboots the orderly way."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    open(os.path.join(n.dir, "pkill_fails"), "w").close()
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False, incarnation=1700000000000)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("fence not confirmed (the VM supervisors could not be stopped)")
+               and m.endswith("after failover_time") for m in msgs), msgs
+    assert not any(m.startswith("fence confirmed") for m in msgs), msgs
+    calls = n.calls()
+    assert "bhyvectl --destroy --vm=own" in calls
+    assert "shutdown -r now" in calls and "reboot -nq" not in calls
+
+
+def test_an_incomplete_inventory_is_not_confirmed(tmp_path, caplog):
+    """A zfs that never answers: what is locked is unknown, so no confirmation."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    failing = os.path.join(n.dir, "bin", "failing-zfs")
+    with open(failing, "w") as f:
+        f.write('#!/bin/sh\necho "I/O error" >&2\nexit 1\n')
+    os.chmod(failing, 0o755)
+    cfg.commands["zfs"] = [failing]
+    cfg.fence_timeout = 1
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False, incarnation=1700000000000)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("fence not confirmed (the inventory is incomplete") for m in msgs), msgs
+    assert n.calls().count("shutdown -r now") == 1 and "reboot -nq" not in n.calls()
+
+
+def test_a_confirmation_no_candidate_acknowledges_keeps_the_orderly_reboot(tmp_path, caplog):
+    """Every condition holds but no candidate answers (none runs here): POST fenced goes to
+    all three within ping_timeout, nobody acknowledges, the host reboots the orderly way;
+    the cluster falls back to failover_time."""
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=False, incarnation=1700000000000)
+    msgs = [r.getMessage() for r in caplog.records]
+    sent = [m for m in msgs if m.startswith("fence confirmed to no candidate (not to node1: ")]
+    assert sent and "node2: " in sent[0] and "node3: " in sent[0], msgs
+    assert n.calls().count("shutdown -r now") == 1 and "reboot -nq" not in n.calls()
+    assert time.monotonic() - t0 < cfg.fence_timeout + 3 * cfg.ping_timeout + 5
+
+
+def test_debug_mode_confirms_nothing(tmp_path, caplog):
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    with caplog.at_level(logging.INFO, logger="test_fence"):
+        hoster_ha.fence_host(cfg, host, log, "test", debug=True, incarnation=1700000000000)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m == "(DEBUG) would stop the VM supervisors of own" for m in msgs), msgs
+    assert not any("fence confirmed" in m or "pkill" in m for m in msgs), msgs
+    assert "pkill" not in n.calls() and "bhyvectl" not in n.calls()
+
+
+def test_a_supervisor_started_during_the_fence_stops_the_confirmation(tmp_path, caplog):
+    """A start under way when the agent died (its `hoster vm start` child lives on, past
+    its parent_host check, before the lock) may launch a supervisor after the fence killed
+    them all: the check after the destroys finds it (and kills it), so the fence is not
+    confirmed.  Here Hoster's supervisor of `late` is launched while the destroys take
+    0.5 s, its VM to appear 3 s later."""
+    import threading
+
+    import fake_host
+    n, cfg, host, log = node(tmp_path)
+    n.add_vm("own", running=True)
+    n.add_vm("late")
+    with open(os.path.join(n.dir, "destroy_delay"), "w") as f:
+        f.write("0.5\n")
+
+    def start_during_the_destroys():
+        deadline = time.monotonic() + 10
+        while "pkill" not in n.calls() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fake_host.launch_supervisor(fake_host.FakeHost(n.dir), "late", 3.0, None, "0")
+    t = threading.Thread(target=start_during_the_destroys)
+    t.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="test_fence"):
+            hoster_ha.fence_host(cfg, host, log, "test", debug=False, incarnation=1700000000000)
+    finally:
+        t.join(15)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("fence not confirmed (a VM supervisor was started during the "
+                            "fence)") for m in msgs), msgs
+    assert not any(m.startswith("fence confirmed") for m in msgs), msgs
+    time.sleep(3.5)   # when the killed supervisor would have created the VM
+    assert not os.path.exists(os.path.join(n.dir, "vmm", "late")), n.calls()

@@ -27,7 +27,8 @@ setup.json (every key optional; an empty world is {"hosts": {}, "copies": []}):
   }
 
   hosts    NAME -> free_gib (free memory, default 8), backup (a backup node: true/false,
-           default false).  Candidates node1-node3 always exist; a worker exists once a
+           default false), confirms_fence (false: its fence confirmations, POST fenced,
+           never leave the host; default true).  Candidates node1-node3 always exist; a worker exists once a
            command or a copy names it, so list here only hosts that differ.
   copies   one VM dataset on one host: host, vm (required); parent (its parent_host,
            default the host itself), production (default true), snapshot (creation time
@@ -118,12 +119,14 @@ def setup_commands(setup):
     out = []
     for name, h in hosts.items():
         what = f"setup.json host {name!r}"
-        _check_keys(h, ("free_gib", "backup"), what)
+        _check_keys(h, ("free_gib", "backup", "confirms_fence"), what)
         words = ["host", _name(name, what)]
         if "free_gib" in h:
             words.append("free=" + _number(h["free_gib"], what + " free_gib"))
         if "backup" in h:
             words.append("backup=" + ("1" if _flag(h, "backup", what, False) else "0"))
+        if "confirms_fence" in h:
+            words.append("confirm=" + ("1" if _flag(h, "confirms_fence", what, True) else "0"))
         out.append(" ".join(words))
     for i, c in enumerate(copies):
         what = f"setup.json copy {i + 1}"

@@ -261,23 +261,29 @@ class TestProduction:
         t_kill = time.time()
         node.proc.kill()
         assert node.proc.wait(5) == -signal.SIGKILL
-        assert prod.wait_for(lambda: any("shutdown -r now" == c for _, c in calls(node)),
+        assert prod.wait_for(lambda: any("reboot -nq" == c for _, c in calls(node)),
                              wt + 2 + 2 + 5, interval=0.02), (node.calls(), node.log()[-3000:])
         fenced = fence_calls(node)
         texts = [c for _, c in fenced]
-        t_reboot = next(t for t, c in fenced if c == "shutdown -r now")
+        t_reboot = next(t for t, c in fenced if c == "reboot -nq")
         print(f"worker1: fake reboot {t_reboot - t_kill:.2f} s after kill -9")
         # the VMs are gone within watchdog_timeout + 2 s; the reboot may wait up to
         # max(fence_timeout, 2 s) longer for a zfs that failed (the locks come first)
         t_destroyed = max(t for t, c in fenced if c.startswith("bhyvectl"))
         assert t_destroyed - t_kill <= wt + 2, (t_destroyed - t_kill, fenced)
         assert t_reboot - t_kill <= wt + 2 + max(2, prod.timings["fence_timeout"]), fenced
-        # every running VM destroyed, then `shutdown -r now` (all gone: not reboot -nq)
+        # every running VM destroyed, the fence confirmed to the candidates (issue 13 item
+        # 4: the network is up), then `reboot -nq` at once, not the orderly shutdown
         destroys = [c for c in texts if c.startswith("bhyvectl")]
         assert sorted(destroys) == [f"bhyvectl --destroy --vm={vm}"
                                     for vm in ("vm-a", "vm-b", "vm-dev")], texts
-        assert texts.index("shutdown -r now") > max(texts.index(d) for d in destroys), texts
-        assert texts.count("shutdown -r now") == 1 and "reboot -nq" not in texts, texts
+        assert texts.index("reboot -nq") > max(texts.index(d) for d in destroys), texts
+        assert texts.count("reboot -nq") == 1 and "shutdown -r now" not in texts, texts
+        assert log_lines(node, "fence confirmed to node1, node2, node3"), node.log()[-3000:]
+        for cand in ("node1", "node2", "node3"):
+            assert prod.wait_for(lambda cand=cand: any(
+                e["event"] == "fence_confirmed" and e.get("member") == "worker1"
+                for e in events_of(prod[cand])), 5, interval=0.05), cand
         assert not any(vm_running(node, vm) for vm in ("vm-a", "vm-b", "vm-dev"))
         # the fence record lists the production VMs it was running; every production VM
         # whose parent is this host is locked, running or not (issue 11 §2.2), and listed
@@ -320,17 +326,18 @@ class TestProduction:
                 node.proc.send_signal(signal.SIGCONT)
         assert node.proc.returncode == -signal.SIGKILL, node.proc.returncode
         assert not hoster_ha.pid_alive(agent)
-        assert prod.wait_for(lambda: any(c == "shutdown -r now" for _, c in calls(node)),
+        assert prod.wait_for(lambda: any(c == "reboot -nq" for _, c in calls(node)),
                              5, interval=0.02), (node.calls(), node.log()[-3000:])
         fenced = fence_calls(node)
         texts = [c for _, c in fenced]
-        t_reboot = next(ts for ts, c in fenced if c == "shutdown -r now")
+        t_reboot = next(ts for ts, c in fenced if c == "reboot -nq")
         print(f"worker2: SIGKILL {t_dead - t_stop:.2f} s, fake reboot {t_reboot - t_stop:.2f} s "
               "after SIGSTOP")
         # the last heartbeat came at most one ping_interval before the SIGSTOP
         assert wt - pi - 0.2 <= t_dead - t_stop, t_dead - t_stop
         assert t_reboot - t_stop <= wt + 2, (t_reboot - t_stop, fenced)
-        assert texts == ["bhyvectl --destroy --vm=vm-c", "shutdown -r now"], texts
+        # confirmed (the network is up): reboot_now at once
+        assert texts == ["bhyvectl --destroy --vm=vm-c", "reboot -nq"], texts
         assert not vm_running(node, "vm-c")
         assert LOCK_RE.match(vm_config(node, "vm-c")["parent_host"])
         with open(os.path.join(node.state_dir, "fence.json")) as f:
@@ -532,7 +539,8 @@ def test_production_agent_does_not_keep_a_lingering_debug_watchdog(tmp_path):
         agent = node.pid()
         node.proc.kill()
         node.proc.wait(5)
-        fenced = c.wait_for(lambda: any(cl == "shutdown -r now" for _, cl in calls(node)),
+        fenced = c.wait_for(lambda: any(cl in ("shutdown -r now", "reboot -nq")
+                                        for _, cl in calls(node)),
                             wt + 2 + 3, interval=0.05)
         assert fenced and not vm_running(node, "vm-1"), (
             f"armed production agent {agent} killed, but its watchdog {wd} (argv {argv}; "
@@ -611,7 +619,7 @@ def test_stop_of_an_armed_worker_leaves_without_fence_or_failover(tmp_path):
         # nobody fenced except the control; worker1's VM keeps running, unlocked
         for n in ("node1", "node2", "node3", "worker1"):
             assert fence_calls(c[n]) == [], (n, c[n].calls())
-        assert "shutdown -r now" in [cl for _, cl in fence_calls(w2)]
+        assert {"shutdown -r now", "reboot -nq"} & {cl for _, cl in fence_calls(w2)}
         assert not log_lines(w1, "EMERG"), log_lines(w1, "EMERG")
         assert vm_running(w1, "vm-w1") and vm_config(w1, "vm-w1")["parent_host"] == "worker1"
         assert not os.path.exists(os.path.join(w1.state_dir, "fence.json"))

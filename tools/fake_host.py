@@ -1015,6 +1015,8 @@ def run_pkill(h, args):
     one matched, 1 if none, 2 for arguments the fake does not know."""
     import re
 
+    if os.path.exists(h.path("pkill_fails")):
+        raise Fail("pkill: cannot read process table", 3)
     sig, full, rest = signal.SIGTERM, False, list(args)
     while rest and rest[0].startswith("-") and len(rest) > 1:
         a = rest.pop(0)

@@ -118,6 +118,8 @@ Hoster (hoster init / vm start / vm start-all / vm stop / vm cireset)
     could not be opened: No such file or directory" on stderr).
     `pkill [-SIGNAL] -f PATTERN` signals this host's fake supervisors whose command line
     matches PATTERN (never another process); exit 0 if one matched, 1 if none.
+    NODE/pkill_fails               marker: pkill signals nothing and exits 3 ("pkill:
+                                   cannot read process table", a broken host)
 
 Power, for the network-namespace fault tests (tests/netns.py) and boot tests
     NODE/reboot_takes_host_down  marker: a fake shutdown/reboot takes the host down the way
