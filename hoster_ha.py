@@ -462,10 +462,10 @@ def _config_starts(data, path, get):
     if not 0 < start_confirm <= 600:
         raise ConfigError(f"{path}: key 'start_confirm': must be greater than 0 and at most "
                           f"600 seconds, got {start_confirm}")
-    mps = get("max_parallel_starts", "int", 8)
-    if not 1 <= mps <= MAX_STARTS_AT_ONCE:
+    mps = get("max_parallel_starts", "int", DEFAULT_PARALLEL_STARTS)
+    if not 1 <= mps <= MAX_PARALLEL_STARTS:
         raise ConfigError(f"{path}: key 'max_parallel_starts': must be 1 to "
-                          f"{MAX_STARTS_AT_ONCE} (starts at once on one target), got {mps}")
+                          f"{MAX_PARALLEL_STARTS} (starts at once on one target), got {mps}")
     prio = data.get("vm_priority", {})
     if not isinstance(prio, dict):
         raise ConfigError(f"{path}: key 'vm_priority': expected an object (VM name -> integer)")
@@ -657,8 +657,10 @@ PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection thi
                             # (or every 10 ping_intervals, if that is sooner)
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
-MAX_STARTS_AT_ONCE = 64  # failover starts a manager holds open at once, all targets together
-                         # (max_parallel_starts is per target; the agent's send threads)
+MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: starts at once on one target, all
+                          # in one POST failover (a batch: issue 13 item 1)
+DEFAULT_PARALLEL_STARTS = 32
+MAX_STARTS_AT_ONCE = 1024  # failover starts a manager has under way, all targets together
 WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (§3.5)
 LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
 
@@ -686,6 +688,16 @@ def check_fields(body, schema):
         if not isinstance(v, types):
             return f"field '{k}' has the wrong type"
     return None
+
+
+def check_failover_entry(e):
+    """Why a POST failover body (or one entry of a batch) is malformed, or None."""
+    why = check_fields(e, FAILOVER_FIELDS)
+    if why is None and not valid_vm_name(e["vm_name"]):
+        why = "field 'vm_name' is not a valid VM name"
+    if why is None and not valid_hostname(e["from_host"]):
+        why = "field 'from_host' is not a valid hostname"
+    return why
 
 
 def check_plan_entry(e):
@@ -2313,8 +2325,9 @@ class Job:
            "replicate"  a batch of plans (`batch`) is out to the other candidates:
                         nothing starts before one of them acknowledged it;
            "start"      POST failover to the targets (`queue`, `inflight`), at most
-                        max_parallel_starts at once per target (MAX_STARTS_AT_ONCE in
-                        all), in queue order (vm_priority) for each target.
+                        max_parallel_starts at once per target, all in one request (a
+                        batch; MAX_STARTS_AT_ONCE in all), in queue order (vm_priority)
+                        for each target.
     A job ends in FailoverManager._finish_job, or is dropped (the manager cannot act,
     an inventory is missing, no candidate acknowledged the plan)."""
 
@@ -2413,6 +2426,7 @@ class FailoverManager(Part):
             self.plan_targets[uid] = [t for t in targets if t not in gone]
         for rid, (purpose, _) in list(self.box.pending.items()):
             if purpose[0] == "failover" and purpose[2] in lost or \
+                    purpose[0] == "failovers" and purpose[3] in gone or \
                     purpose[0] == "vms" and purpose[2] in gone:
                 del self.box.pending[rid]  # a late answer changes nothing
         if job.waiting:
@@ -2641,6 +2655,7 @@ class FailoverManager(Part):
     def _pump(self, now):
         job = self.job
         busy = collections.Counter(self.planbook.plans[u]["to"] for u in job.inflight)
+        batches = {}    # target -> the uids it gets in one request
         i = 0
         while i < len(job.queue) and len(job.inflight) < MAX_STARTS_AT_ONCE:
             e = self.planbook.plans[job.queue[i]]
@@ -2662,14 +2677,48 @@ class FailoverManager(Part):
                            f"MOVING VM: {e['vm']} FROM offline parent: {e['from']} TO: {e['to']}")
             job.inflight.add(uid)
             busy[e["to"]] += 1
-            self.box.send(e["to"], peer, "POST", "failover",
-                          {"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
-                           "uid": uid}, self.target.start_answer_timeout(self.cfg),
-                          ("failover", job.id, uid), self._on_failover)
+            batches.setdefault(e["to"], []).append(uid)
+        for to, uids in batches.items():
+            entries = [{"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
+                        "uid": u} for u, e in ((u, self.planbook.plans[u]) for u in uids)]
+            timeout = self.target.start_answer_timeout(self.cfg)
+            if len(uids) == 1:     # one VM: the plain request (SPEC §3.4)
+                self.box.send(to, job.members[to], "POST", "failover", entries[0], timeout,
+                              ("failover", job.id, uids[0]), self._on_failover)
+            else:                  # a batch: the target starts them all at once
+                self.box.send(to, job.members[to], "POST", "failover",
+                              {"term": max(x["term"] for x in entries), "entries": entries},
+                              timeout, ("failovers", job.id, tuple(uids), to),
+                              self._on_failovers)
         if not job.queue and not job.inflight:
             self._finish_job(now)
 
-    def _on_failover(self, purpose, status, answer, now):
+    def _on_failovers(self, purpose, status, answer, now):
+        """The answer to a batch: each entry's result as if it had come alone (no answer,
+        or one that is not a list of results: each uid is unknown, asked about before
+        anything else), the results replicated together."""
+        results = answer.get("results") if status == 200 and isinstance(answer, dict) else None
+        by_uid = {r["uid"]: r for r in results if isinstance(r, dict) and
+                  isinstance(r.get("uid"), str)} if isinstance(results, list) else {}
+        done = []
+        for uid in purpose[2]:
+            r = by_uid.get(uid)
+            if r is not None and isinstance(r.get("status"), int):
+                self._on_failover(("failover", purpose[1], uid), r["status"], r.get("answer"),
+                                  now, done)
+            elif status is not None and status != 200:   # the request was refused whole
+                self._on_failover(("failover", purpose[1], uid), status, answer, now, done)
+            else:
+                self._on_failover(("failover", purpose[1], uid), None, None, now, done)
+        if done:
+            self._replicate(done, None)
+        job = self.job
+        if job is not None and job.id == purpose[1] and job.phase == "start":
+            self._pump(now)
+
+    def _on_failover(self, purpose, status, answer, now, batch=None):
+        """One start's answer.  batch: a list the answered plans are added to (the caller
+        replicates them and pumps); None: replicate and pump here."""
         uid = purpose[2]
         e = self.planbook.plans[uid]
         ok = status == 200 and isinstance(answer, dict) and answer.get("ok") is True
@@ -2682,7 +2731,7 @@ class FailoverManager(Part):
             job = self.job
             if job is not None and job.id == purpose[1]:
                 job.inflight.discard(uid)
-                if job.phase == "start":
+                if job.phase == "start" and batch is None:
                     self._pump(now)
             return
         if ok:
@@ -2718,12 +2767,15 @@ class FailoverManager(Part):
                     # maintenance): like a VM without a target, its source is tried
                     # again until a target takes it (a start that ran and failed is not)
                     job.unplaced.add(e["from"])
-        self._replicate([e], None)
         job = self.job
         if job is not None and job.id == purpose[1]:
             job.inflight.discard(uid)
-            if job.phase == "start":
-                self._pump(now)
+        if batch is not None:
+            batch.append(e)
+            return
+        self._replicate([e], None)
+        if job is not None and job.id == purpose[1] and job.phase == "start":
+            self._pump(now)
 
     def _finish_job(self, now):
         """Settle the sources whose VMs are all handled.  One that left a VM without a
@@ -4549,14 +4601,18 @@ class AgentAPI:
                 self.persist_now()     # an acknowledged plan is on disk
                 return answer
         if name == "failover":
-            why = check_fields(body, FAILOVER_FIELDS)
-            if why is None and not valid_vm_name(body["vm_name"]):
-                why = "field 'vm_name' is not a valid VM name"
-            if why is None and not valid_hostname(body["from_host"]):
-                why = "field 'from_host' is not a valid hostname"
+            entries = body.get("entries") if "entries" in body else [body]
+            why = None if isinstance(entries, list) and 0 < len(entries) <= \
+                MAX_PARALLEL_STARTS else f"'entries': a list of 1 to {MAX_PARALLEL_STARTS}"
+            for e in entries if why is None else ():
+                why = check_failover_entry(e)
+                if why is not None:
+                    break
             if why is not None:
                 return 400, {"error": why}
-            return self.failover(body)
+            if "entries" not in body:
+                return self.failover(body)
+            return 200, {"ok": True, "results": self.failovers(entries)}
         if name == "vms":
             return 200, self.vms()
         if name in ("leave", "fenced"):
@@ -4825,6 +4881,21 @@ class AgentTarget:
                         failover_strategy=vm_cfg.get("failover_strategy"),
                         live=os.path.exists(os.path.join(self.cfg.vmm_dir, name)))
         return None
+
+    def failovers(self, entries):
+        """POST failover with `entries` (a batch, issue 13 item 1): every entry as if it
+        had come alone, all at once; [{uid, status, answer}] once every one has ended."""
+        if len({e["uid"] for e in entries}) < len(entries):
+            dup = "the same uid twice in one request"
+            return [{"uid": e["uid"], "status": 400, "answer": {"error": dup}} for e in entries]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(entries),
+                                                   thread_name_prefix="ha-start") as ex:
+            futs = [ex.submit(self.failover, e) for e in entries]
+            out = []
+            for e, f in zip(entries, futs):
+                status, answer = f.result()
+                out.append({"uid": e["uid"], "status": status, "answer": answer})
+        return out
 
     def failover(self, body):
         """POST failover: decide in the core, start the VM here, confirm it is live."""
@@ -5371,7 +5442,7 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,
                                                           thread_name_prefix="ha-ping")
         self.work = concurrent.futures.ThreadPoolExecutor(   # threads made as needed
-            max_workers=MAX_STARTS_AT_ONCE + 8, thread_name_prefix="ha-work")
+            max_workers=MAX_PARALLEL_STARTS + 8, thread_name_prefix="ha-work")
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.run_dir, exist_ok=True)
         term = read_term(self.paths.term)

@@ -136,10 +136,19 @@ def use_sh_start(cluster, delay):
             json.dump(cfg, f, indent=2)
 
 
-def build(base, n, start_delay, sh_start=False, timings=None):
+def build(base, n, start_delay, sh_start=False, timings=None, confirmed=False, mps=None):
     cluster = LocalCluster(base, workers=2, debug=False, timings=timings)
     if sh_start:
         use_sh_start(cluster, start_delay)
+    if not confirmed:   # its pkill fails: the fence is not confirmed, the timeout path
+        open(os.path.join(cluster[DEAD].dir, "pkill_fails"), "w").close()
+    if mps is not None:
+        for node in cluster.nodes.values():
+            with open(node.config) as f:
+                cfg = json.load(f)
+            cfg["max_parallel_starts"] = mps
+            with open(node.config, "w") as f:
+                json.dump(cfg, f, indent=2)
     expected = {}
     for i in range(n):
         vm = f"vm-{i:03d}"
@@ -155,16 +164,26 @@ def build(base, n, start_delay, sh_start=False, timings=None):
     return cluster, expected
 
 
-def one_run(n, start_delay, keep, sh_start=False, timings=None):
-    """One failover of n VMs (timings: FAST unless given); the figures of the table."""
+def one_run(n, start_delay, keep, sh_start=False, timings=None, confirmed=False, mps=None):
+    """One failover of n VMs (timings: FAST unless given); the figures of the table.
+    confirmed: the watchdog's fence is confirmed (POST fenced) and the failover does not
+    wait for failover_time; else the dead host's pkill fails, so it is not (the timeout
+    path).  mps: max_parallel_starts of every node (default: the config's)."""
     base = tempfile.mkdtemp(prefix=f"bench-failover-{n}-")
-    cluster, expected = build(base, n, start_delay, sh_start, timings)
+    cluster, expected = build(base, n, start_delay, sh_start, timings, confirmed, mps)
     ft = cluster.timings["failover_time"]
     client = hoster_ha.Client(hoster_ha.load_config(cluster["node1"].config))
     try:
         cluster.start_all()
         if not cluster.wait_for(lambda: armed_everywhere(cluster, client), 60, interval=0.2):
             raise RuntimeError("the cluster did not arm within 60 s")
+        if confirmed:   # a manager acts only after its new-manager wait (SPEC §3.2)
+            t = cluster.timings
+            wait = t["watchdog_timeout"] + t["fence_timeout"] + 2 * t["ping_interval"]
+            if not cluster.wait_for(lambda: any(
+                    (request(cluster, client, c, "status").get("manager_for_s") or 0) > wait
+                    for c in CANDIDATES), wait + 30, interval=0.2):
+                raise RuntimeError("no manager past its new-manager wait")
         dead = cluster[DEAD]
         t_kill = time.time()
         dead.proc.send_signal(signal.SIGKILL)
@@ -214,7 +233,12 @@ def one_run(n, start_delay, keep, sh_start=False, timings=None):
         if wrong:
             raise RuntimeError(f"VMs not started once on their targets: {wrong}")
         end = max(live[vm] for vm in expected)
+        reboot = min((t for t, c in calls(cluster[DEAD]) if c.startswith(("reboot", "shutdown"))),
+                     default=None)
         return {
+            "kill_to_live": end - t_kill,
+            "fence": None if reboot is None else reboot - t_kill,
+            "failed_after_fence": None if reboot is None else t_fail - reboot,
             "overhead": end - t_ping - ft,
             "overhead_kill": end - t_kill - ft,
             "ping_before_kill": t_kill - t_ping,

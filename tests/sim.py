@@ -209,6 +209,26 @@ class Node:
         return self.state in (RUNNING, PAUSED)
 
 
+class Batch:
+    """A batched POST failover being served: the entries' results, answered together."""
+
+    def __init__(self, msg, n):
+        self.msg, self.left, self.results = msg, n, []
+
+    def done(self, sim, d, uid, status, answer):
+        self.results.append({"uid": uid, "status": status, "answer": answer})
+        self.left -= 1
+        if self.left == 0:
+            sim._reply(d, self.msg, 200, {"ok": True, "results": self.results})
+
+
+class BatchEntry:
+    """One entry of a Batch, standing in for its request while the start runs."""
+
+    def __init__(self, batch, body):
+        self.batch, self.body = batch, body
+
+
 class Msg:
     """One request in flight: a ping round's register/ping, or a core "send" action."""
     __slots__ = ("src", "inc", "dst", "kind", "body", "sent_at", "timeout_at", "rid", "method",
@@ -650,7 +670,16 @@ class Sim:
                 "vms": out, "errors": []}
 
     def _failover(self, d, msg, dnow):
-        """POST failover: the core decides; an accepted start runs on the host."""
+        """POST failover: the core decides; an accepted start runs on the host.  A batch
+        (`entries`, AgentAPI.failovers): each entry as if it had come alone, answered
+        together once every one has ended."""
+        if "entries" in msg.body:
+            part = Batch(msg, len(msg.body["entries"]))
+            for e in msg.body["entries"]:
+                status, answer = self._failover(d, BatchEntry(part, e), dnow)
+                if status != "defer":
+                    part.done(self, d, e["uid"], status, answer)
+            return "defer", None
         body = msg.body
         v = d.vms.get(body["vm_name"])
         status, answer = d.core.handle_failover(body, dnow, None if v is None else
@@ -779,6 +808,9 @@ class Sim:
 
     def _reply(self, d, msg, status, answer):
         """The answer travels back; after the sender's timeout nobody reads it."""
+        if isinstance(msg, BatchEntry):      # one entry of a batch: its answer waits for the rest
+            msg.batch.done(self, d, msg.body["uid"], status, answer)
+            return
         if self.wire:
             answer = json.loads(json.dumps(answer))
         hop = self._hop(d.name, msg.src, "answer/" + msg.kind)

@@ -159,7 +159,7 @@ def test_defaults():
     assert cfg.failover_strategy == "change-parent"
     assert cfg.backup_node is False
     assert cfg.kernel_watchdog is False
-    assert cfg.max_parallel_starts == 8
+    assert cfg.max_parallel_starts == 32
     assert cfg.start_timeout == 60 and cfg.start_confirm == 3
     assert cfg.log_file is None
     assert cfg.tls is None
@@ -611,7 +611,7 @@ def test_bad_max_parallel_starts():
     assert "max_parallel_starts" in config_error(base(max_parallel_starts=0))
     # per target, and a candidate's address may hold 64 requests at a server
     assert "must be 1 to 64" in config_error(base(max_parallel_starts=65))
-    assert hoster_ha.MAX_STARTS_AT_ONCE <= hoster_ha.Server.PER_CANDIDATE
+    assert hoster_ha.MAX_PARALLEL_STARTS <= hoster_ha.Server.PER_CANDIDATE
 
 
 def test_hostname_must_be_valid():

@@ -208,6 +208,13 @@ class Net:
             for e in body["entries"]:
                 assert check_plan_entry(e) is None, e
             return core.handle_plan(body, now)
+        if name == "failover" and "entries" in body:    # a batch (issue 13 item 1)
+            assert a["method"] == "POST" and 1 < len(body["entries"]) <= core.cfg.max_parallel_starts
+            results = []
+            for e in body["entries"]:
+                st, ans = self.serve(dict(a, body=e), now)
+                results.append({"uid": e["uid"], "status": st, "answer": ans})
+            return 200, {"ok": True, "results": results}
         if name == "failover":
             assert a["method"] == "POST"
             assert check_fields(body, FAILOVER_FIELDS) is None, body

@@ -961,7 +961,7 @@ def test_per_client_limit_of_a_candidate_and_room_for_the_others():
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                      daemon=True).start()
     port = srv.server_address[1]
-    assert srv.PER_CANDIDATE >= hoster_ha.MAX_STARTS_AT_ONCE > srv.PER_CLIENT
+    assert srv.PER_CANDIDATE >= hoster_ha.MAX_PARALLEL_STARTS > srv.PER_CLIENT
     socks = []
     try:
         def burst(src, n, path=b"/hold"):

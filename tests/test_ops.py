@@ -684,3 +684,27 @@ def test_orderly_stop_vms_wait_until_their_host_is_ready():
     invs["w1"]["host"].update(ready=True, not_ready=[])
     net.run(net.now + 0.5, net.now + 30, step=0.5, until=lambda _: net.live_on("vm1"))
     assert net.live_on("vm1") == ["w1"]
+
+
+def test_a_target_gets_its_vms_in_one_request():
+    """Issue 13 item 1: the VMs bound for one target go in one POST failover (`entries`,
+    at most max_parallel_starts of them); the answer's results count per uid, and the
+    results are replicated in one POST plan per answer."""
+    from test_failover_core import host_inv, vm
+    names = [f"vm{i}" for i in range(5)]
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
+            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    extra = {n: {"max_parallel_starts": 3} for n in ("a", "b", "c")}
+    net, _ = make_net(invs=invs, extra=extra)
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
+            until=lambda _: len(net.starts) >= 5)
+    sent = [x for x in net.sends(name="failover") if not x["body"].get("check")]
+    assert [len(x["body"].get("entries", [x["body"]])) for x in sent] == [3, 2], sent
+    assert all(x["to"] == "w2" for x in sent)
+    assert sorted(v for _, v, _ in net.starts) == names
+    manager = next(c for c in net.cores.values() if c.is_manager(net.now))
+    assert sorted(e["vm"] for e in manager.plans.values() if e["state"] == "done") == names
+    results = [x for x in net.sends(name="plan") if x["body"]["entries"][0]["state"] == "done"]
+    assert sorted(len(x["body"]["entries"]) for x in results) == [2, 2, 3, 3], results

@@ -613,3 +613,58 @@ def test_a_fence_lock_of_a_stopped_vm_is_lifted_when_the_host_is_back(tmp_path):
         assert c.get("worker1", "status")["state"] == "armed"
     finally:
         c.teardown()
+
+
+# -- issue 13 item 1: a target's VMs in one request ----------------------------------------
+
+def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path):
+    """POST failover with `entries`: the target handles each entry as if it had come
+    alone, all at once (each fake start takes 1 s here: they overlap), and answers every
+    uid's result together; repeating the request repeats the results (idempotent by
+    uid); a malformed batch is refused whole (400), a uid twice refuses every entry."""
+    c = Cluster(tmp_path, workers=0, debug=False)
+    nodes = ("node1", "node2", "node3")
+    n2 = c["node2"]
+    for vm in ("vm1", "vm2"):
+        n2.add_vm(vm, parent="worker1", snapshots=[snap(vm, HOUR)])
+    with open(os.path.join(n2.dir, "start_delay"), "w") as f:
+        f.write("1\n")
+    peer = {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"}
+    try:
+        c.start_all(nodes)
+        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
+        term = c.get("node2", "status")["term"]
+        entries = [{"vm_name": vm, "from_host": "worker1", "term": term, "uid": f"b-{vm}"}
+                   for vm in ("vm1", "vm2", "vm3")]
+        t0 = time.time()
+        status, ans = c.client.request(peer, "POST", "failover",
+                                       {"term": term, "entries": entries}, timeout=30)
+        took = time.time() - t0
+        assert status == 200 and ans["ok"] is True, (status, ans)
+        res = {r["uid"]: r for r in ans["results"]}
+        assert sorted(res) == ["b-vm1", "b-vm2", "b-vm3"]
+        for vm in ("vm1", "vm2"):
+            assert res[f"b-{vm}"]["status"] == 200, res
+            assert res[f"b-{vm}"]["answer"]["state"] == "live", res
+            assert live(n2, vm) and parent_of(n2, vm) == "node2"
+        assert res["b-vm3"]["status"] == 409 and "no copy" in res["b-vm3"]["answer"]["error"]
+        # at once: the second start began before the first VM existed
+        pending = [float(ln.split()[0]) for ln in n2.calls().splitlines()
+                   if " pending hoster vm start vm" in ln]
+        assert len(pending) == 2 and max(pending) < min(n2.starts("vm1") + n2.starts("vm2"))
+        assert took < 2 * (1 + c.timings.get("start_confirm", 1)) + 5, took
+        again = c.client.request(peer, "POST", "failover",
+                                 {"term": term, "entries": entries[:2]}, timeout=30)
+        assert again[0] == 200 and [r["status"] for r in again[1]["results"]] == [200, 200]
+        assert len(n2.starts("vm1")) == 1 and len(n2.starts("vm2")) == 1
+        # malformed: refused whole, nothing is started
+        for bad in ([], [dict(entries[0], vm_name="bad name!")], [entries[0]] * 65):
+            st, a = c.client.request(peer, "POST", "failover",
+                                     {"term": term, "entries": bad}, timeout=10)
+            assert st == 400, (bad[:1], st, a)
+        st, a = c.client.request(peer, "POST", "failover", {"term": term, "entries": [
+            dict(entries[2], uid="dup"), dict(entries[2], uid="dup")]}, timeout=10)
+        assert st == 200 and [r["status"] for r in a["results"]] == [400, 400], a
+        assert not os.path.exists(os.path.join(n2.dir, "vmm", "vm3"))
+    finally:
+        c.teardown()
