@@ -661,6 +661,8 @@ MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: starts at once on one 
                           # in one POST failover (a batch: issue 13 item 1)
 DEFAULT_PARALLEL_STARTS = 32
 MAX_STARTS_AT_ONCE = 1024  # failover starts a manager has under way, all targets together
+MAX_START_REQUESTS = 48    # targets a manager has a POST failover out to at once (the
+                           # agent's send threads: MAX_PARALLEL_STARTS + 8)
 WATCHDOG_GONE_CHECKS = 3  # consecutive checks that find the ha_watchdog gone (§3.5)
 LOCK_PREFIX = "__HA_LOCKED_"   # parent_host of a VM locked by a fence (SPEC §3.3)
 
@@ -2044,6 +2046,7 @@ class Detector(Part):
         self.settled = set()       # episodes (episode()) whose failover is done
         self.settled_seen = {}     # settled episode -> the members whose inventory it had
         self.retry_at = {}         # episode -> (next try, delay): it left a VM unplaced
+        self.confirmations_seen = set()  # (member, startup_time) of confirmed fences seen
 
     def refresh_views(self, now):
         """Ask a candidate for its view again as soon as that view, aged by the time since
@@ -2081,8 +2084,11 @@ class Detector(Part):
         view = {m["hostname"]: m for m in answer["members"]
                 if check_fields(m, MEMBER_VIEW_FIELDS) is None}
         self.views[purpose[1]] = (now, view)
-        fresh = any((r["silence"] >= r["failover_time"] or r.get("fence_confirmed") is True)
-                    and h not in self.failed for h, r in view.items())
+        confirmed = {(h, r["startup_time"]) for h, r in view.items()
+                     if r.get("fence_confirmed") is True} - self.confirmations_seen
+        self.confirmations_seen |= confirmed     # a new one decides at once, once
+        fresh = bool(confirmed) or any(r["silence"] >= r["failover_time"] and
+                                       h not in self.failed for h, r in view.items())
         plans = answer.get("plans")
         for e in plans if isinstance(plans, list) else []:
             if check_plan_entry(e) is None:
@@ -2341,6 +2347,7 @@ class Job:
         self.unplaced = set()      # sources a VM of which found no target (tried again)
         self.waited_on = set()     # plans planned when the job planned (left to others)
         self.batch, self.plan_wait = 0, 0
+        self.unacked = []          # plans replicated and not acknowledged yet
 
 
 class FailoverManager(Part):
@@ -2356,6 +2363,7 @@ class FailoverManager(Part):
         self.uid_seq = 0
         self.plan_targets = {}     # uid -> next best targets (one retry)
         self.restart_uids = set()  # plans that start a VM again after an orderly stop
+        self.no_batches = set()    # targets that refused a batch (an older version)
         self.next_manager_round = now
 
     def tick(self, now, manager):
@@ -2626,6 +2634,11 @@ class FailoverManager(Part):
         others = [c for c in self.candidates if c != self.hostname]
         if purpose is not None:   # a batch of the job: its starts wait for one ack
             job = self.job
+            # ... of this batch, which carries every plan of the job not acknowledged yet
+            # (an ack counts for its own batch only)
+            job.unacked = [x for x in job.unacked if x["uid"] not in
+                           {e["uid"] for e in entries}] + list(entries)
+            body["entries"] = [{k: e[k] for k in PLAN_FIELDS} for e in job.unacked]
             job.phase, job.batch, job.plan_wait = "replicate", purpose[2], len(others)
         for c in others:
             self.box.send(c, self.cfg.candidate(c), "POST", "plan", body,
@@ -2642,7 +2655,7 @@ class FailoverManager(Part):
             return
         job.plan_wait -= 1
         if status == 200:
-            job.phase = "start"
+            job.phase, job.unacked = "start", []
             return self._pump(now)
         if job.plan_wait == 0:
             self.box.event("note", "WARNING", "no other candidate acknowledged the failover plan; "
@@ -2659,8 +2672,9 @@ class FailoverManager(Part):
         i = 0
         while i < len(job.queue) and len(job.inflight) < MAX_STARTS_AT_ONCE:
             e = self.planbook.plans[job.queue[i]]
-            if busy[e["to"]] >= self.cfg.max_parallel_starts:   # that target is full
-                i += 1
+            if busy[e["to"]] >= self.cfg.max_parallel_starts or \
+                    e["to"] not in busy and len(busy) >= MAX_START_REQUESTS:
+                i += 1      # that target is full, or requests to as many targets are out
                 continue
             if not self.election.can_act(now):
                 self.job = None
@@ -2682,9 +2696,10 @@ class FailoverManager(Part):
             entries = [{"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
                         "uid": u} for u, e in ((u, self.planbook.plans[u]) for u in uids)]
             timeout = self.target.start_answer_timeout(self.cfg)
-            if len(uids) == 1:     # one VM: the plain request (SPEC §3.4)
-                self.box.send(to, job.members[to], "POST", "failover", entries[0], timeout,
-                              ("failover", job.id, uids[0]), self._on_failover)
+            if len(uids) == 1 or to in self.no_batches:   # the plain request (SPEC §3.4)
+                for u, entry in zip(uids, entries):
+                    self.box.send(to, job.members[to], "POST", "failover", entry, timeout,
+                                  ("failover", job.id, u), self._on_failover)
             else:                  # a batch: the target starts them all at once
                 self.box.send(to, job.members[to], "POST", "failover",
                               {"term": max(x["term"] for x in entries), "entries": entries},
@@ -2694,22 +2709,28 @@ class FailoverManager(Part):
             self._finish_job(now)
 
     def _on_failovers(self, purpose, status, answer, now):
-        """The answer to a batch: each entry's result as if it had come alone (no answer,
-        or one that is not a list of results: each uid is unknown, asked about before
-        anything else), the results replicated together."""
+        """The answer to a batch: each entry's result as if it had come alone, the results
+        replicated together.  No answer, a 5xx or a result missing: that uid is unknown
+        (asked about before anything else).  A 4xx for the whole request (a target of an
+        older version: 400) started nothing: every entry is refused (placed again later),
+        and that target gets one request per VM from now on."""
         results = answer.get("results") if status == 200 and isinstance(answer, dict) else None
         by_uid = {r["uid"]: r for r in results if isinstance(r, dict) and
                   isinstance(r.get("uid"), str)} if isinstance(results, list) else {}
+        if status is not None and 400 <= status < 500:
+            self.no_batches.add(purpose[3])
+            err = answer.get("error") if isinstance(answer, dict) else answer
+            answer, by_uid = {"error": f"batch refused ({status} {err})", "refused": True}, {}
         done = []
         for uid in purpose[2]:
             r = by_uid.get(uid)
             if r is not None and isinstance(r.get("status"), int):
-                self._on_failover(("failover", purpose[1], uid), r["status"], r.get("answer"),
-                                  now, done)
-            elif status is not None and status != 200:   # the request was refused whole
-                self._on_failover(("failover", purpose[1], uid), status, answer, now, done)
+                st, ans = r["status"], r.get("answer")
+            elif status is not None and 400 <= status < 500:
+                st, ans = 409, answer
             else:
-                self._on_failover(("failover", purpose[1], uid), None, None, now, done)
+                st, ans = None, None
+            self._on_failover(("failover", purpose[1], uid), st, ans, now, done)
         if done:
             self._replicate(done, None)
         job = self.job
@@ -2722,9 +2743,10 @@ class FailoverManager(Part):
         uid = purpose[2]
         e = self.planbook.plans[uid]
         ok = status == 200 and isinstance(answer, dict) and answer.get("ok") is True
-        if not ok and (status is None or (isinstance(answer, dict) and answer.get("live") is True)):
-            # No answer (the target may have started it) or it runs there already: never
-            # start it elsewhere on that basis.  The plan stays 'planned' (the VM stays
+        if not ok and (status is None or status >= 500 or
+                       (isinstance(answer, dict) and answer.get("live") is True)):
+            # No answer or an internal error (the target may have started it), or it runs
+            # there already: never start it elsewhere on that basis.  The plan stays 'planned' (the VM stays
             # busy); _check_inherited_plans asks the target about this uid next round.
             self.box.event("note", "WARNING", f"no usable answer from {e['to']} about VM {e['vm']} "
                            f"(uid {uid}, {status or 'no answer'}); asking it before anything else")
@@ -3785,38 +3807,51 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=(), incarnation=N
                 host.destroy_all(late, max(1.0, cfg.fence_timeout / 4))
                 gone = False   # a VM ran after the destroys: reboot_now
                 problems.append(f"VM {', '.join(late)} appeared after the destroys")
-        confirmed = not problems and confirm_fence(cfg, log, reason, incarnation, record)
+        if not problems:   # sent: a candidate may hold it even if no answer came back
+            confirmed = True
+            confirm_fence(cfg, log, reason, incarnation, record)
         if problems:
             log.log(logging.WARNING, f"fence not confirmed ({'; '.join(problems)}): the "
                                      "cluster fails this host over after failover_time")
-    key = "reboot" if gone and not confirmed else "reboot_now"
+    key = "reboot" if gone and not confirmed else "reboot_now"   # no rc.d after a confirmation
     argv = cfg.command(key)
     log.log(EMERG if not debug else NOTICE,
             f"{say}reboot: {' '.join(argv)}"
             + ("" if gone else " (VMs not confirmed gone within fence_timeout)")
-            + (" (fence confirmed: no orderly shutdown)" if confirmed else ""))
+            + (" (fence confirmation sent: no orderly shutdown)" if confirmed else ""))
     if not debug:
         run_cmd(argv, 30)
 
 
 def confirm_fence(cfg, log, reason, incarnation, record):
-    """POST fenced (issue 13 item 4) to every candidate at once, each within ping_timeout:
-    True if one acknowledged it (a candidate that knows this incarnation)."""
+    """POST fenced (issue 13 item 4) to every other candidate at once, each within
+    max(ping_timeout, 1 s) (our own table is of no use to anyone after the reboot); returns at the
+    first acknowledgement (a candidate that knows this incarnation), or when every one
+    has answered or timed out.  True if one acknowledged it."""
     body = {"hostname": cfg.hostname, "startup_time": incarnation,
             "record": {"ts": record["ts"], "reason": reason, "vms": record["vms"],
                        "locked": record["locked"]}}
     client = Client(cfg)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(cfg.candidates)) as ex:
-        futs = {c["hostname"]: ex.submit(client.request, c, "POST", "fenced", body,
-                                         cfg.ping_timeout) for c in cfg.candidates}
-        answers = {c: f.result() for c, f in futs.items()}
-    ok = sorted(c for c, (st, a) in answers.items()
-                if st == 200 and isinstance(a, dict) and a.get("known") is True)
-    others = "; ".join(f"{c}: {a if st is None else st}" for c, (st, a) in sorted(answers.items())
-                       if c not in ok)
+    others = [c for c in cfg.candidates if c["hostname"] != cfg.hostname]
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(others)))
+    timeout = max(cfg.ping_timeout, 1.0)
+    futs = {ex.submit(client.request, c, "POST", "fenced", body, timeout):
+            c["hostname"] for c in others}
+    answers, ok = {}, []
+    try:
+        for f in concurrent.futures.as_completed(futs, timeout=timeout + 1):
+            st, a = answers[futs[f]] = f.result()
+            if st == 200 and isinstance(a, dict) and a.get("known") is True:
+                ok.append(futs[f])
+                break
+    except concurrent.futures.TimeoutError:
+        pass
+    ex.shutdown(wait=False)
+    said = "; ".join(f"{c}: {a if st is None else st}" for c, (st, a) in sorted(answers.items())
+                     if c not in ok)
     log.log(NOTICE if ok else logging.WARNING,
             f"fence confirmed to {', '.join(ok) or 'no candidate'}"
-            + (f" (not to {others[:300]})" if others else ""))
+            + (f" (not to {said[:300]})" if said else ""))
     return bool(ok)
 
 
@@ -4888,14 +4923,17 @@ class AgentTarget:
         if len({e["uid"] for e in entries}) < len(entries):
             dup = "the same uid twice in one request"
             return [{"uid": e["uid"], "status": 400, "answer": {"error": dup}} for e in entries]
+        def one(e):
+            try:
+                return self.failover(e)
+            except Exception as x:   # whatever happened, it may have started: never "failed"
+                self.log.exception(f"failover of VM {e['vm_name']} (uid {e['uid']})")
+                return 409, {"error": f"internal error: {x}", "uid": e["uid"], "live": True}
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(entries),
                                                    thread_name_prefix="ha-start") as ex:
-            futs = [ex.submit(self.failover, e) for e in entries]
-            out = []
-            for e, f in zip(entries, futs):
-                status, answer = f.result()
-                out.append({"uid": e["uid"], "status": status, "answer": answer})
-        return out
+            results = list(ex.map(one, entries))
+        return [{"uid": e["uid"], "status": st, "answer": ans}
+                for e, (st, ans) in zip(entries, results)]
 
     def failover(self, body):
         """POST failover: decide in the core, start the VM here, confirm it is live."""
@@ -4913,7 +4951,12 @@ class AgentTarget:
         if decision[0] != "start":
             return decision
         entry = decision[1]
-        error = self.start_vm(v)
+        self.sync_incarnation()   # a start under way: the watchdog's fence is not confirmed
+        try:
+            error = self.start_vm(v)
+        except Exception as x:    # e.g. a vm_config.json field of a type nobody expected
+            self.log.exception(f"start of VM {v['vm_name']}")
+            error = f"internal error: {x}"
         unknown = False
         if error is not None:
             unknown = not self.undo_start(v, entry["restore_parent"], error)
@@ -4922,9 +4965,23 @@ class AgentTarget:
         with self.lock:
             answer = self.core.finish_failover(body["uid"], error is None, error,
                                                time.monotonic(), unknown=unknown)
+        self.sync_incarnation()
         if error is None:
             self.note_running(v["vm_name"])
         return answer
+
+    def sync_incarnation(self):
+        """run_dir/hoster_ha.incarnation ("PID STARTUP_TIME") exists only while no failover
+        start is under way here (nor one not confirmed gone) and the agent is not fencing:
+        the watchdog confirms a fence (POST fenced) only with it, and a `hoster vm start`
+        this agent ran could outlive it and start its VM after the watchdog's checks."""
+        with self.lock:
+            ok = not self.core.starting() and not self.core.fenced
+            if ok:
+                write_atomic(self.paths.incarnation,
+                             f"{os.getpid()} {self.startup_time}\n".encode(), mode=0o644)
+            else:
+                remove_file(self.paths.incarnation)
 
     def start_vm(self, v):
         """Apply the failover strategy, run `hoster vm start`, and confirm the start: the
@@ -5043,6 +5100,7 @@ class AgentTarget:
                 with self.lock:
                     self.core.finish_failover(uid, False, error + " (confirmed gone later)",
                                               time.monotonic())
+                self.sync_incarnation()
 
     def demote(self, vms, keep_live=False):
         """§3.6: carry out demotion_steps() on our copies of VMs moved away while we
@@ -5573,6 +5631,7 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
     def fence(self, reason):
         """§3.3 steps 2-4 (the core has decided, and is `fenced`); the process never
         continues after this."""
+        remove_file(self.paths.incarnation)   # the watchdog's fence after ours: no confirmation
         with self.lock:
             ours = self.core.fence_ours(set(self.host.running_vms()))
             # a start under way in a worker may still launch its VM: no confirmation then
@@ -5588,8 +5647,7 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
     def run(self):
         cfg = self.cfg
         write_pid_file(self.paths.pid)
-        write_atomic(self.paths.incarnation, f"{os.getpid()} {self.startup_time}\n".encode(),
-                     mode=0o644)
+        self.sync_incarnation()
         write_atomic(self.paths.mode, b"DEBUG\n" if self.debug else b"PRODUCTION\n", mode=0o644)
         signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())

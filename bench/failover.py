@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Failover latency on a loopback cluster (production mode, fake host commands).
 
-3 candidates + 2 workers (tools/localcluster.py, FAST timings, max_parallel_starts 8 per target).
+3 candidates + 2 workers (tools/localcluster.py, FAST timings, max_parallel_starts 32 per target).
 worker1 runs N production VMs; each has replicas on two other hosts, the newer one on
 node1, node2, node3, worker2 in turn, so the starts go to 4 targets.  Every fake
 `hoster vm start` takes --start-delay s (NODE/start_delay) before the VM exists.
 worker1's agent is SIGKILLed once every candidate reports all 5 members armed; its
-watchdog fences worker1 (fake destroys and reboot).
+watchdog fences worker1 (fake destroys and reboot).  worker1's pkill fails, so the fence is
+not confirmed and the manager waits failover_time (one_run(confirmed=True) measures the
+confirmed fence instead).
 
 Start point: the last successful ping of the dead host, read from the candidates right
 after the kill (GET members: wall time of the request - `silence`; the latest of the 3
@@ -285,7 +287,7 @@ def main():
           f"Python {platform.python_version()}")
     print("timings: " + ", ".join(f"{k}={v:g}" for k, v in FAST.items()))
     print(f"cluster: 3 candidates + 2 workers, PRODUCTION mode, fake host commands; "
-          f"max_parallel_starts 8 per target; a fake `hoster vm start` "
+          f"max_parallel_starts 32 per target; a fake `hoster vm start` "
           f"({'shell script' if a.sh_start else 'Python'}) takes {a.start_delay:g} s; "
           f"targets node1, node2, node3, worker2 in turn")
     print("overhead = manager's last 'VM is live' line - dead host's last successful ping "

@@ -185,7 +185,14 @@ def one_size(n, timings, seconds, settle):
             after = {c: sample(p)[1] for c, p in pids.items()}
             driver = (time.process_time() - me0) / elapsed * 100
             members.end()
-            known = len(json.loads(cluster[m].cli("members", "--json").stdout)["members"])
+            known = None   # the CLI's request (3 s) may time out on a saturated machine
+            for _ in range(5):
+                out = cluster[m].cli("members", "--json").stdout
+                try:
+                    known = len(json.loads(out)["members"])
+                    break
+                except (ValueError, KeyError, TypeError):
+                    time.sleep(1)
         finally:
             cluster.teardown()
     cpu = {c: (after[c] - before[c]) / elapsed * 100 for c in CANDIDATES}

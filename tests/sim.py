@@ -442,10 +442,11 @@ class Sim:
         if not n.armed_logged:
             self.violation(f"{n.name} fenced but was never armed in this incarnation ({reason})")
         # the fence is confirmed (POST fenced, hoster_ha.confirm_fence) once its VMs are
-        # gone: by the watchdog (it killed the agent) always, by the agent only when no
-        # failover start was under way here (Agent.fence)
-        n.fence_confirm = (n.core.startup_time if n.core is not None and n.confirms and not
-                           (agent and n.core.starting()) else None)
+        # gone, and only if no failover start was under way here: the agent checks
+        # (Agent.fence), the watchdog finds no run_dir/hoster_ha.incarnation then
+        # (Agent.sync_incarnation)
+        n.fence_confirm = (n.core.startup_time if n.core is not None and n.confirms and
+                           not n.core.starting() else None)
         self._stop(n, FENCED)
         n.hb_armed = False      # the host reboots: the watchdog of its next boot is new
         if not n.vms:

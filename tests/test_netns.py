@@ -280,7 +280,9 @@ def worker_cut_from_manager_only_nothing_happens(cluster):
 def worker_cut_from_two_candidates_fences_and_its_vms_move(cluster):
     """w2 <-> c2 and w2 <-> c3 blackholed (instant errors): w2 reaches only c1, fences,
     and confirms its fence to c1 (issue 13 item 4), so c1 moves its VMs right after the
-    fence: one confirmation and 2 views that report w2's incarnation armed suffice."""
+    fence: one confirmation and 2 views that report w2's incarnation armed suffice.  (A
+    confirmation is best effort: if c1 was too busy to take it before w2's reboot, c2
+    and c3 attest w2's silence and its VMs move after failover_time.)"""
     c = cluster
     bring_up(c)
     vms = owned(c, "w2")
@@ -298,7 +300,10 @@ def worker_cut_from_two_candidates_fences_and_its_vms_move(cluster):
     assert [n for n in HOSTS if fence_time(c, n, t0) is not None] == ["w2"]
     failed = [e for n in ("c1", "c2", "c3") for e in c[n].events(since=t0)
               if e.get("event") == "member_failed" and e.get("member") == "w2"]
-    assert failed and {e.get("how") for e in failed} == {"fence confirmed"}, failed
+    how = {e.get("how") for e in failed}
+    assert how in ({"fence confirmed"}, {"silent"}), failed
+    if how == {"silent"}:
+        assert all(at >= FAILOVER - T["ping_interval"] - 0.1 for at, _ in moved.values())
     measure("worker cut from 2 candidates", time_to_fence=fenced,
             time_to_vms_elsewhere=max(at for at, _ in moved.values()))
 

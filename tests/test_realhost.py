@@ -625,8 +625,13 @@ def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path
     c = Cluster(tmp_path, workers=0, debug=False)
     nodes = ("node1", "node2", "node3")
     n2 = c["node2"]
-    for vm in ("vm1", "vm2"):
+    for vm in ("vm1", "vm2", "odd"):
         n2.add_vm(vm, parent="worker1", snapshots=[snap(vm, HOUR)])
+    odd = os.path.join(n2.host.vm_dir("odd"), "vm_config.json")
+    with open(odd) as f:
+        cfg_odd = json.load(f)
+    with open(odd, "w") as f:     # a strategy of a type nobody expected: an internal error
+        json.dump(dict(cfg_odd, failover_strategy=["cireset"]), f)
     with open(os.path.join(n2.dir, "start_delay"), "w") as f:
         f.write("1\n")
     peer = {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"}
@@ -636,10 +641,26 @@ def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path
         term = c.get("node2", "status")["term"]
         entries = [{"vm_name": vm, "from_host": "worker1", "term": term, "uid": f"b-{vm}"}
                    for vm in ("vm1", "vm2", "vm3")]
+        # the incarnation file (the watchdog confirms a fence only with it) is gone while
+        # a start is under way, and back once none is
+        inc = os.path.join(n2.run_dir, "hoster_ha.incarnation")
+        assert os.path.exists(inc)
+        seen = []
+
+        def watch():
+            deadline = time.monotonic() + 10
+            while "pending hoster vm start" not in n2.calls() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(os.path.exists(inc))
+        import threading
+        w = threading.Thread(target=watch)
+        w.start()
         t0 = time.time()
         status, ans = c.client.request(peer, "POST", "failover",
                                        {"term": term, "entries": entries}, timeout=30)
         took = time.time() - t0
+        w.join(10)
+        assert seen == [False] and os.path.exists(inc), seen
         assert status == 200 and ans["ok"] is True, (status, ans)
         res = {r["uid"]: r for r in ans["results"]}
         assert sorted(res) == ["b-vm1", "b-vm2", "b-vm3"]
@@ -666,5 +687,16 @@ def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path
             dict(entries[2], uid="dup"), dict(entries[2], uid="dup")]}, timeout=10)
         assert st == 200 and [r["status"] for r in a["results"]] == [400, 400], a
         assert not os.path.exists(os.path.join(n2.dir, "vmm", "vm3"))
+        # an entry whose start raises is cleaned up and reported as a failure; the
+        # others of its batch are unaffected
+        st, a = c.client.request(peer, "POST", "failover", {"term": term, "entries": [
+            dict(entries[0], vm_name="odd", uid="b-odd"), dict(entries[2], uid="b-vm3b")]},
+            timeout=30)
+        assert st == 200, (st, a)
+        res = {r["uid"]: r for r in a["results"]}
+        assert res["b-odd"]["status"] == 409 and "internal error" in \
+            res["b-odd"]["answer"]["error"], res
+        assert res["b-vm3b"]["status"] == 409 and "no copy" in res["b-vm3b"]["answer"]["error"]
+        assert not live(n2, "odd") and parent_of(n2, "odd") == "worker1"
     finally:
         c.teardown()

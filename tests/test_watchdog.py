@@ -279,11 +279,13 @@ class TestProduction:
                                     for vm in ("vm-a", "vm-b", "vm-dev")], texts
         assert texts.index("reboot -nq") > max(texts.index(d) for d in destroys), texts
         assert texts.count("reboot -nq") == 1 and "shutdown -r now" not in texts, texts
-        assert log_lines(node, "fence confirmed to node1, node2, node3"), node.log()[-3000:]
-        for cand in ("node1", "node2", "node3"):
-            assert prod.wait_for(lambda cand=cand: any(
-                e["event"] == "fence_confirmed" and e.get("member") == "worker1"
-                for e in events_of(prod[cand])), 5, interval=0.05), cand
+        # it reboots at the first acknowledgement: at least that candidate holds it
+        said = log_lines(node, "fence confirmed to node")
+        assert said, node.log()[-3000:]
+        first = said[0].split("fence confirmed to ")[1].split()[0]
+        assert prod.wait_for(lambda: any(
+            e["event"] == "fence_confirmed" and e.get("member") == "worker1"
+            for e in events_of(prod[first])), 5, interval=0.05), first
         assert not any(vm_running(node, vm) for vm in ("vm-a", "vm-b", "vm-dev"))
         # the fence record lists the production VMs it was running; every production VM
         # whose parent is this host is locked, running or not (issue 11 §2.2), and listed
