@@ -659,7 +659,7 @@ MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are d
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
 MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: starts at once on one target, all
                           # in one POST failover (a batch: issue 13 item 1)
-DEFAULT_PARALLEL_STARTS = 32
+DEFAULT_PARALLEL_STARTS = 16
 MAX_STARTS_AT_ONCE = 1024  # failover starts a manager has under way, all targets together
 MAX_START_REQUESTS = 48    # targets a manager has a POST failover out to at once (the
                            # agent's send threads: MAX_PARALLEL_STARTS + 8)
@@ -2746,8 +2746,9 @@ class FailoverManager(Part):
         if not ok and (status is None or status >= 500 or
                        (isinstance(answer, dict) and answer.get("live") is True)):
             # No answer or an internal error (the target may have started it), or it runs
-            # there already: never start it elsewhere on that basis.  The plan stays 'planned' (the VM stays
-            # busy); _check_inherited_plans asks the target about this uid next round.
+            # there already: never start it elsewhere on that basis.  The plan stays
+            # 'planned' (the VM stays busy); _check_inherited_plans asks the target about
+            # this uid next round.
             self.box.event("note", "WARNING", f"no usable answer from {e['to']} about VM {e['vm']} "
                            f"(uid {uid}, {status or 'no answer'}); asking it before anything else")
             job = self.job
@@ -3825,9 +3826,9 @@ def fence_host(cfg, host, log, reason, debug, cache=None, ours=(), incarnation=N
 
 def confirm_fence(cfg, log, reason, incarnation, record):
     """POST fenced (issue 13 item 4) to every other candidate at once, each within
-    max(ping_timeout, 1 s) (our own table is of no use to anyone after the reboot); returns at the
-    first acknowledgement (a candidate that knows this incarnation), or when every one
-    has answered or timed out.  True if one acknowledged it."""
+    max(ping_timeout, 1 s) (our own table is of no use to anyone after the reboot);
+    returns at the first acknowledgement (a candidate that knows this incarnation), or
+    when every one has answered or timed out.  True if one acknowledged it."""
     body = {"hostname": cfg.hostname, "startup_time": incarnation,
             "record": {"ts": record["ts"], "reason": reason, "vms": record["vms"],
                        "locked": record["locked"]}}
@@ -5027,8 +5028,9 @@ class AgentTarget:
                 if seen_at is None:
                     why = f"{live} did not appear within {cfg.start_timeout:g} s"
                 return f"VM {name} did not stay up after `hoster vm start`: {why}"
-            # look often at first: a start should not be 0.1 s later than it needs to be
-            time.sleep(0.01 if now - t0 < 1 else 0.05)
+            # look often until it appears (a start should not be 0.1 s later than it needs
+            # to be), then at a pace that dozens of starts at once do not turn into a load
+            time.sleep(0.02 if seen_at is None and now - t0 < 1 else 0.1)
 
     def undo_start(self, v, restore_parent, error):
         """After a failed start, before the failure is reported (SPEC §3.4): stop what

@@ -6,7 +6,7 @@
    mode with fake host commands; worker1's agent is SIGKILLed (its watchdog fences it,
    the network stays up) and its N production VMs move to 4 targets; a shell-script fake
    `hoster vm start` of 0.2 s; the test config's start_confirm (1 s); max_parallel_starts
-   default (32 per target).  Test timings (ping_interval 0.5, failover_time 13) and SPEC
+   default (16 per target).  Test timings (ping_interval 0.5, failover_time 13) and SPEC
    defaults (2 and 60).  The timeout path (worker1's pkill fails, so its fence is not
    confirmed: the overhead after failover_time) and the confirmed fence (kill -> last VM
    live; the manager is past its new-manager wait).
@@ -87,7 +87,7 @@ def main():
           "successful ping − failover_time; kill → last live includes failover_time. "
           "The dead host's pkill fails, so its watchdog's fence is not confirmed. "
           "Shell-script fake `hoster vm start` of 0.2 s, start_confirm 1 s, "
-          "max_parallel_starts 32 per target (one request each), one run per row.")
+          "max_parallel_starts 16 per target (one request each), one run per row.")
     print()
     print("| timings | ping_interval / failover_time | VMs | overhead | kill → last live | "
           "detect | inventories + plan | starts |")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Failover latency on a loopback cluster (production mode, fake host commands).
 
-3 candidates + 2 workers (tools/localcluster.py, FAST timings, max_parallel_starts 32 per target).
+3 candidates + 2 workers (tools/localcluster.py, FAST timings, max_parallel_starts 16 per target).
 worker1 runs N production VMs; each has replicas on two other hosts, the newer one on
 node1, node2, node3, worker2 in turn, so the starts go to 4 targets.  Every fake
 `hoster vm start` takes --start-delay s (NODE/start_delay) before the VM exists.
@@ -287,7 +287,7 @@ def main():
           f"Python {platform.python_version()}")
     print("timings: " + ", ".join(f"{k}={v:g}" for k, v in FAST.items()))
     print(f"cluster: 3 candidates + 2 workers, PRODUCTION mode, fake host commands; "
-          f"max_parallel_starts 32 per target; a fake `hoster vm start` "
+          f"max_parallel_starts 16 per target; a fake `hoster vm start` "
           f"({'shell script' if a.sh_start else 'Python'}) takes {a.start_delay:g} s; "
           f"targets node1, node2, node3, worker2 in turn")
     print("overhead = manager's last 'VM is live' line - dead host's last successful ping "

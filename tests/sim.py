@@ -1158,8 +1158,13 @@ class Sim:
                 self.recoveries.append((h, vm, ts, deadline, how, tm))
                 continue
             if not placeable or vm in self.failed_starts:
+                # told since H went down: a confirmed fence may fail H over before the
+                # silence this obligation counts from (a late ping reset it: sim-soak
+                # failover 8821, 10928)
+                down = self.nodes[h].stopped_t if h in self.nodes else None
+                lo = down if down is not None and down <= ts else ts
                 told = [x for x in self.vm_events if x[2] == "vm_start_failed" and x[3] == vm
-                        and ts <= x[0] <= deadline]
+                        and lo <= x[0] <= deadline]
                 if told:
                     self.recoveries.append((h, vm, ts, deadline, "vm_start_failed", tm))
                     continue

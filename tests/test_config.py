@@ -159,7 +159,7 @@ def test_defaults():
     assert cfg.failover_strategy == "change-parent"
     assert cfg.backup_node is False
     assert cfg.kernel_watchdog is False
-    assert cfg.max_parallel_starts == 32
+    assert cfg.max_parallel_starts == 16
     assert cfg.start_timeout == 60 and cfg.start_confirm == 3
     assert cfg.log_file is None
     assert cfg.tls is None

@@ -299,3 +299,14 @@ def test_seed_38451_a_member_back_from_a_refused_leave_gets_its_vms_placed():
     members are back when it plans now keeps its sources unsettled (retried, with their
     inventories)."""
     run_vm_seed(38451)
+
+
+def test_seeds_8821_10928_a_confirmed_fence_reports_an_unplaceable_vm_before_the_silence():
+    """Checker (sim-soak, issue 13's confirmed fence): worker2 fenced and confirmed it at
+    30.2 s; the manager failed it at once and named w2a, whose only other copy has no
+    snapshot (`vm_start_failed`, 35.6 s).  A ping worker2 had sent before its fence
+    arrived late (46.5 s) and restarted the silence the checker counts from, so the event
+    looked too early and w2a unreported.  (10928: worker1, the same after a refused
+    leave.)  An unplaceable VM's event now counts from the time its host went down."""
+    run_vm_seed(8821)
+    run_vm_seed(10928)
