@@ -337,7 +337,13 @@ class TestProduction:
               "after SIGSTOP")
         # the last heartbeat came at most one ping_interval before the SIGSTOP
         assert wt - pi - 0.2 <= t_dead - t_stop, t_dead - t_stop
-        assert t_reboot - t_stop <= wt + 2, (t_reboot - t_stop, fenced)
+        # the VM is gone within watchdog_timeout + 2 s; the reboot follows the fence's
+        # confirmation, which waits up to max(ping_timeout, 1 s) for a candidate (a loaded
+        # CI machine took 1.1 s between the destroy and the reboot)
+        t_destroyed = max(ts for ts, c in fenced if c.startswith("bhyvectl"))
+        assert t_destroyed - t_stop <= wt + 2, (t_destroyed - t_stop, fenced)
+        assert t_reboot - t_stop <= wt + 2 + max(2, t["fence_timeout"]), (t_reboot - t_stop,
+                                                                          fenced)
         # confirmed (the network is up): reboot_now at once
         assert texts == ["bhyvectl --destroy --vm=vm-c", "reboot -nq"], texts
         assert not vm_running(node, "vm-c")
