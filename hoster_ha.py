@@ -657,9 +657,11 @@ PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection thi
                             # (or every 10 ping_intervals, if that is sooner)
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
-MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: starts at once on one target, all
-                          # in one POST failover (a batch: issue 13 item 1)
+MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: `hoster vm start`s at once on one
+                          # target (a VM's start confirmation does not hold one)
 DEFAULT_PARALLEL_STARTS = 16
+MAX_BATCH = 128           # entries of one POST failover (a batch: issue 13 item 1), and the
+                          # starts a manager has out to one target that takes batches
 MAX_STARTS_AT_ONCE = 1024  # failover starts a manager has under way, all targets together
 MAX_START_REQUESTS = 48    # targets a manager has a POST failover out to at once (the
                            # agent's send threads: MAX_PARALLEL_STARTS + 8)
@@ -2331,9 +2333,11 @@ class Job:
            "replicate"  a batch of plans (`batch`) is out to the other candidates:
                         nothing starts before one of them acknowledged it;
            "start"      POST failover to the targets (`queue`, `inflight`), at most
-                        max_parallel_starts at once per target, all in one request (a
-                        batch; MAX_STARTS_AT_ONCE in all), in queue order (vm_priority)
-                        for each target.
+                        up to MAX_BATCH at once per target in one request (a batch:
+                        the target runs max_parallel_starts of them at once; to a target
+                        that takes no batches, max_parallel_starts plain requests), at
+                        most MAX_STARTS_AT_ONCE in all, in queue order (vm_priority) for
+                        each target.
     A job ends in FailoverManager._finish_job, or is dropped (the manager cannot act,
     an inventory is missing, no candidate acknowledged the plan)."""
 
@@ -2669,10 +2673,12 @@ class FailoverManager(Part):
         job = self.job
         busy = collections.Counter(self.planbook.plans[u]["to"] for u in job.inflight)
         batches = {}    # target -> the uids it gets in one request
+        ahead = {}      # target -> its starts under way before these
         i = 0
         while i < len(job.queue) and len(job.inflight) < MAX_STARTS_AT_ONCE:
             e = self.planbook.plans[job.queue[i]]
-            if busy[e["to"]] >= self.cfg.max_parallel_starts or \
+            cap = self.cfg.max_parallel_starts if e["to"] in self.no_batches else MAX_BATCH
+            if busy[e["to"]] >= cap or \
                     e["to"] not in busy and len(busy) >= MAX_START_REQUESTS:
                 i += 1      # that target is full, or requests to as many targets are out
                 continue
@@ -2680,6 +2686,7 @@ class FailoverManager(Part):
                 self.job = None
                 return
             uid = job.queue.pop(i)
+            ahead.setdefault(e["to"], busy[e["to"]])
             peer = job.members.get(e["to"])
             if peer is None:  # failed since it was planned: never sent, placed again later
                 e["state"] = "abandoned"
@@ -2695,7 +2702,7 @@ class FailoverManager(Part):
         for to, uids in batches.items():
             entries = [{"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
                         "uid": u} for u, e in ((u, self.planbook.plans[u]) for u in uids)]
-            timeout = self.target.start_answer_timeout(self.cfg)
+            timeout = self.target.start_answer_timeout(self.cfg, ahead[to] + len(uids))
             if len(uids) == 1 or to in self.no_batches:   # the plain request (SPEC §3.4)
                 for u, entry in zip(uids, entries):
                     self.box.send(to, job.members[to], "POST", "failover", entry, timeout,
@@ -2883,12 +2890,17 @@ class FailoverTarget(Part):
         self.refused = set()       # uids a check found unknown here: refused for good
 
     @staticmethod
-    def start_answer_timeout(cfg):
-        """How long a manager waits for a target's answer to POST failover: the start
-        (start_timeout, the VM must appear within it), its confirmation (start_confirm),
-        and after a failed start the cleanup (bounded by fence_timeout) and the
-        confirmation that the VM stays absent (start_confirm), + 10 s for the rest."""
-        return cfg.start_timeout + 2 * cfg.start_confirm + cfg.fence_timeout + 10
+    def start_answer_timeout(cfg, starts=1):
+        """How long a manager waits for a target's answer to POST failover, with `starts`
+        starts under way there, this request's included: a start's wait for one of the
+        max_parallel_starts slots (start_timeout for each round ahead of it: the target is
+        assumed to have the manager's limit; a smaller one makes the answer late, and the
+        manager then asks about it), the start (start_timeout, the VM must appear within
+        it), its confirmation (start_confirm), and after a failed start the cleanup
+        (bounded by fence_timeout) and the confirmation that the VM stays absent
+        (start_confirm), + 10 s for the rest."""
+        rounds = -(-max(1, starts) // cfg.max_parallel_starts)
+        return rounds * cfg.start_timeout + 2 * cfg.start_confirm + cfg.fence_timeout + 10
 
     def handle_failover(self, body, now, local, not_ready=None):
         """Decide on POST failover.  local: {"live": bool, "parent_host"} for our copy of
@@ -4049,8 +4061,9 @@ class Server(http.server.ThreadingHTTPServer):
     """Threaded HTTP(S) server that a flood or a slow client cannot take over.
 
     At most MAX_CONCURRENT requests at once, PER_CLIENT from one address, PER_CANDIDATE
-    from a candidate's configured address (503 beyond): a manager holds one failover
-    start open per VM, up to max_parallel_starts (at most PER_CANDIDATE) at a target.
+    from a candidate's configured address (503 beyond): a manager holds a failover
+    request open per batch, or per VM at a target that takes no batches (up to
+    max_parallel_starts, at most PER_CANDIDATE).
     Addresses that are not known to belong to the cluster (the candidates' configured
     addresses, and any address that sent a correctly signed request within VOUCH_TTL)
     share MAX_CONCURRENT - RESERVED of the slots: strangers from many addresses cannot
@@ -4639,7 +4652,7 @@ class AgentAPI:
         if name == "failover":
             entries = body.get("entries") if "entries" in body else [body]
             why = None if isinstance(entries, list) and 0 < len(entries) <= \
-                MAX_PARALLEL_STARTS else f"'entries': a list of 1 to {MAX_PARALLEL_STARTS}"
+                MAX_BATCH else f"'entries': a list of 1 to {MAX_BATCH}"
             for e in entries if why is None else ():
                 why = check_failover_entry(e)
                 if why is not None:
@@ -4885,6 +4898,31 @@ class AgentAPI:
         return None
 
 
+class StartOrder:
+    """The entries of one batch take start slots in their order (the manager's, by
+    vm_priority): entry i waits until every entry before it has taken a slot or has
+    passed without starting."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.cond = threading.Condition()
+        self.next = 0
+        self.done = set()
+
+    def take(self, i):
+        with self.cond:
+            self.cond.wait_for(lambda: self.next >= i)
+        self.slots.acquire()
+        self.passed(i)
+
+    def passed(self, i):
+        with self.cond:
+            self.done.add(i)
+            while self.next in self.done:
+                self.next += 1
+            self.cond.notify_all()
+
+
 class AgentTarget:
     """This host as a failover target and a returning host (SPEC §3.4, §3.6):
     its local copies, the start of a VM a failover asks for and its confirmation, the
@@ -4924,20 +4962,25 @@ class AgentTarget:
         if len({e["uid"] for e in entries}) < len(entries):
             dup = "the same uid twice in one request"
             return [{"uid": e["uid"], "status": 400, "answer": {"error": dup}} for e in entries]
-        def one(e):
+        order = StartOrder(self.start_slots)
+
+        def one(i, e):
             try:
-                return self.failover(e)
+                return self.failover(e, turn=lambda: order.take(i))
             except Exception as x:   # whatever happened, it may have started: never "failed"
                 self.log.exception(f"failover of VM {e['vm_name']} (uid {e['uid']})")
                 return 409, {"error": f"internal error: {x}", "uid": e["uid"], "live": True}
+            finally:
+                order.passed(i)
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(entries),
                                                    thread_name_prefix="ha-start") as ex:
-            results = list(ex.map(one, entries))
+            results = list(ex.map(one, range(len(entries)), entries))
         return [{"uid": e["uid"], "status": st, "answer": ans}
                 for e, (st, ans) in zip(entries, results)]
 
-    def failover(self, body):
-        """POST failover: decide in the core, start the VM here, confirm it is live."""
+    def failover(self, body, turn=None):
+        """POST failover: decide in the core, start the VM here, confirm it is live.
+        turn: takes a start slot in the batch's order (StartOrder.take)."""
         v = None if body.get("check") else self.local_copy(body["vm_name"])
         reasons = None if body.get("check") else self.host_readiness()
         with self.lock:
@@ -4954,7 +4997,7 @@ class AgentTarget:
         entry = decision[1]
         self.sync_incarnation()   # a start under way: the watchdog's fence is not confirmed
         try:
-            error = self.start_vm(v)
+            error = self.start_vm(v, turn)
         except Exception as x:    # e.g. a vm_config.json field of a type nobody expected
             self.log.exception(f"start of VM {v['vm_name']}")
             error = f"internal error: {x}"
@@ -4984,13 +5027,24 @@ class AgentTarget:
             else:
                 remove_file(self.paths.incarnation)
 
-    def start_vm(self, v):
+    def start_vm(self, v, turn=None):
         """Apply the failover strategy, run `hoster vm start`, and confirm the start: the
         VM must appear within start_timeout and stay present for start_confirm
-        (start_verdict).  Returns None, or the error (the caller cleans up)."""
+        (start_verdict).  Returns None, or the error (the caller cleans up).  The commands
+        run in one of max_parallel_starts slots (start_timeout counts from the moment it
+        has one); the confirmation holds none: it only watches."""
+        (turn or self.start_slots.acquire)()
+        try:
+            appear_by = time.monotonic() + self.cfg.start_timeout
+            error = self.start_commands(v, appear_by)
+        finally:
+            self.start_slots.release()
+        return error if error is not None else self.confirm_start(v["vm_name"], appear_by)
+
+    def start_commands(self, v, appear_by):
+        """The failover strategy and `hoster vm start`, within appear_by."""
         name, cfg = v["vm_name"], self.cfg
         strategy = STRATEGIES.get(v.get("failover_strategy") or "", cfg.failover_strategy)
-        appear_by = time.monotonic() + cfg.start_timeout
         if strategy == "change-parent":
             try:
                 self.host.set_parent(v["config_path"], cfg.hostname)
@@ -5010,6 +5064,11 @@ class AgentTarget:
             return f"hoster vm start {name} did not return within {cfg.start_timeout:g} s"
         if rc != 0:
             return f"hoster vm start {name} exited {rc}: {command_text(out, err)}"
+        return None
+
+    def confirm_start(self, name, appear_by):
+        """The VM must appear by appear_by and stay present for start_confirm."""
+        cfg = self.cfg
         live = os.path.join(cfg.vmm_dir, name)
         seen_at = vanished_at = None
         t0 = time.monotonic()
@@ -5497,6 +5556,8 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
         self.wd_armed_ack = False
         self.inflight = {}
         self.unresolved = {}      # uid -> (copy, restore_parent, error) of unknown starts
+        # max_parallel_starts: the commands of a start hold a slot, its confirmation not
+        self.start_slots = threading.BoundedSemaphore(cfg.max_parallel_starts)
         self.stop_requested = threading.Event()
         self.leaving = False
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8,

@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from hoster_ha import (FAILOVER_FIELDS, MAX_PLANS, PLAN_BODY_FIELDS, Core, check_fields,
-                       check_plan_entry, parse_config, valid_vm_name)
+from hoster_ha import (FAILOVER_FIELDS, MAX_BATCH, MAX_PLANS, PLAN_BODY_FIELDS, Core,
+                       check_fields, check_plan_entry, parse_config, valid_vm_name)
 from test_core import CANDIDATES, SECRET, TIMINGS, deliver, run
 
 
@@ -209,7 +209,7 @@ class Net:
                 assert check_plan_entry(e) is None, e
             return core.handle_plan(body, now)
         if name == "failover" and "entries" in body:    # a batch (issue 13 item 1)
-            assert a["method"] == "POST" and 1 < len(body["entries"]) <= core.cfg.max_parallel_starts
+            assert a["method"] == "POST" and 1 < len(body["entries"]) <= MAX_BATCH
             results = []
             for e in body["entries"]:
                 st, ans = self.serve(dict(a, body=e), now)

@@ -304,14 +304,16 @@ def test_vm_priority_orders_the_starts_on_each_target():
     last = kill_w1(net, 10.0)
     net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
             until=lambda _: len(net.sends(name="failover")) >= 4)
-    order = [s["body"]["vm_name"] for s in net.sends(name="failover", to="w2")]
+    # one batch, in priority order (the target takes its start slots in that order)
+    order = [e["vm_name"] for s in net.sends(name="failover", to="w2")
+             for e in s["body"].get("entries", [s["body"]])]
     assert order == ["vm3", "vm4", "vm2", "vm1"]
 
 
-def test_max_parallel_starts_is_a_limit_per_target():
-    """Issue 13 item 1: max_parallel_starts bounds the starts held open at one target, not
-    in the whole cluster: with 1, two targets each get one start at once, and neither gets
-    a second while its first is under way; then every VM starts."""
+def test_a_target_that_takes_batches_gets_all_its_vms_at_once():
+    """Issue 13 item 1: max_parallel_starts bounds the starts a target runs at once (its
+    own slots, tests/test_realhost.py), not what the manager sends: with 1, each target
+    gets all its VMs in one request at once; then every VM starts."""
     from test_failover_core import host_inv, vm
     names = ["vm1", "vm2", "vm3", "vm4"]
     invs = {"a": host_inv("a"), "b": host_inv("b"),
@@ -325,7 +327,9 @@ def test_max_parallel_starts_is_a_limit_per_target():
     t = net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
                 until=lambda _: len(net.held) >= 2)
     net.run(t + 0.5, t + 3, step=0.5)            # held: nothing more goes out
-    assert sorted(x["to"] for _, x in net.held) == ["c", "w2"], net.held
+    held = sorted((x["to"], sorted(e["vm_name"] for e in x["body"]["entries"]))
+                  for _, x in net.held)
+    assert held == [("c", ["vm3", "vm4"]), ("w2", ["vm1", "vm2"])], held
     assert len(net.sends(name="failover")) == 2
     net.policy = None
     for item in list(net.held):
@@ -333,6 +337,38 @@ def test_max_parallel_starts_is_a_limit_per_target():
     net.run(t + 3.5, t + 20, step=0.5, until=lambda _: len(net.starts) >= 4)
     assert sorted((h, v) for h, v, _ in net.starts) == \
         [("c", "vm3"), ("c", "vm4"), ("w2", "vm1"), ("w2", "vm2")]
+    assert net.live_on("vm1") == ["w2"] and net.live_on("vm3") == ["c"]
+
+
+def test_a_target_that_takes_no_batches_gets_max_parallel_starts_requests():
+    """To a target that refused a batch (an older version), the manager keeps at most
+    max_parallel_starts plain requests out at once."""
+    from test_failover_core import host_inv, vm
+    names = [f"vm{i}" for i in range(4)]
+    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
+            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    extra = {n: {"max_parallel_starts": 2} for n in ("a", "b", "c")}
+    net, _ = make_net(invs=invs, extra=extra)
+
+    def policy(net, src, a, now):
+        if a["name"] == "failover" and "entries" in (a["body"] or {}):
+            return 400, {"error": "missing field 'vm_name'"}
+        if a["name"] == "failover" and not a["body"].get("check"):
+            return "hold"
+        return None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 60, step=0.5,
+                until=lambda _: len(net.held) >= 2)
+    net.run(t + 0.5, t + 3, step=0.5)            # held: nothing more goes out
+    assert len(net.held) == 2 and all("entries" not in x["body"] for _, x in net.held)
+    net.policy = lambda net, src, a, now: policy(net, src, a, now) if "entries" in \
+        (a["body"] or {}) else None
+    for item in list(net.held):
+        net.release(item, t + 3)
+    net.run(t + 3.5, t + 60, step=0.5, until=lambda _: len(net.starts) >= 4)
+    assert sorted(v for h, v, _ in net.starts) == names
 
 
 def test_vm_priority_default_is_name_order_and_config_is_validated():
@@ -688,8 +724,8 @@ def test_orderly_stop_vms_wait_until_their_host_is_ready():
 
 def test_a_target_gets_its_vms_in_one_request():
     """Issue 13 item 1: the VMs bound for one target go in one POST failover (`entries`,
-    at most max_parallel_starts of them); the answer's results count per uid, and the
-    results are replicated in one POST plan per answer."""
+    whatever max_parallel_starts: the target keeps to it); the answer's results count per
+    uid, and the results are replicated in one POST plan per answer."""
     from test_failover_core import host_inv, vm
     names = [f"vm{i}" for i in range(5)]
     invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
@@ -701,13 +737,13 @@ def test_a_target_gets_its_vms_in_one_request():
     net.run(10.0, last + FAILOVER_TIME + 30, step=0.5,
             until=lambda _: len(net.starts) >= 5)
     sent = [x for x in net.sends(name="failover") if not x["body"].get("check")]
-    assert [len(x["body"].get("entries", [x["body"]])) for x in sent] == [3, 2], sent
+    assert [len(x["body"].get("entries", [x["body"]])) for x in sent] == [5], sent
     assert all(x["to"] == "w2" for x in sent)
     assert sorted(v for _, v, _ in net.starts) == names
     manager = next(c for c in net.cores.values() if c.is_manager(net.now))
     assert sorted(e["vm"] for e in manager.plans.values() if e["state"] == "done") == names
     results = [x for x in net.sends(name="plan") if x["body"]["entries"][0]["state"] == "done"]
-    assert sorted(len(x["body"]["entries"]) for x in results) == [2, 2, 3, 3], results
+    assert sorted(len(x["body"]["entries"]) for x in results) == [5, 5], results
 
 
 def test_a_batch_answered_with_a_5xx_is_never_started_elsewhere():

@@ -679,7 +679,8 @@ def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path
         assert again[0] == 200 and [r["status"] for r in again[1]["results"]] == [200, 200]
         assert len(n2.starts("vm1")) == 1 and len(n2.starts("vm2")) == 1
         # malformed: refused whole, nothing is started
-        for bad in ([], [dict(entries[0], vm_name="bad name!")], [entries[0]] * 65):
+        for bad in ([], [dict(entries[0], vm_name="bad name!")],
+                    [entries[0]] * (hoster_ha.MAX_BATCH + 1)):
             st, a = c.client.request(peer, "POST", "failover",
                                      {"term": term, "entries": bad}, timeout=10)
             assert st == 400, (bad[:1], st, a)
@@ -698,5 +699,50 @@ def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path
             res["b-odd"]["answer"]["error"], res
         assert res["b-vm3b"]["status"] == 409 and "no copy" in res["b-vm3b"]["answer"]["error"]
         assert not live(n2, "odd") and parent_of(n2, "odd") == "worker1"
+    finally:
+        c.teardown()
+
+
+def test_a_target_runs_max_parallel_starts_commands_at_once_and_confirms_outside_them(
+        tmp_path):
+    """max_parallel_starts is the target's own limit on `hoster vm start` commands at once
+    (issue 13 item 1): a batch of 5 with a limit of 2 never has more than 2 commands under
+    way, does have 2, takes them in the batch's order, and a VM's start confirmation
+    (start_confirm) does not hold a slot: the third start begins as soon as the first
+    command returned, before the first VM is confirmed."""
+    c = Cluster(tmp_path, workers=0, debug=False,
+                timings=dict(FAST, max_parallel_starts=2, start_confirm=2))
+    nodes = ("node1", "node2", "node3")
+    n2 = c["node2"]
+    names = [f"vm{i}" for i in range(5)]
+    for vm in names:
+        n2.add_vm(vm, parent="worker1", snapshots=[snap(vm, HOUR)])
+    with open(os.path.join(n2.dir, "start_delay"), "w") as f:
+        f.write("0.6\n")
+    peer = {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"}
+    try:
+        c.start_all(nodes)
+        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
+        term = c.get("node2", "status")["term"]
+        entries = [{"vm_name": vm, "from_host": "worker1", "term": term, "uid": f"s-{vm}"}
+                   for vm in names]
+        status, ans = c.client.request(peer, "POST", "failover",
+                                       {"term": term, "entries": entries}, timeout=60)
+        assert status == 200 and [r["status"] for r in ans["results"]] == [200] * 5, ans
+        began = {}
+        for ln in n2.calls().splitlines():
+            if " pending hoster vm start " in ln:
+                began[ln.split()[-1]] = float(ln.split()[0])
+        ended = {vm: n2.starts(vm)[0] for vm in names}     # the fake returns once it exists
+        assert sorted(began) == names, n2.calls()
+        spans = [(began[vm], ended[vm]) for vm in names]
+        overlap = max(sum(b <= t < e for b, e in spans) for t, _ in spans)
+        assert overlap == 2, spans
+        order = sorted(names, key=began.get)
+        assert order[:2] == ["vm0", "vm1"] or order[:2] == ["vm1", "vm0"], order
+        assert order[2:] == ["vm2", "vm3", "vm4"], order
+        first = min(ended.values())
+        assert began[order[2]] < first + 2, (began, ended)   # start_confirm: 2 s
+        assert all(live(n2, vm) for vm in names)
     finally:
         c.teardown()
