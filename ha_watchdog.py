@@ -27,6 +27,7 @@ import sys
 import time
 
 sys.dont_write_bytecode = True  # installed in sbin: no __pycache__ beside the scripts
+HOSTER_HA_PROGRAM = True        # hoster_ha then keeps ssl unloaded until a tls section needs it
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import hoster_ha as ha  # noqa: E402  (the agent module beside this file)
 

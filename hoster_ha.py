@@ -55,9 +55,12 @@ import time
 import urllib.parse
 
 # The agent imports ssl (with libssl) only when its config has a tls section (tls_module());
-# http.client imports it if it can, so when this file is the program it is kept from it
-# (a program that imports this module keeps its http.client whole).
-_SSL_UNLOADED = __name__ == "__main__" and "ssl" not in sys.modules
+# http.client imports it if it can, so when this file is the program (run as a script, or
+# imported by run_as_import's program) it is kept from it (a program that imports this
+# module keeps its http.client whole).
+_SSL_UNLOADED = (__name__ == "__main__" or getattr(sys.modules.get("__main__"),
+                                                   "HOSTER_HA_PROGRAM", False)) and \
+    "ssl" not in sys.modules
 if _SSL_UNLOADED:
     sys.modules["ssl"] = None
 try:
@@ -3483,9 +3486,9 @@ class Host:
         is not listed; its error entry has "unavailable": True (the inventory is
         incomplete).  zfs calls: one `zfs get` plus, per available dataset, one `zfs
         list` of its VM filesystems and (snapshots=True) one of its snapshots: constant in
-        the number of VMs.  timeout bounds each command; budget (s), if given, the whole
-        inventory.  snapshots=False skips the snapshot lists (only a failover plan and
-        `vms` need them: GET vms)."""
+        the number of VMs; the lists run at once, after the `zfs get`.  timeout bounds each
+        command; budget (s), if given, the whole inventory.  snapshots=False skips the
+        snapshot lists (only a failover plan and `vms` need them: GET vms)."""
         zfs = self.cfg.commands["zfs"]
         vms, errors = [], []
         live = set(self.running_vms())
@@ -3495,20 +3498,30 @@ class Host:
             return timeout if deadline is None else \
                 max(0.1, min(timeout, deadline - time.monotonic()))
         states = self.dataset_states(limit())
+        lists = {}   # (dataset, what) -> argv: every list of every available dataset
+        for ds in self.cfg.vm_datasets:
+            if states.get(ds) is None:
+                lists[ds, "fs"] = zfs + ["list", "-H", "-p", "-o", "name,mountpoint",
+                                         "-t", "filesystem", "-d", "1", ds]
+                if snapshots:
+                    lists[ds, "snap"] = zfs + ["list", "-H", "-p", "-t", "snapshot", "-o",
+                                               "name,creation,guid", "-s", "creation", "-r",
+                                               ds]
+        t = limit()
+        with concurrent.futures.ThreadPoolExecutor(
+                max(1, len(lists)), thread_name_prefix="ha-zfs") as ex:
+            done = {k: ex.submit(run_cmd, argv, t) for k, argv in lists.items()}
+            done = {k: f.result() for k, f in done.items()}
         for ds in self.cfg.vm_datasets:
             if states.get(ds) is not None:
                 errors.append({"dataset": ds, "error": f"unavailable: {states[ds]}",
                                "unavailable": True, "reason": states[ds]})
                 continue
-            rc, out, err = run_cmd(zfs + ["list", "-H", "-p", "-o", "name,mountpoint",
-                                          "-t", "filesystem", "-d", "1", ds], limit())
+            rc, out, err = done[ds, "fs"]
             if rc != 0:
                 errors.append({"dataset": ds, "error": f"zfs list failed ({rc}): {last_line(err)}"})
                 continue
-            rc, snap_out, err = (run_cmd(zfs + ["list", "-H", "-p", "-t", "snapshot", "-o",
-                                                "name,creation,guid", "-s", "creation", "-r",
-                                                ds], limit())
-                                 if snapshots else (0, "", ""))
+            rc, snap_out, err = done.get((ds, "snap"), (0, "", ""))
             snaps = {}
             if rc != 0:
                 errors.append({"dataset": ds, "error": f"zfs snapshot list failed ({rc}): "
@@ -4099,16 +4112,20 @@ class Server(http.server.ThreadingHTTPServer):
         if ssl_ctx is not None:
             self.socket = ssl_ctx.wrap_socket(self.socket, server_side=True,
                                               do_handshake_on_connect=False)
+        self.reading = threading.Event()   # set while a request is being read
         threading.Thread(target=self._reaper, name="ha-http-reaper", daemon=True).start()
 
     def _reaper(self):
         while True:
+            self.reading.wait()       # idle: no wakeups
             time.sleep(0.25)
             now = time.monotonic()
             with self.guard:
                 late = [r for r, d in self.deadlines.items() if d <= now]
                 for r in late:
                     del self.deadlines[r]
+                if not self.deadlines:
+                    self.reading.clear()
             for r in late:
                 try:
                     r.shutdown(socket.SHUT_RDWR)
@@ -4147,6 +4164,7 @@ class Server(http.server.ThreadingHTTPServer):
                 self.strangers += stranger
                 self.per_client[ip] = self.per_client.get(ip, 0) + 1
                 self.deadlines[request] = now + self.READ_DEADLINE
+                self.reading.set()
                 self.slot_kind[request] = stranger
         if not ok:
             try:
@@ -4408,6 +4426,8 @@ class Paths:
         self.events = os.path.join(cfg.state_dir, "events.jsonl")
         self.members = os.path.join(cfg.state_dir, "members.json")
         self.plans = os.path.join(cfg.state_dir, "plans.json")
+        # this file's bytecode (compiled_self), imported by the agent and its watchdog
+        self.pycache = os.path.join(cfg.state_dir, "pycache")
 
 
 class EventLog:
@@ -4765,7 +4785,10 @@ class AgentAPI:
         unavailable, its vm_config.json is unreadable) is listed as live, with
         "unlisted": true: a partial inventory never makes a running VM look dead."""
         seen_at = time.monotonic()
-        vms, errors = self.host.inventory()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ha-vms") as ex:
+            free = ex.submit(self.host.free_memory)    # meanwhile (a failover waits for it)
+            vms, errors = self.host.inventory()
+            free = free.result()
         self.inventory_cache = vms
         unavailable = unavailable_datasets(errors)
         host_reasons = self.host_readiness()
@@ -4792,7 +4815,7 @@ class AgentAPI:
             out.append({"vm_name": name, "production": False, "live": True, "state": "live",
                         "parent_host": None, "current_host": self.cfg.hostname,
                         "latest_snapshot": None, "memory": None, "unlisted": True})
-        return {"host": {"hostname": self.cfg.hostname, "free_memory": self.host.free_memory(),
+        return {"host": {"hostname": self.cfg.hostname, "free_memory": free,
                          "running_vms": len(running), "ready": not not_ready,
                          "not_ready": not_ready,
                          "datasets_unavailable": unavailable, "demotion_pending": pending,
@@ -5257,6 +5280,8 @@ class AgentHost:
             if pid_alive(pid):
                 raise RuntimeError(f"ha_watchdog (PID {pid}) in another mode did not stop")
         argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
+        if compiled_self(self.paths.pycache) is not None:   # it imports this module
+            argv[1:1] = ["-X", f"pycache_prefix={self.paths.pycache}"]
         if self.debug:
             argv.append("--ha-debug")
         # No inherited stdout/stderr: daemon(8) waits for EOF on its pipe before it exits.
@@ -6180,7 +6205,67 @@ SYSTEM_PATH = ("/sbin", "/bin", "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/us
                "/opt/hoster-core")
 
 
+# Run by the agent's process in place of this file (run_as_import): import the module from
+# its cached bytecode and run its main() with the same arguments.
+IMPORT_SELF = ("import os, sys; HOSTER_HA_PROGRAM = True; sys.argv = sys.argv[1:]; "
+               "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+               "import hoster_ha; sys.exit(hoster_ha.main())")
+
+
+def compiled_self(prefix):
+    """Write this file's bytecode under `prefix` (sys.pycache_prefix layout) unless what
+    is there matches the file (magic, size and mtime, as the import system checks).
+    Returns the path of the script, or None (nothing usable: run as we are)."""
+    import importlib.util
+    import py_compile
+    script = os.path.realpath(__file__)
+    try:
+        st = os.stat(script)
+        os.makedirs(prefix, mode=0o700, exist_ok=True)
+        saved, sys.pycache_prefix = sys.pycache_prefix, prefix
+        try:
+            cfile = importlib.util.cache_from_source(script)
+        finally:
+            sys.pycache_prefix = saved
+        want = importlib.util.MAGIC_NUMBER + struct.pack(
+            "<III", 0, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+        try:
+            with open(cfile, "rb") as f:
+                fresh = f.read(16) == want
+        except OSError:
+            fresh = False
+        if not fresh:
+            py_compile.compile(script, cfile=cfile, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        return script
+    except (OSError, py_compile.PyCompileError, ValueError):
+        return None
+
+
+def run_as_import(cfg):
+    """The agent is a long-running process: run as a script, Python compiled this whole
+    file first, and what that took stays in the process (about 13 MiB of its RSS).  So
+    the process that runs the agent replaces itself (exec: same PID) by one that imports
+    this module from bytecode cached in state_dir/pycache (written here when missing or
+    stale).  Returns only if that cannot be done: the agent then runs as it is."""
+    if __name__ != "__main__" or not sys.executable:
+        return
+    prefix = Paths(cfg).pycache
+    script = compiled_self(prefix)
+    if script is None:
+        return
+    flags = subprocess._args_from_interpreter_flags()   # -S, -E, -X ... as we were run
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *flags, "-X", f"pycache_prefix={prefix}",
+                                  "-c", IMPORT_SELF, script, *sys.argv[1:]])
+    except OSError:
+        return
+
+
 def run_agent(cfg, stderr):
+    run_as_import(cfg)
     # rc.d runs us with PATH=/sbin:/bin:/usr/sbin:/usr/bin; `hoster` lives elsewhere.  The
     # standard folders are appended, so whatever PATH already had (test fakes) comes first.
     path = os.environ.get("PATH", "").split(os.pathsep)

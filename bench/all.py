@@ -14,6 +14,7 @@
    armed cluster at SPEC default timings, against a bare interpreter in the same run.
 3. Members (bench/members.py): 3 candidates with 100, 300 and 1,000 simulated members
    pinging them at SPEC default timings: CPU of each candidate, ping round trips.
+4. Inventory (bench/inventory.py): GET vms latency when every zfs call is slow.
 
     python3 bench/all.py [--sizes 1,10,100,300] [--idle 40] [--members 100,300,1000] [--quick]
 """
@@ -27,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import failover  # noqa: E402
 import footprint  # noqa: E402
+import inventory  # noqa: E402
 import members  # noqa: E402
 from failover import FAST, hoster_ha  # noqa: E402
 
@@ -74,6 +76,8 @@ def main():
     sizes_m = [50] if a.quick else [int(s) for s in a.members.split(",") if s.strip()]
     m_rows = [members.one_size(n, fp_timings, 10.0 if a.quick else 20.0, 10.0)
               for n in sizes_m]
+    inv_rows = [(d, inventory.measure(d, 4 if a.quick else 8))
+                for d in ([0.0, 0.2] if a.quick else [0.0, 0.05, 0.2])]
 
     print(f"# hoster_ha benchmarks, {time.strftime('%Y-%m-%d')}")
     print()
@@ -124,6 +128,15 @@ def main():
     print("## Candidates under many members")
     print()
     print(members.table(m_rows, fp_timings))
+    print()
+    print("## GET vms (a failover plan waits for every member's)")
+    print()
+    print("One node, 20 VMs; every zfs and sysctl call first sleeps the given time (a busy "
+          "pool); the lists and the free memory run at once after the `zfs get`.")
+    print()
+    print("| each zfs/sysctl call takes | GET vms, median | min | max |\n|---|---|---|---|")
+    for d, (med, lo, hi) in inv_rows:
+        print(f"| +{d:g} s | {med:.3f} s | {lo:.3f} s | {hi:.3f} s |")
     return 0
 
 

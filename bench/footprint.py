@@ -76,7 +76,8 @@ def measure(timings, seconds, settle):
     """(bare RSS KiB, RSS KiB with the agent's imports, elapsed s, rows) where rows are
     (process, node, role, RSS KiB or None, CPU % of a core or None) of an idle cluster."""
     bare = reference("")
-    stdlib = reference(f"import {IMPORTS}")
+    # as the agent does: http.client without ssl (hoster_ha loads it for a tls section)
+    stdlib = reference(f"import sys\nsys.modules['ssl'] = None\nimport {IMPORTS}")
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as base:
         cluster = LocalCluster(base, workers=1, timings=timings, debug=False)
         client = hoster_ha.Client(hoster_ha.load_config(cluster["node1"].config))

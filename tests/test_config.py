@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -769,3 +770,28 @@ def test_hostname_command_and_init_file_can_be_set():
                             hoster_init_file="/tmp/x/hoster_init"), "<t>")
     assert cfg.command("hostname") == ["/bin/echo", "a"]
     assert cfg.hoster_init_file == "/tmp/x/hoster_init"
+
+
+def test_compiled_self_writes_the_bytecode_once_and_again_when_the_file_changes(
+        tmp_path, monkeypatch):
+    """run_as_import's cache: written when missing, kept while it matches the file (size
+    and mtime), written again when the file changes; None when it cannot be written."""
+    src = tmp_path / "hoster_ha.py"
+    src.write_text("X = 1\n")
+    monkeypatch.setattr(hoster_ha, "__file__", str(src))
+    prefix = str(tmp_path / "pycache")
+    assert hoster_ha.compiled_self(prefix) == str(src)
+    (pyc,) = [os.path.join(d, f) for d, _, fs in os.walk(prefix) for f in fs]
+    first = os.stat(pyc).st_mtime_ns
+    time.sleep(0.01)
+    assert hoster_ha.compiled_self(prefix) == str(src)
+    assert os.stat(pyc).st_mtime_ns == first          # fresh: not rewritten
+    src.write_text("X = 22\n")
+    os.utime(src, (1_000_000, 1_000_000))
+    assert hoster_ha.compiled_self(prefix) == str(src)
+    assert os.stat(pyc).st_mtime_ns != first
+    with open(pyc, "rb") as f:
+        assert int.from_bytes(f.read(12)[8:], "little") == 1_000_000
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert hoster_ha.compiled_self(str(blocked / "pycache")) is None

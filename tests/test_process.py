@@ -277,6 +277,28 @@ class TestHealthyCluster:
         assert node.proc.poll() is None and node.pid() == pid
         assert c.http_status("node2").get("api_pid") == pid
 
+    def test_the_agent_runs_from_its_cached_bytecode_without_ssl(self, ready):
+        """Footprint (issue 13 item 6): the agent's process (same PID: it exec'd) imports
+        this module from state_dir/pycache instead of compiling the file it was started
+        as, and neither it nor its watchdog loads ssl without a tls section."""
+        c, _ = ready
+        node = c["node1"]
+        api, wd = node.pid(), node.pid("ha_watchdog")
+        assert api == node.proc.pid
+        prefix = os.path.join(node.state_dir, "pycache")
+        with open(f"/proc/{api}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+        assert f"pycache_prefix={prefix}" in argv and hoster_ha.IMPORT_SELF in argv, argv
+        assert argv[argv.index(hoster_ha.IMPORT_SELF) + 1:][:2] == [
+            os.path.realpath(hoster_ha.__file__), "start"], argv
+        with open(f"/proc/{wd}/cmdline", "rb") as f:
+            assert f"pycache_prefix={prefix}" in f.read().decode().split("\0")
+        cached = [os.path.join(d, f) for d, _, fs in os.walk(prefix) for f in fs]
+        assert [os.path.basename(p).split(".")[0] for p in cached] == ["hoster_ha"], cached
+        for pid in (api, wd):
+            with open(f"/proc/{pid}/maps") as f:
+                assert "/_ssl." not in f.read(), pid
+
     def test_zz_stop(self, ready):
         """Last in the class: stop node3 and check the 'not running' views."""
         c, _ = ready

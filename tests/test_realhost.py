@@ -729,18 +729,20 @@ def test_a_target_runs_max_parallel_starts_commands_at_once_and_confirms_outside
         status, ans = c.client.request(peer, "POST", "failover",
                                        {"term": term, "entries": entries}, timeout=60)
         assert status == 200 and [r["status"] for r in ans["results"]] == [200] * 5, ans
-        began = {}
+        began = {}     # its first command (the strategy's cireset, then the start)
         for ln in n2.calls().splitlines():
-            if " pending hoster vm start " in ln:
-                began[ln.split()[-1]] = float(ln.split()[0])
+            if " pending hoster vm start " in ln or " hoster vm cireset " in ln:
+                began.setdefault(ln.split()[-1], float(ln.split()[0]))
         ended = {vm: n2.starts(vm)[0] for vm in names}     # the fake returns once it exists
         assert sorted(began) == names, n2.calls()
         spans = [(began[vm], ended[vm]) for vm in names]
         overlap = max(sum(b <= t < e for b, e in spans) for t, _ in spans)
         assert overlap == 2, spans
+        # in the batch's order, round by round (two slots freed at about the same time
+        # start their next two in either order)
         order = sorted(names, key=began.get)
-        assert order[:2] == ["vm0", "vm1"] or order[:2] == ["vm1", "vm0"], order
-        assert order[2:] == ["vm2", "vm3", "vm4"], order
+        assert set(order[:2]) == {"vm0", "vm1"} and set(order[2:4]) == {"vm2", "vm3"} \
+            and order[4] == "vm4", order
         first = min(ended.values())
         assert began[order[2]] < first + 2, (began, ended)   # start_confirm: 2 s
         assert all(live(n2, vm) for vm in names)
