@@ -23,13 +23,42 @@ lies beside it.
 import argparse
 import os
 import signal
+import stat
 import sys
 import time
 
 sys.dont_write_bytecode = True  # installed in sbin: no __pycache__ beside the scripts
 HOSTER_HA_PROGRAM = True        # hoster_ha then keeps ssl unloaded until a tls section needs it
-sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-import hoster_ha as ha  # noqa: E402  (the agent module beside this file)
+HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path.insert(0, HERE)
+
+
+def import_agent():
+    """The agent module beside this file: from the bytecode the agent named in
+    HOSTER_HA_BYTECODE (its state_dir/pycache, checked against the source just before it
+    started us; compiling the file here would keep about 13 MiB in this process), if that
+    file is ours and writable by nobody else; else from the source."""
+    pyc = os.environ.pop("HOSTER_HA_BYTECODE", "")
+    if pyc:
+        from importlib.machinery import SourcelessFileLoader
+        from importlib.util import module_from_spec, spec_from_loader
+        try:
+            st = os.lstat(pyc)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \
+                    not st.st_mode & 0o022:
+                loader = SourcelessFileLoader("hoster_ha", pyc)
+                mod = module_from_spec(spec_from_loader("hoster_ha", loader))
+                mod.__file__ = os.path.join(HERE, "hoster_ha.py")
+                sys.modules["hoster_ha"] = mod
+                loader.exec_module(mod)
+                return mod
+        except Exception:   # any trouble with the bytecode: the source below
+            sys.modules.pop("hoster_ha", None)
+    import hoster_ha
+    return hoster_ha
+
+
+ha = import_agent()
 
 SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 

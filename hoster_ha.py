@@ -663,6 +663,7 @@ RETRY_MAX = 15           # s: longest delay between two tries to place an unplac
 MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: `hoster vm start`s at once on one
                           # target (a VM's start confirmation does not hold one)
 DEFAULT_PARALLEL_STARTS = 16
+FENCING = "this node is fencing itself"   # a start refused or stopped before it ran
 MAX_BATCH = 128           # entries of one POST failover (a batch: issue 13 item 1), and the
                           # starts a manager has out to one target that takes batches
 MAX_STARTS_AT_ONCE = 1024  # failover starts a manager has under way, all targets together
@@ -2896,14 +2897,15 @@ class FailoverTarget(Part):
     def start_answer_timeout(cfg, starts=1):
         """How long a manager waits for a target's answer to POST failover, with `starts`
         starts under way there, this request's included: a start's wait for one of the
-        max_parallel_starts slots (start_timeout for each round ahead of it: the target is
+        max_parallel_starts slots (start_timeout + 1 s for each round ahead of it, as a
+        start's commands may take a little over start_timeout: the target is
         assumed to have the manager's limit; a smaller one makes the answer late, and the
         manager then asks about it), the start (start_timeout, the VM must appear within
         it), its confirmation (start_confirm), and after a failed start the cleanup
         (bounded by fence_timeout) and the confirmation that the VM stays absent
         (start_confirm), + 10 s for the rest."""
         rounds = -(-max(1, starts) // cfg.max_parallel_starts)
-        return rounds * cfg.start_timeout + 2 * cfg.start_confirm + cfg.fence_timeout + 10
+        return rounds * (cfg.start_timeout + 1) + 2 * cfg.start_confirm + cfg.fence_timeout + 9
 
     def handle_failover(self, body, now, local, not_ready=None):
         """Decide on POST failover.  local: {"live": bool, "parent_host"} for our copy of
@@ -2917,7 +2919,7 @@ class FailoverTarget(Part):
         lock it)."""
         term, uid = body["term"], body["uid"]
         if self.link.fenced:
-            return 409, {"error": "this node is fencing itself"}
+            return 409, {"error": FENCING}
         if term < self.election.max_manager_term:
             # refused: nothing was started; the manager (with its newer term, seed 6517)
             # or a newer one places the VM again
@@ -3508,10 +3510,13 @@ class Host:
                                                "name,creation,guid", "-s", "creation", "-r",
                                                ds]
         t = limit()
-        with concurrent.futures.ThreadPoolExecutor(
-                max(1, len(lists)), thread_name_prefix="ha-zfs") as ex:
-            done = {k: ex.submit(run_cmd, argv, t) for k, argv in lists.items()}
-            done = {k: f.result() for k, f in done.items()}
+        try:
+            with concurrent.futures.ThreadPoolExecutor(
+                    max(1, len(lists)), thread_name_prefix="ha-zfs") as ex:
+                done = {k: ex.submit(run_cmd, argv, t) for k, argv in lists.items()}
+                done = {k: f.result() for k, f in done.items()}
+        except RuntimeError:    # no thread to be had (a fence on a starved host): in turn
+            done = {k: run_cmd(argv, limit()) for k, argv in lists.items()}
         for ds in self.cfg.vm_datasets:
             if states.get(ds) is not None:
                 errors.append({"dataset": ds, "error": f"unavailable: {states[ds]}",
@@ -4426,8 +4431,6 @@ class Paths:
         self.events = os.path.join(cfg.state_dir, "events.jsonl")
         self.members = os.path.join(cfg.state_dir, "members.json")
         self.plans = os.path.join(cfg.state_dir, "plans.json")
-        # this file's bytecode (compiled_self), imported by the agent and its watchdog
-        self.pycache = os.path.join(cfg.state_dir, "pycache")
 
 
 class EventLog:
@@ -5025,7 +5028,9 @@ class AgentTarget:
             self.log.exception(f"start of VM {v['vm_name']}")
             error = f"internal error: {x}"
         unknown = False
-        if error is not None:
+        if error == FENCING:
+            pass    # nothing started; the copy stays locked (start_commands): no undo
+        elif error is not None:
             unknown = not self.undo_start(v, entry["restore_parent"], error)
             if unknown:
                 self.unresolved[entry["uid"]] = (v, entry["restore_parent"], error)
@@ -5065,22 +5070,38 @@ class AgentTarget:
         return error if error is not None else self.confirm_start(v["vm_name"], appear_by)
 
     def start_commands(self, v, appear_by):
-        """The failover strategy and `hoster vm start`, within appear_by."""
+        """The failover strategy and `hoster vm start`, within appear_by.  Returns FENCING,
+        having started nothing, once the node fences: a start that waited for its slot
+        while the fence ran must not rewrite the lock the fence wrote (a reboot would find
+        parent_host naming this host, and Hoster's start-all would start the VM here
+        while the cluster starts it elsewhere).  The core sets `fenced` under self.lock
+        before the fence writes its locks: parent_host is rewritten under that lock, and a
+        cireset that ran while the fence began is followed by a lock again."""
         name, cfg = v["vm_name"], self.cfg
         strategy = STRATEGIES.get(v.get("failover_strategy") or "", cfg.failover_strategy)
         if strategy == "change-parent":
-            try:
-                self.host.set_parent(v["config_path"], cfg.hostname)
-            except (OSError, ValueError) as e:
-                return f"cannot set parent_host in {v['config_path']}: {e}"
+            with self.lock:
+                if self.core.fenced:
+                    return FENCING
+                try:
+                    self.host.set_parent(v["config_path"], cfg.hostname)
+                except (OSError, ValueError) as e:
+                    return f"cannot set parent_host in {v['config_path']}: {e}"
         else:
+            with self.lock:
+                if self.core.fenced:
+                    return FENCING
             rc, out, err = run_cmd(cfg.command("vm_cireset", name),
                                    max(1.0, appear_by - time.monotonic()))
             if rc != 0:
                 return f"hoster vm cireset {name} exited {rc}: {command_text(out, err)}"
         with self.lock:
             if self.core.fenced:
-                return "this node is fencing itself"
+                try:
+                    self.host.set_parent(v["config_path"], lock_name(time.time()))
+                except (OSError, ValueError) as e:
+                    self.log.log(CRIT, f"cannot lock VM {name} again while fencing: {e}")
+                return FENCING
         rc, out, err = run_cmd(cfg.command("vm_start", name),
                                max(1.0, appear_by - time.monotonic()))
         if rc is None:
@@ -5280,14 +5301,17 @@ class AgentHost:
             if pid_alive(pid):
                 raise RuntimeError(f"ha_watchdog (PID {pid}) in another mode did not stop")
         argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
-        if compiled_self(self.paths.pycache) is not None:   # it imports this module
-            argv[1:1] = ["-X", f"pycache_prefix={self.paths.pycache}"]
+        env = dict(os.environ)
+        env.pop("HOSTER_HA_BYTECODE", None)
+        got = compiled_self(self.cfg.state_dir)
+        if got is not None:     # it loads this module from there (fresh: just checked)
+            env["HOSTER_HA_BYTECODE"] = got[1]
         if self.debug:
             argv.append("--ha-debug")
         # No inherited stdout/stderr: daemon(8) waits for EOF on its pipe before it exits.
         self.wd_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, close_fds=True,
-                                        start_new_session=True)
+                                        start_new_session=True, env=env)
         deadline = time.monotonic() + self.WATCHDOG_START_TIMEOUT
         while time.monotonic() < deadline:
             if read_pid(self.paths.wd_pid) == self.wd_proc.pid:
@@ -6205,39 +6229,62 @@ SYSTEM_PATH = ("/sbin", "/bin", "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/us
                "/opt/hoster-core")
 
 
-# Run by the agent's process in place of this file (run_as_import): import the module from
-# its cached bytecode and run its main() with the same arguments.
-IMPORT_SELF = ("import os, sys; HOSTER_HA_PROGRAM = True; sys.argv = sys.argv[1:]; "
-               "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-               "import hoster_ha; sys.exit(hoster_ha.main())")
+# Run by the agent's process in place of this file (run_as_import), with the arguments
+# SCRIPT PYC ARGS...: load the module from the bytecode PYC only (nothing else is looked up
+# differently; the current directory is not on sys.path) and run its main() with ARGS.
+IMPORT_SELF = """import os, sys
+from importlib.machinery import SourcelessFileLoader
+from importlib.util import module_from_spec, spec_from_loader
+HOSTER_HA_PROGRAM = True
+script, pyc = sys.argv[1:3]
+sys.argv = [script] + sys.argv[3:]
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+loader = SourcelessFileLoader("hoster_ha", pyc)
+mod = module_from_spec(spec_from_loader("hoster_ha", loader))
+mod.__file__ = script
+sys.modules["hoster_ha"] = mod
+loader.exec_module(mod)
+sys.exit(mod.main())
+"""
 
 
-def compiled_self(prefix):
-    """Write this file's bytecode under `prefix` (sys.pycache_prefix layout) unless what
-    is there matches the file (magic, size and mtime, as the import system checks).
-    Returns the path of the script, or None (nothing usable: run as we are)."""
+def private_path(path, kind):
+    """path is a `kind` (stat.S_ISDIR or S_ISREG), not a symlink, owned by us and
+    writable by nobody else: bytecode we run as root comes only from such a place."""
+    st = os.lstat(path)
+    return kind(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def compiled_self(state_dir):
+    """(script, pyc): this file and its bytecode state_dir/pycache/hoster_ha.TAG.pyc,
+    written unless what is there was compiled from the file as it is now (a checked-hash
+    pyc: its header holds the source's hash).  None (the caller runs as it is) when
+    state_dir or pycache/ is writable by another user or is not ours, or on any error."""
     import importlib.util
     import py_compile
+    import stat
     script = os.path.realpath(__file__)
+    prefix = os.path.join(state_dir, "pycache")
+    pyc = os.path.join(prefix, f"hoster_ha.{sys.implementation.cache_tag}.pyc")
     try:
-        st = os.stat(script)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         os.makedirs(prefix, mode=0o700, exist_ok=True)
-        saved, sys.pycache_prefix = sys.pycache_prefix, prefix
+        if not (private_path(state_dir, stat.S_ISDIR) and private_path(prefix, stat.S_ISDIR)):
+            return None
+        with open(script, "rb") as f:
+            want = importlib.util.MAGIC_NUMBER + struct.pack("<I", 0b11) + \
+                importlib.util.source_hash(f.read())
         try:
-            cfile = importlib.util.cache_from_source(script)
-        finally:
-            sys.pycache_prefix = saved
-        want = importlib.util.MAGIC_NUMBER + struct.pack(
-            "<III", 0, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
-        try:
-            with open(cfile, "rb") as f:
-                fresh = f.read(16) == want
+            with open(pyc, "rb") as f:
+                fresh = f.read(16) == want and private_path(pyc, stat.S_ISREG)
         except OSError:
             fresh = False
         if not fresh:
-            py_compile.compile(script, cfile=cfile, doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
-        return script
+            py_compile.compile(script, cfile=pyc, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+            if not private_path(pyc, stat.S_ISREG):
+                return None
+        return script, pyc
     except (OSError, py_compile.PyCompileError, ValueError):
         return None
 
@@ -6245,21 +6292,20 @@ def compiled_self(prefix):
 def run_as_import(cfg):
     """The agent is a long-running process: run as a script, Python compiled this whole
     file first, and what that took stays in the process (about 13 MiB of its RSS).  So
-    the process that runs the agent replaces itself (exec: same PID) by one that imports
-    this module from bytecode cached in state_dir/pycache (written here when missing or
-    stale).  Returns only if that cannot be done: the agent then runs as it is."""
+    the process that runs the agent replaces itself (exec: same PID) by one that loads
+    this module from its bytecode in state_dir/pycache (compiled_self).  Returns only if
+    that cannot be done: the agent then runs as it is."""
     if __name__ != "__main__" or not sys.executable:
         return
-    prefix = Paths(cfg).pycache
-    script = compiled_self(prefix)
-    if script is None:
+    got = compiled_self(cfg.state_dir)
+    if got is None:
         return
     flags = subprocess._args_from_interpreter_flags()   # -S, -E, -X ... as we were run
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, *flags, "-X", f"pycache_prefix={prefix}",
-                                  "-c", IMPORT_SELF, script, *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, *flags, "-c", IMPORT_SELF, *got,
+                                  *sys.argv[1:]])
     except OSError:
         return
 

@@ -4,6 +4,7 @@ Every error must be a ConfigError whose text is one line naming the file and the
 """
 
 import json
+import marshal
 import math
 import os
 import subprocess
@@ -774,24 +775,31 @@ def test_hostname_command_and_init_file_can_be_set():
 
 def test_compiled_self_writes_the_bytecode_once_and_again_when_the_file_changes(
         tmp_path, monkeypatch):
-    """run_as_import's cache: written when missing, kept while it matches the file (size
-    and mtime), written again when the file changes; None when it cannot be written."""
+    """run_as_import's bytecode: written when missing, kept while it was compiled from
+    the file as it is (its hash, whatever the mtime), written again when the file
+    changes even within the same second and size; None when pycache/ or state_dir is
+    writable by others, or cannot be written."""
     src = tmp_path / "hoster_ha.py"
     src.write_text("X = 1\n")
     monkeypatch.setattr(hoster_ha, "__file__", str(src))
-    prefix = str(tmp_path / "pycache")
-    assert hoster_ha.compiled_self(prefix) == str(src)
-    (pyc,) = [os.path.join(d, f) for d, _, fs in os.walk(prefix) for f in fs]
+    state = tmp_path / "state"
+    script, pyc = hoster_ha.compiled_self(str(state))
+    assert script == str(src) and os.path.dirname(pyc) == str(state / "pycache")
+    assert oct(os.stat(state).st_mode & 0o777) == "0o700"
     first = os.stat(pyc).st_mtime_ns
     time.sleep(0.01)
-    assert hoster_ha.compiled_self(prefix) == str(src)
+    assert hoster_ha.compiled_self(str(state)) == (script, pyc)
     assert os.stat(pyc).st_mtime_ns == first          # fresh: not rewritten
-    src.write_text("X = 22\n")
-    os.utime(src, (1_000_000, 1_000_000))
-    assert hoster_ha.compiled_self(prefix) == str(src)
-    assert os.stat(pyc).st_mtime_ns != first
+    st = os.stat(src)
+    src.write_text("X = 2\n")                          # same size, same mtime
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert hoster_ha.compiled_self(str(state)) == (script, pyc)
+    ns = {}
     with open(pyc, "rb") as f:
-        assert int.from_bytes(f.read(12)[8:], "little") == 1_000_000
+        exec(marshal.loads(f.read()[16:]), ns)
+    assert ns["X"] == 2
+    os.chmod(state / "pycache", 0o777)
+    assert hoster_ha.compiled_self(str(state)) is None
     blocked = tmp_path / "file"
     blocked.write_text("")
-    assert hoster_ha.compiled_self(str(blocked / "pycache")) is None
+    assert hoster_ha.compiled_self(str(blocked / "state")) is None

@@ -9,6 +9,7 @@ that the simulator runs them rather than a copy of its own.
   arming / persist      the clear_fence_record, record_running and persist_term actions
 """
 import os
+import time
 
 import hoster_ha
 import sim
@@ -272,3 +273,76 @@ def test_watchdog_verdict_is_the_rule_of_the_watchdog_and_of_the_simulator(monke
           [[0, f"start {n}"] for n in sim.CANDIDATES + ("worker1",)] +
           [[30, "expect armed worker1"], [31, "pause worker1"], [60, "expect fenced worker1"]])
     assert (True, True) in seen and not s.failures, (seen, s.failures)
+
+
+def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(monkeypatch):
+    """Review of issue 13 (helper-15): a batch entry waiting for a start slot gets it when
+    the fence kills the running start; it must not rewrite parent_host (the fence's lock)
+    to this host, nor undo anything: nothing ran.  Its answer says the node is fencing."""
+    import logging
+    import threading
+    import types
+    history = []
+    release = threading.Event()
+
+    def run_cmd(argv, timeout):
+        if argv == ["vm_start", "vm0"]:
+            release.wait(10)           # the first start runs until the fence kills it
+            return 1, "", "killed"
+        return 0, "", ""
+    monkeypatch.setattr(hoster_ha, "run_cmd", run_cmd)
+
+    class Core:
+        fenced = False
+
+        def __init__(self):
+            self.fo = {}
+
+        def handle_failover(self, body, now, local, reasons):
+            self.fo[body["uid"]] = "starting"
+            return "start", {"uid": body["uid"], "restore_parent": "worker1"}
+
+        def finish_failover(self, uid, ok, err, now, unknown=False):
+            self.fo[uid] = "done"
+            return 409, {"error": err}
+
+        def starting(self):
+            return {u for u, st in self.fo.items() if st == "starting"}
+
+    class Host:
+        def set_parent(self, path, parent):
+            history.append((path, parent))
+
+        def destroy_all(self, names, timeout):
+            return True
+
+    t = hoster_ha.AgentTarget.__new__(hoster_ha.AgentTarget)
+    t.lock, t.core, t.host = threading.RLock(), Core(), Host()
+    t.log = logging.getLogger("test-queued-fence")
+    t.cfg = types.SimpleNamespace(start_timeout=30, start_confirm=0.2, fence_timeout=1,
+                                  hostname="node2", failover_strategy="change-parent",
+                                  vmm_dir="/nonexistent", command=lambda k, n: [k, n])
+    t.start_slots = threading.BoundedSemaphore(1)
+    t.unresolved = {}
+    t.sync_incarnation = lambda: None
+    t.note_running = lambda n: None
+    t.local_copy = lambda n: {"vm_name": n, "config_path": n, "live": False,
+                              "parent_host": "worker1", "failover_strategy": None}
+    t.host_readiness = lambda: None
+    entries = [{"vm_name": f"vm{i}", "from_host": "worker1", "term": 1, "uid": f"u{i}"}
+               for i in range(2)]
+    out = []
+    th = threading.Thread(target=lambda: out.append(t.failovers(entries)))
+    th.start()
+    deadline = time.monotonic() + 5
+    while ("vm0", "node2") not in history and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with t.lock:                      # the fence: the core is fenced, then the locks
+        t.core.fenced = True
+        for n in ("vm0", "vm1"):
+            history.append((n, "__HA_LOCKED_fence__"))
+    release.set()                     # its kill ends vm0's start: vm1 gets the slot
+    th.join(10)
+    assert [p for v, p in history if v == "vm1"] == ["__HA_LOCKED_fence__"], history
+    res = {r["uid"]: r for r in out[0]}
+    assert res["u1"]["status"] == 409 and res["u1"]["answer"]["error"] == hoster_ha.FENCING

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -278,23 +279,24 @@ class TestHealthyCluster:
         assert c.http_status("node2").get("api_pid") == pid
 
     def test_the_agent_runs_from_its_cached_bytecode_without_ssl(self, ready):
-        """Footprint (issue 13 item 6): the agent's process (same PID: it exec'd) imports
+        """Footprint (issue 13 item 6): the agent's process (same PID: it exec'd) loads
         this module from state_dir/pycache instead of compiling the file it was started
-        as, and neither it nor its watchdog loads ssl without a tls section."""
+        as, the watchdog loads it from there too, nothing else is cached there, and
+        neither loads ssl without a tls section."""
         c, _ = ready
         node = c["node1"]
         api, wd = node.pid(), node.pid("ha_watchdog")
         assert api == node.proc.pid
         prefix = os.path.join(node.state_dir, "pycache")
+        pyc = os.path.join(prefix, f"hoster_ha.{sys.implementation.cache_tag}.pyc")
+        assert os.listdir(prefix) == [os.path.basename(pyc)]
         with open(f"/proc/{api}/cmdline", "rb") as f:
             argv = f.read().decode().split("\0")
-        assert f"pycache_prefix={prefix}" in argv and hoster_ha.IMPORT_SELF in argv, argv
-        assert argv[argv.index(hoster_ha.IMPORT_SELF) + 1:][:2] == [
-            os.path.realpath(hoster_ha.__file__), "start"], argv
-        with open(f"/proc/{wd}/cmdline", "rb") as f:
-            assert f"pycache_prefix={prefix}" in f.read().decode().split("\0")
-        cached = [os.path.join(d, f) for d, _, fs in os.walk(prefix) for f in fs]
-        assert [os.path.basename(p).split(".")[0] for p in cached] == ["hoster_ha"], cached
+        assert hoster_ha.IMPORT_SELF in argv, argv
+        assert argv[argv.index(hoster_ha.IMPORT_SELF) + 1:][:3] == [
+            os.path.realpath(hoster_ha.__file__), pyc, "start"], argv
+        with open(f"/proc/{wd}/environ", "rb") as f:
+            assert f"HOSTER_HA_BYTECODE={pyc}".encode() in f.read().split(b"\0")
         for pid in (api, wd):
             with open(f"/proc/{pid}/maps") as f:
                 assert "/_ssl." not in f.read(), pid
