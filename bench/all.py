@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make bench`: the benchmarks issue 13 names, one markdown report (about 11 minutes on
+"""`make bench`: the benchmarks issue 13 names, one markdown report (about 12 minutes on
 2 cores).
 
 1. Failover (bench/failover.py, one run per row): 3 candidates + 2 workers, production
