@@ -35,9 +35,9 @@ sys.path.insert(0, HERE)
 
 def import_agent():
     """The agent module beside this file: from the bytecode the agent named in
-    HOSTER_HA_BYTECODE (its state_dir/pycache, checked against the source just before it
-    started us; compiling the file here would keep about 13 MiB in this process), if that
-    file is ours and writable by nobody else; else from the source."""
+    HOSTER_HA_BYTECODE (the state_dir/pycache file it runs itself; compiling the file here
+    would keep about 13 MiB in this process), if that file is ours and writable by nobody
+    else; else from the source."""
     pyc = os.environ.pop("HOSTER_HA_BYTECODE", "")
     if pyc:
         from importlib.machinery import SourcelessFileLoader

@@ -5303,9 +5303,8 @@ class AgentHost:
         argv = [sys.executable, watchdog_script(), "--config", self.cfg.path]
         env = dict(os.environ)
         env.pop("HOSTER_HA_BYTECODE", None)
-        got = compiled_self(self.cfg.state_dir)
-        if got is not None:     # it loads this module from there (fresh: just checked)
-            env["HOSTER_HA_BYTECODE"] = got[1]
+        if BYTECODE is not None:   # it runs the code this agent runs, without compiling it
+            env["HOSTER_HA_BYTECODE"] = BYTECODE
         if self.debug:
             argv.append("--ha-debug")
         # No inherited stdout/stderr: daemon(8) waits for EOF on its pipe before it exits.
@@ -6244,8 +6243,10 @@ mod = module_from_spec(spec_from_loader("hoster_ha", loader))
 mod.__file__ = script
 sys.modules["hoster_ha"] = mod
 loader.exec_module(mod)
+mod.BYTECODE = pyc
 sys.exit(mod.main())
 """
+BYTECODE = None   # the bytecode this process runs (IMPORT_SELF sets it): its watchdog's too
 
 
 def private_path(path, kind):

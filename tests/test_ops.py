@@ -292,12 +292,17 @@ def test_notify_config_key(tmp_path):
 
 # -- item 6: vm_priority ---------------------------------------------------------------
 
-def test_vm_priority_orders_the_starts_on_each_target():
+def w1_to_w2(names):
+    """Inventories: candidates a, b, c with no VMs; w1 runs `names`, w2 holds copies."""
     from test_failover_core import host_inv, vm
-    names = ["vm1", "vm2", "vm3", "vm4"]
-    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
+    return {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
             "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
             "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+
+
+def test_vm_priority_orders_the_starts_on_each_target():
+    names = ["vm1", "vm2", "vm3", "vm4"]
+    invs = w1_to_w2(names)
     prio = {"vm3": 10, "vm4": 5, "vm1": -1}       # vm2: default 0
     extra = {n: {"vm_priority": prio, "max_parallel_starts": 1} for n in ("a", "b", "c")}
     net, _ = make_net(invs=invs, extra=extra)
@@ -343,11 +348,8 @@ def test_a_target_that_takes_batches_gets_all_its_vms_at_once():
 def test_a_target_that_takes_no_batches_gets_max_parallel_starts_requests():
     """To a target that refused a batch (an older version), the manager keeps at most
     max_parallel_starts plain requests out at once."""
-    from test_failover_core import host_inv, vm
     names = [f"vm{i}" for i in range(4)]
-    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
-            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
-            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    invs = w1_to_w2(names)
     extra = {n: {"max_parallel_starts": 2} for n in ("a", "b", "c")}
     net, _ = make_net(invs=invs, extra=extra)
 
@@ -726,11 +728,8 @@ def test_a_target_gets_its_vms_in_one_request():
     """Issue 13 item 1: the VMs bound for one target go in one POST failover (`entries`,
     whatever max_parallel_starts: the target keeps to it); the answer's results count per
     uid, and the results are replicated in one POST plan per answer."""
-    from test_failover_core import host_inv, vm
     names = [f"vm{i}" for i in range(5)]
-    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
-            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
-            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    invs = w1_to_w2(names)
     extra = {n: {"max_parallel_starts": 3} for n in ("a", "b", "c")}
     net, _ = make_net(invs=invs, extra=extra)
     last = kill_w1(net, 10.0)
@@ -777,11 +776,8 @@ def test_a_target_that_refuses_batches_gets_one_request_per_vm():
     """A target of an older version answers a batch with 400 (no vm_name): nothing was
     started, so every entry is refused (placed again later, not failed for good), and the
     target gets plain requests from then on."""
-    from test_failover_core import host_inv, vm
     names = ["vm0", "vm1", "vm2"]
-    invs = {"a": host_inv("a"), "b": host_inv("b"), "c": host_inv("c"),
-            "w1": host_inv("w1", *[vm(n, "w1", live=True, creation=300) for n in names]),
-            "w2": host_inv("w2", *[vm(n, "w1", creation=300) for n in names])}
+    invs = w1_to_w2(names)
     net, _ = make_net(invs=invs)
 
     def policy(net, src, a, now):

@@ -617,6 +617,18 @@ def test_a_fence_lock_of_a_stopped_vm_is_lifted_when_the_host_is_back(tmp_path):
 
 # -- issue 13 item 1: a target's VMs in one request ----------------------------------------
 
+def start_batch_target(c, nodes, start_delay):
+    """Start `nodes` with node2's fake `hoster vm start` taking start_delay s; once they
+    are armed: node2 as a peer to send POST failover to, and the term to send."""
+    n2 = c["node2"]
+    with open(os.path.join(n2.dir, "start_delay"), "w") as f:
+        f.write(f"{start_delay}\n")
+    c.start_all(nodes)
+    assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
+    peer = {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"}
+    return peer, c.get("node2", "status")["term"]
+
+
 def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path):
     """POST failover with `entries`: the target handles each entry as if it had come
     alone, all at once (each fake start takes 1 s here: they overlap), and answers every
@@ -632,13 +644,8 @@ def test_a_batched_failover_starts_every_entry_at_once_and_answers_each(tmp_path
         cfg_odd = json.load(f)
     with open(odd, "w") as f:     # a strategy of a type nobody expected: an internal error
         json.dump(dict(cfg_odd, failover_strategy=["cireset"]), f)
-    with open(os.path.join(n2.dir, "start_delay"), "w") as f:
-        f.write("1\n")
-    peer = {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"}
     try:
-        c.start_all(nodes)
-        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
-        term = c.get("node2", "status")["term"]
+        peer, term = start_batch_target(c, nodes, 1)
         entries = [{"vm_name": vm, "from_host": "worker1", "term": term, "uid": f"b-{vm}"}
                    for vm in ("vm1", "vm2", "vm3")]
         # the incarnation file (the watchdog confirms a fence only with it) is gone while
@@ -717,13 +724,8 @@ def test_a_target_runs_max_parallel_starts_commands_at_once_and_confirms_outside
     names = [f"vm{i}" for i in range(5)]
     for vm in names:
         n2.add_vm(vm, parent="worker1", snapshots=[snap(vm, HOUR)])
-    with open(os.path.join(n2.dir, "start_delay"), "w") as f:
-        f.write("0.6\n")
-    peer = {"address": n2.address, "port": c.port, "protocol": "http", "hostname": "node2"}
     try:
-        c.start_all(nodes)
-        assert c.wait_for(lambda: c.armed(nodes), ARM_BOUND, interval=0.2)
-        term = c.get("node2", "status")["term"]
+        peer, term = start_batch_target(c, nodes, 0.6)
         entries = [{"vm_name": vm, "from_host": "worker1", "term": term, "uid": f"s-{vm}"}
                    for vm in names]
         status, ans = c.client.request(peer, "POST", "failover",
