@@ -658,6 +658,8 @@ FENCED_FIELDS = {"hostname": (str,), "startup_time": _INT, "record": (dict,)}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
 PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection this often
                             # (or every 10 ping_intervals, if that is sooner)
+PREFETCH_LEAD = 1.0      # s: inventories asked for this long before a member's deadline,
+#                          and used by its failover job if asked for at most this long ago
 MAX_PLANS = 500          # failover plans a candidate keeps (finished ones are dropped first)
 RETRY_MAX = 15           # s: longest delay between two tries to place an unplaced VM
 MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: `hoster vm start`s at once on one
@@ -2356,6 +2358,7 @@ class Job:
         self.waited_on = set()     # plans planned when the job planned (left to others)
         self.batch, self.plan_wait = 0, 0
         self.unacked = []          # plans replicated and not acknowledged yet
+        self.adopted = set()       # members whose prefetch answer the job waits for
 
 
 class FailoverManager(Part):
@@ -2373,6 +2376,10 @@ class FailoverManager(Part):
         self.restart_uids = set()  # plans that start a VM again after an orderly stop
         self.no_batches = set()    # targets that refused a batch (an older version)
         self.next_manager_round = now
+        # issue 13 item 3: {member: (asked_at, job_seq then, inventory)} asked for just
+        # before another member's deadline (prefetch), and when the last round was asked
+        self.prefetched = {}
+        self.prefetch_asked = -math.inf
 
     def tick(self, now, manager):
         """A round every ping_interval while we can act (views, detection, jobs); in
@@ -2381,11 +2388,52 @@ class FailoverManager(Part):
         if not manager:
             self.job = None
             self.protector.prot, self.protector.protection = None, {}
-        elif now >= self.next_manager_round:
+            self.prefetched = {}
+            return
+        if now >= self.next_manager_round:
             self.next_manager_round = now + self.cfg.ping_interval
             self.manager_round(now)
         else:
             self.detector.refresh_views(now)
+        self.prefetch(now)
+
+    def prefetch(self, now):
+        """Decide at the deadline, not after it (issue 13 item 3): while a member's silence
+        in our own view is within PREFETCH_LEAD of its failover_time (before or after it),
+        ask every other live member for its inventory, again every PREFETCH_LEAD / 2.  It
+        is only read: nothing is planned, replicated or sent before the member is failed
+        (Detector.detect_failures, on 2 views, as always).  A job that starts then uses an
+        inventory asked for at most PREFETCH_LEAD ago, before any other job began, or
+        waits for its answer if it is still on its way (_start_job); without one it asks,
+        as before.  Bounded: the window is 2 *
+        PREFETCH_LEAD of a member's silence, and one request per member is out at once."""
+        if self.job is not None or now - self.prefetch_asked < PREFETCH_LEAD / 2:
+            return
+        near = {r["hostname"] for r in self.table.members_view(now)
+                if r["armed"] and not (r["left"] or r["maintenance"]) and
+                r["hostname"] not in self.detector.failed and
+                abs(r["silence"] - r["failover_time"]) <= PREFETCH_LEAD}
+        if not near:
+            return
+        self.prefetch_asked = now
+        hosts, _ = self.detector.live_members(now)
+        for h, r in sorted(hosts.items()):
+            if h not in near and not any(p[:2] == ("prefetch", h)
+                                         for p, _ in self.box.pending.values()):
+                self.box.send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT,
+                              ("prefetch", h, now, self.job_seq), self._on_prefetch)
+
+    def _on_prefetch(self, purpose, status, answer, now):
+        _, h, asked_at, job_seq = purpose
+        job = self.job
+        if job is not None and job.id == job_seq + 1 and h in job.adopted:
+            job.adopted.discard(h)    # the job waits for this answer (_start_job)
+            if h in job.waiting:
+                self._on_vms(("vms", job.id, h), status, answer, now)
+            return
+        inv = clean_inventory(answer) if status == 200 else None
+        if inv is not None and job_seq == self.job_seq:
+            self.prefetched[h] = (asked_at, job_seq, inv)
 
     def manager_round(self, now):
         t = self.cfg
@@ -2463,14 +2511,35 @@ class FailoverManager(Part):
                 owners[vm] = {h} | {x for e in self.planbook.plans.values() if e["vm"] == vm
                                     for x in (e["from"], e["to"])} | \
                     (set(b["froms"]) | {b["to"]} if b else set())
+        # inventories asked for just before the deadline (prefetch), before any other job
+        # began: at most PREFETCH_LEAD old, as fresh as a slow member's answer to a job
+        early = {h: inv for h, (at, seq, inv) in self.prefetched.items()
+                 if h in hosts and seq == self.job_seq and now - at <= PREFETCH_LEAD}
+        # ... or still on their way: the job waits for those answers
+        adopted = {p[1] for p, _ in self.box.pending.values()
+                   if p[0] == "prefetch" and p[1] in hosts and p[1] not in early and
+                   p[3] == self.job_seq and now - p[2] <= PREFETCH_LEAD}
+        self.prefetched = {}
         self.job_seq += 1
         self.job = Job(self.job_seq, sources, hosts, left, owners,
                        failed={h for h in sources if h in self.detector.failed},
                        restart=restart,
                        episodes={h: restart or self.detector.episode(h) for h in sources})
+        self.job.adopted = adopted
+        if early or adopted:
+            rest = ", ".join(sorted(set(hosts) - set(early) - adopted)) or "no other member"
+            self.box.event("note", "INFO", f"failover of {', '.join(sorted(sources))}: "
+                           f"inventories of {', '.join(sorted(set(early) | adopted))} asked "
+                           f"for just before the deadline; asking {rest}")
         for h, r in sorted(hosts.items()):
-            self.box.send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT, ("vms", self.job_seq, h),
-                          self._on_vms)
+            if h in early:
+                self.job.inv[h] = early[h]
+                self.job.waiting.discard(h)
+            elif h not in adopted:
+                self.box.send(h, r, "GET", "vms", None, INVENTORY_TIMEOUT,
+                              ("vms", self.job_seq, h), self._on_vms)
+        if not self.job.waiting:
+            self._plan(now)
 
     def _on_vms(self, purpose, status, answer, now):
         job = self.job

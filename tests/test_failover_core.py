@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from hoster_ha import (FAILOVER_FIELDS, MAX_BATCH, MAX_PLANS, PLAN_BODY_FIELDS, Core,
-                       check_fields, check_plan_entry, parse_config, valid_vm_name)
+from hoster_ha import (FAILOVER_FIELDS, MAX_BATCH, MAX_PLANS, PLAN_BODY_FIELDS, PREFETCH_LEAD,
+                       Core, check_fields, check_plan_entry, parse_config, valid_vm_name)
 from test_core import CANDIDATES, SECRET, TIMINGS, deliver, run
 
 
@@ -89,11 +89,14 @@ class Net:
         for v in self.inv.get(n, {}).get("vms", []):
             v["live"], v["state"] = False, "stopped"
 
-    def sends(self, node=None, method=None, name=None, to=None, since=0, protection=False):
+    def sends(self, node=None, method=None, name=None, to=None, since=0, protection=False,
+              prefetch=False):
         """Requests sent; the manager's protection rounds (GET vms every few rounds,
-        issue 14 item 1) only with protection=True."""
+        issue 14 item 1) only with protection=True, its inventories asked for just before
+        a deadline (issue 13 item 3) only with prefetch=True."""
         return [a for i, (t, n, a) in enumerate(self.log) if i >= since and a["kind"] == "send"
                 and (protection or a.get("purpose") != "pvms")
+                and (prefetch or a.get("purpose") != "prefetch")
                 and (node is None or n == node) and (method is None or a["method"] == method)
                 and (name is None or a["name"] == name) and (to is None or a["to"] == to)]
 
@@ -298,6 +301,7 @@ def test_member_failed_only_after_its_failover_time_and_after_the_managers_wait(
     net.run(10.0, last + FAILOVER_TIME - 0.5, step=0.5)
     assert failed_at(net) is None
     assert net.sends(name="vms") == [] and net.sends(name="failover") == []
+    assert net.sends(name="plan") == [] and a.plans == {}
     net.run(last + FAILOVER_TIME, last + FAILOVER_TIME + 3 * TIMINGS["ping_interval"], step=0.5)
     tf = failed_at(net)
     assert tf is not None and last + FAILOVER_TIME <= tf <= last + FAILOVER_TIME + 2.0
@@ -308,8 +312,119 @@ def test_member_failed_only_after_its_failover_time_and_after_the_managers_wait(
     ev = net.events("a", "member_failed")[0]
     assert ev["level"] == "NOTICE" and ev["details"]["startup_time"] == STARTUP["w1"]
     # the job: inventories of every member that is neither failed nor left, nobody else
-    assert sorted(x["to"] for x in net.sends("a", "GET", "vms")) == ["a", "b", "c", "w2"]
+    # (asked for just before the deadline, issue 13 item 3)
+    assert sorted({x["to"] for x in net.sends("a", "GET", "vms", prefetch=True)}) == \
+        ["a", "b", "c", "w2"]
     assert net.live_on("vm1") == ["w2"]
+
+
+def sent_at(net, node=None, name=None, purpose=None):
+    """[(time, action)] of the requests sent, by purpose."""
+    return [(t, a) for t, n, a in net.log if a["kind"] == "send"
+            and (node is None or n == node) and (name is None or a["name"] == name)
+            and (purpose is None or a["purpose"] == purpose)]
+
+
+def test_inventories_asked_for_just_before_the_deadline_and_nothing_else_before_it():
+    """Issue 13 item 3: the manager asks for the inventories within PREFETCH_LEAD of the
+    deadline, plans nothing before the member is failed, and then starts at once, on
+    those inventories."""
+    net, t = make_net()
+    a = net.cores["a"]
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME - 0.5, step=0.25)
+    early = sent_at(net, name="vms", purpose="prefetch")
+    assert early and all(n >= last + FAILOVER_TIME - PREFETCH_LEAD for n, _ in early)
+    assert {x["to"] for _, x in early} == {"a", "b", "c", "w2"}      # not the silent w1
+    assert net.sends(name="plan") == [] and net.sends(name="failover") == []
+    assert a.plans == {} and failed_at(net) is None
+    assert all(c.moved_vms("w1") == [] for c in (net.cores[x] for x in "abc"))
+    net.run(last + FAILOVER_TIME - 0.25, last + FAILOVER_TIME + 3, step=0.25)
+    tf = failed_at(net)
+    assert last + FAILOVER_TIME <= tf
+    # the job asked nobody: every inventory was at most PREFETCH_LEAD old
+    assert [x for n, x in sent_at(net, name="vms", purpose="vms")] == []
+    note = [e for e in net.events("a") if "asked for just before the deadline" in e["msg"]]
+    assert len(note) == 1 and "asking no other member" in note[0]["msg"]
+    # the plan goes out in the step that failed the member
+    assert min(n for n, _ in sent_at(net, "a", "plan")) == tf
+    assert net.live_on("vm1") == ["w2"]
+    # bounded: a round every PREFETCH_LEAD / 2 within PREFETCH_LEAD of the deadline
+    rounds = {n for n, _ in sent_at(net, name="vms", purpose="prefetch")}
+    assert len(rounds) <= 2 * PREFETCH_LEAD / (PREFETCH_LEAD / 2) + 1
+    assert a.manager.prefetched == {}
+
+
+def test_member_heard_again_just_before_its_deadline_gets_no_plan():
+    net, t = make_net()
+    net.run(6.0, 9.0, step=0.5)
+    net.cut = {("w1", c) for c in "abc"}    # w1 alive but unheard (it fences, see below)
+    w1 = net.cores["w1"]
+    w1.link.survive = lambda now, quorum, reach: None   # keep it armed and running:
+    net.run(9.5, 9.0 + FAILOVER_TIME - 0.5, step=0.25)  # only its silence matters here
+    assert sent_at(net, name="vms", purpose="prefetch")
+    net.cut = set()
+    net.run(9.0 + FAILOVER_TIME - 0.25, 9.0 + FAILOVER_TIME + 10, step=0.25)
+    assert failed_at(net) is None
+    assert net.sends(name="plan") == [] and net.sends(name="failover") == []
+    for c in "abc":
+        assert net.cores[c].plans == {} and net.cores[c].moved_vms("w1") == []
+    assert w1.armed and not w1.fenced
+    # only while its silence was within PREFETCH_LEAD of its failover_time
+    assert all(9.0 + FAILOVER_TIME - PREFETCH_LEAD <= n < 9.0 + FAILOVER_TIME
+               for n, _ in sent_at(net, name="vms", purpose="prefetch"))
+
+
+def test_job_waits_for_an_inventory_asked_for_just_before_the_deadline_still_under_way():
+    net, t = make_net()
+    last = kill_w1(net, 10.0)
+    deadline = last + FAILOVER_TIME
+    net.policy = lambda net, src, act, now: \
+        "hold" if act["purpose"] == "prefetch" and act["to"] == "b" else None
+    net.run(10.0, deadline + 2, step=0.25)
+    tf = failed_at(net)
+    assert tf is not None and tf - PREFETCH_LEAD <= min(
+        n for n, x in sent_at(net, "a", "vms", "prefetch") if x["to"] == "b")
+    ((_, held),) = net.held             # one request at a time per member
+    assert all(x["to"] != "b" for _, x in sent_at(net, name="vms", purpose="vms"))
+    assert net.sends(name="plan") == [], "planned without b's inventory"
+    note = [e for e in net.events("a") if "asked for just before the deadline" in e["msg"]]
+    assert "inventories of a, b, c, w2" in note[0]["msg"]
+    net.policy = None
+    net.release(net.held[0], deadline + 2)
+    assert net.sends(name="plan")
+    net.run(deadline + 2.25, deadline + 5, step=0.25)
+    assert net.live_on("vm1") == ["w2"] and len(net.starts_of("vm1")) == 1
+
+
+def test_inventory_asked_for_too_early_or_before_another_job_is_asked_for_again():
+    """The other candidates' views come late (GET members fails): the member is failed
+    more than PREFETCH_LEAD after its deadline in the manager's own view, so the job asks
+    every member again; a prefetch answer that comes after a job began is dropped."""
+    net, t = make_net()
+    a = net.cores["a"]
+    last = kill_w1(net, 10.0)
+    deadline = last + FAILOVER_TIME
+    held_b = []
+
+    def policy(net, src, act, now):
+        if act["name"] == "members" and now < deadline + 3:
+            return "fail"
+        if act["purpose"] == "prefetch" and act["to"] == "b" and not held_b:
+            held_b.append(now)
+            return "hold"
+        return None
+    net.policy = policy
+    net.run(10.0, deadline + 6, step=0.25)
+    tf = failed_at(net)
+    assert tf >= deadline + 3
+    assert sorted(x["to"] for _, x in sent_at(net, name="vms", purpose="vms")) == \
+        ["a", "b", "c", "w2"]
+    assert not [e for e in net.events("a") if "just before the deadline" in e["msg"]]
+    assert net.live_on("vm1") == ["w2"]
+    (item,) = net.held
+    net.release(item, deadline + 6)      # the first prefetch to b answers now
+    assert a.manager.prefetched == {}
 
 
 def test_member_silence_threshold_is_its_own_failover_time():
@@ -392,7 +507,7 @@ def test_left_member_is_not_asked_for_its_inventory_and_does_not_block_failover(
     net.kill("w3")
     last = kill_w1(net, 10.0)
     net.run(10.0, last + FAILOVER_TIME + 4)
-    assert "w3" not in [x["to"] for x in net.sends("a", "GET", "vms")]
+    assert "w3" not in [x["to"] for x in net.sends("a", "GET", "vms", prefetch=True)]
     assert net.live_on("vm1") == ["w2"]
 
 
