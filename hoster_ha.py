@@ -2198,6 +2198,9 @@ class Detector(Part):
         moved_to = {}
         for vm, e in self.planbook.latest_plans(("planned", "done", "failed", "abandoned")).items():
             moved_to.setdefault(e["to"], set()).add(vm)
+        stranded = {}
+        for vm, h in self.stranded().items():
+            stranded.setdefault(h, set()).add(vm)
         present = None
         for h, st in self.failed.items():
             ep = ("failed", h, st)
@@ -2212,7 +2215,8 @@ class Detector(Part):
                     self.settled.discard(ep)
             if ("failed", h, st) not in self.settled and \
                     self.retry_at.get(("failed", h, st), (now, 0))[0] <= now:
-                sources[h] = self.fence_record(h) | moved_to.get(h, set())
+                sources[h] = self.fence_record(h) | moved_to.get(h, set()) | \
+                    stranded.get(h, set())
         for m in self.table.members.values():
             if m.fenced_vms and m.hostname not in self.failed and \
                     ("rejoin", m.hostname, m.startup_time) not in self.settled:
@@ -2225,6 +2229,18 @@ class Detector(Part):
                 if self.retry_at.get(self.episode(m.hostname), (now, 0))[0] <= now:
                     sources[m.hostname] = set(m.fenced_vms)
         return sources
+
+    def stranded(self):
+        """{vm: failed member} of VMs whose latest plan, a failover from that member to
+        one that is not failed, was abandoned (its target said it never had it, e.g. it
+        restarted).  Its failover places them again, even if no copy names the member
+        any more: the target may have rewritten its copy's parent_host before its own
+        fence locked it (sim-soak failover 30394), and that lock is not a stop at home
+        (FailoverManager._restore)."""
+        return {vm: e["from"] for vm, e in
+                self.planbook.latest_plans(("planned", "done", "failed", "abandoned")).items()
+                if e["state"] == "abandoned" and e["from"] in self.failed and
+                e["to"] not in self.failed and e["from"] != e["to"]}
 
     def home_source(self, now, kind):
         """(episode, {member: VMs}) for one member back with VMs that go nowhere but home,
@@ -2636,6 +2652,7 @@ class FailoverManager(Part):
         member learns it with moved_vms (the newest plan wins) and lifts their lock."""
         job = self.job
         (h, vms), = job.sources.items()
+        busy = set(busy) | set(self.detector.stranded())   # their failover places them
         skipped, waiting, restore = [], [], []
         r = job.members.get(h)
         if r is not None and r["armed"] and not (r["maintenance"] or r["left"]):

@@ -310,3 +310,16 @@ def test_seeds_8821_10928_a_confirmed_fence_reports_an_unplaceable_vm_before_the
     leave.)  An unplaceable VM's event now counts from the time its host went down."""
     run_vm_seed(8821)
     run_vm_seed(10928)
+
+
+def test_seed_30394_a_vm_whose_target_fenced_mid_start_is_failed_over_again():
+    """Core (sim-soak): worker1 confirmed its fence; the manager node3 planned w1b to
+    itself, rewrote its copy's parent_host and started it, and its watchdog then fenced
+    it (agent gone), locking the copy as a stopped VM.  The next manager abandoned the
+    plan (node3 back, uid unknown); no copy named worker1 any more, so worker1's failover
+    no longer wanted w1b, and node3's restore unlocked it at home, unstarted: lost.  A VM
+    whose latest plan from a failed member was abandoned is now wanted by that member's
+    failover (Detector.stranded), and a restore leaves it to that failover."""
+    s = run_vm_seed(30394)
+    assert any("VM w1b is live on node3" in line for line in s.log), \
+        "w1b not failed over again"
