@@ -2911,7 +2911,9 @@ class FailoverManager(Part):
         # their VMs as busy, and that job settled without them)
         planned += [self.planbook.plans[u] for u in job.waited_on
                     if u in self.planbook.plans and self.planbook.plans[u]["state"] == "abandoned"]
-        busy_from = {e["from"] for e in planned}
+        # ... and a source a VM of which was stranded meanwhile (its plan abandoned after
+        # the job took its sources: Detector.stranded)
+        busy_from = {e["from"] for e in planned} | set(self.detector.stranded().values())
         busy_vms = {e["vm"] for e in planned}
         for h, vms in job.sources.items():
             ep = job.episodes[h]

@@ -1322,3 +1322,29 @@ def test_candidate_restart_keeps_members_and_where_vms_ran():
     assert b2.moved_vms("w1") == net.cores["b"].moved_vms("w1") != []
     assert [e["uid"] for e in b2.planbook.latest_plans(("done",)).values()] == \
         [e["uid"] for e in net.cores["b"].planbook.latest_plans(("done",)).values()]
+
+
+def test_a_vm_stranded_by_an_abandoned_failover_is_failed_over_again_not_unlocked_at_home():
+    """sim-soak failover 30394: the failover's POST to w2 is lost; w2 rewrote vm1's copy
+    to name itself, then fenced (locking it as a stopped VM) and came back as a new
+    incarnation that does not know the plan (abandoned).  No copy names w1 any more:
+    vm1 is placed by w1's failover again (Detector.stranded), and w2's restore does not
+    unlock it at home, unstarted."""
+    invs = standard_invs()
+    for h in "bc":
+        invs[h] = host_inv(h)
+    net, t = make_net(invs=invs)
+    net.policy = lambda net, src, act, now: "fail" if act["name"] == "failover" and \
+        not act["body"].get("check") and len(net.sends(name="failover")) == 1 else None
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 5, step=0.5,
+                until=lambda t: net.sends(name="failover"))
+    (lost,) = net.sends(name="failover")
+    assert lost["to"] == "w2" and net.starts == []
+    net.copy("w2", "vm1")["parent_host"] = LOCK
+    net.cores["w2"] = Core(cfg("w2"), STARTUP["w2"] + 1, t, locked_vms=("vm1",))
+    net.run(t + 0.5, t + 40, step=0.5)
+    assert net.live_on("vm1") == ["w2"] and len(net.starts_of("vm1")) == 1
+    assert not [e for e in net.events() if "stays at home" in e["msg"]]
+    moved = [e for e in net.events("a", "vm_moved") if e["details"]["vm_name"] == "vm1"]
+    assert moved and moved[-1]["details"]["from_host"] == "w1"
