@@ -666,6 +666,12 @@ MAX_PARALLEL_STARTS = 64  # bound of max_parallel_starts: `hoster vm start`s at 
                           # target (a VM's start confirmation does not hold one)
 DEFAULT_PARALLEL_STARTS = 16
 FENCING = "this node is fencing itself"   # a start refused or stopped before it ran
+
+
+class Refused(str):
+    """Why a start queued for a slot was refused when it got one (maintenance, leave:
+    FailoverTarget.start_refusal): nothing touched the VM, and the manager places it
+    again."""
 MAX_BATCH = 128           # entries of one POST failover (a batch: issue 13 item 1), and the
                           # starts a manager has out to one target that takes batches
 MAX_STARTS_AT_ONCE = 1024  # failover starts a manager has under way, all targets together
@@ -3033,12 +3039,9 @@ class FailoverTarget(Part):
         if self.cfg.debug:
             return 409, {"error": "this node runs in debug mode and never starts a VM"}
         # refused: nothing was started, and this node may take it later ("refused")
-        if self.link.maintenance or self.link.maintenance_asked_at is not None:
-            return 409, {"error": "this node is in maintenance", "refused": True}
-        if not self.link.armed or self.link.left or self.link.leaving:
-            return 409, {"error": "this node is not armed" + (
-                " (it is leaving the cluster)" if self.link.left or self.link.leaving else ""),
-                "refused": True}
+        why = self.start_refusal()
+        if why:
+            return 409, {"error": why, "refused": True}
         if not_ready:
             return 409, {"error": f"not ready to start VM {name}: {'; '.join(not_ready)}",
                          "not_ready": list(not_ready), "refused": True}
@@ -3053,14 +3056,33 @@ class FailoverTarget(Part):
         self.failovers[uid] = entry
         return "start", entry
 
-    def finish_failover(self, uid, ok, error, now, unknown=False):
+    def start_refusal(self):
+        """Why this node takes no failover start now (maintenance, asked for or in
+        effect; not armed; leaving), or None.  Asked when a request comes and again when
+        a start queued for a slot gets it (Agent.start_commands): the operator may have
+        turned maintenance on or asked to leave meanwhile."""
+        if self.link.maintenance or self.link.maintenance_asked_at is not None:
+            return "this node is in maintenance"
+        if not self.link.armed or self.link.left or self.link.leaving:
+            return "this node is not armed" + (
+                " (it is leaving the cluster)" if self.link.left or self.link.leaving else "")
+        return None
+
+    def finish_failover(self, uid, ok, error, now, unknown=False, refused=False):
         """The start of `uid` ended: ok (the VM stayed live for start_confirm), or failed
         with `error` after the target stopped what it launched, restored the copy's
         parent_host and saw the VM stay absent for start_confirm.  unknown: the VM could
         not be confirmed gone: it may still run or start here, so the answer says `live`
         (the manager starts it nowhere else) and GET vms keeps listing it as starting,
-        until a later cleanup confirms it gone (finish_failover again, not unknown)."""
+        until a later cleanup confirms it gone (finish_failover again, not unknown).
+        refused: the start waited for a slot and was then refused (start_refusal) before
+        anything touched the VM: the answer says so, and the manager places it again."""
         e = self.failovers[uid]
+        if refused:
+            e["state"], e["error"] = "failed", error
+            self.box.event("note", "NOTICE", f"start of VM {e['vm_name']} refused here before "
+                           f"it began: {error}", vm_name=e["vm_name"], uid=uid)
+            return 409, {"error": error, "uid": uid, "refused": True}
         if unknown:
             e["state"], e["error"] = "unknown", error
             self.box.event("vm_start_failed", "CRIT",
@@ -3129,8 +3151,8 @@ class Core:
                   "not_ready_reasons ready demotion_pending",
         "planbook": "plans handle_plan moved_vms",
         "protector": "protection",
-        "target": "failovers handle_failover finish_failover starting unresolved_starts "
-                  "fence_ours",
+        "target": "failovers handle_failover finish_failover start_refusal starting "
+                  "unresolved_starts fence_ours",
     }
 
     def __init__(self, cfg, startup_time, now, persisted_term=0, maintenance=False,
@@ -5116,7 +5138,7 @@ class AgentTarget:
             self.log.exception(f"start of VM {v['vm_name']}")
             error = f"internal error: {x}"
         unknown = False
-        if error == FENCING:
+        if error == FENCING or isinstance(error, Refused):
             pass    # nothing started; the copy stays locked (start_commands): no undo
         elif error is not None:
             unknown = not self.undo_start(v, entry["restore_parent"], error)
@@ -5124,7 +5146,8 @@ class AgentTarget:
                 self.unresolved[entry["uid"]] = (v, entry["restore_parent"], error)
         with self.lock:
             answer = self.core.finish_failover(body["uid"], error is None, error,
-                                               time.monotonic(), unknown=unknown)
+                                               time.monotonic(), unknown=unknown,
+                                               refused=isinstance(error, Refused))
         self.sync_incarnation()
         if error is None:
             self.note_running(v["vm_name"])
@@ -5164,9 +5187,15 @@ class AgentTarget:
         parent_host naming this host, and Hoster's start-all would start the VM here
         while the cluster starts it elsewhere).  The core sets `fenced` under self.lock
         before the fence writes its locks: parent_host is rewritten under that lock, and a
-        cireset that ran while the fence began is followed by a lock again."""
+        cireset that ran while the fence began is followed by a lock again.  Returns a
+        Refused, having touched nothing, if the node went into maintenance or began to
+        leave while the start waited for its slot."""
         name, cfg = v["vm_name"], self.cfg
         strategy = STRATEGIES.get(v.get("failover_strategy") or "", cfg.failover_strategy)
+        with self.lock:
+            why = None if self.core.fenced else self.core.start_refusal()
+        if why:   # maintenance or a leave since the request came (it waited for a slot)
+            return Refused(why)
         if strategy == "change-parent":
             with self.lock:
                 if self.core.fenced:

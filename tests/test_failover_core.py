@@ -1181,6 +1181,22 @@ def test_unarmed_or_maintenance_target_refuses_failover_starts():
     assert status == 200 and ans["known"] is False
 
 
+def test_a_start_accepted_then_refused_at_its_slot_answers_refused_and_is_not_starting():
+    """Item 9 of issue 13's review: a start accepted while the node was armed, refused
+    when it got its slot (maintenance asked meanwhile: start_refusal), ends as refused;
+    the same uid is not started later."""
+    w = armed_target()
+    assert w.start_refusal() is None
+    assert w.handle_failover(fo(), 1.0, {"live": False})[0] == "start"
+    w.set_maintenance(True, 2.0)
+    why = w.start_refusal()
+    assert "maintenance" in why
+    status, ans = w.finish_failover("u1", False, why, 2.0, refused=True)
+    assert status == 409 and ans["refused"] is True and ans["uid"] == "u1"
+    assert w.starting() == set()
+    assert w.handle_failover(fo(), 3.0, {"live": False})[0] == 409
+
+
 def test_check_for_an_unknown_uid_refuses_that_uid_for_good():
     """Finding 2: once a target has answered "unknown" for a uid, a request for that uid
     that comes later (a slow handler, the same term) never starts the VM."""

@@ -275,10 +275,11 @@ def test_watchdog_verdict_is_the_rule_of_the_watchdog_and_of_the_simulator(monke
     assert (True, True) in seen and not s.failures, (seen, s.failures)
 
 
-def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(monkeypatch):
-    """Review of issue 13 (helper-15): a batch entry waiting for a start slot gets it when
-    the fence kills the running start; it must not rewrite parent_host (the fence's lock)
-    to this host, nor undo anything: nothing ran.  Its answer says the node is fencing."""
+def queued_batch(monkeypatch):
+    """An AgentTarget with one start slot and fakes around it, running a batch of two
+    (vm0, vm1) in a thread: vm0's `hoster vm start` runs until `release` is set, vm1
+    waits for the slot.  Returns (target, history of set_parent, release, thread, out,
+    finished {uid: finish_failover's keywords})."""
     import logging
     import threading
     import types
@@ -287,13 +288,15 @@ def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(
 
     def run_cmd(argv, timeout):
         if argv == ["vm_start", "vm0"]:
-            release.wait(10)           # the first start runs until the fence kills it
+            release.wait(10)           # the first start runs until it is let go
             return 1, "", "killed"
         return 0, "", ""
     monkeypatch.setattr(hoster_ha, "run_cmd", run_cmd)
+    finished = {}
 
     class Core:
         fenced = False
+        refusal = None
 
         def __init__(self):
             self.fo = {}
@@ -302,9 +305,13 @@ def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(
             self.fo[body["uid"]] = "starting"
             return "start", {"uid": body["uid"], "restore_parent": "worker1"}
 
-        def finish_failover(self, uid, ok, err, now, unknown=False):
+        def finish_failover(self, uid, ok, err, now, unknown=False, refused=False):
             self.fo[uid] = "done"
-            return 409, {"error": err}
+            finished[uid] = {"unknown": unknown, "refused": refused}
+            return 409, dict({"error": err}, **({"refused": True} if refused else {}))
+
+        def start_refusal(self):
+            return self.refusal
 
         def starting(self):
             return {u for u, st in self.fo.items() if st == "starting"}
@@ -318,7 +325,7 @@ def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(
 
     t = hoster_ha.AgentTarget.__new__(hoster_ha.AgentTarget)
     t.lock, t.core, t.host = threading.RLock(), Core(), Host()
-    t.log = logging.getLogger("test-queued-fence")
+    t.log = logging.getLogger("test-queued-start")
     t.cfg = types.SimpleNamespace(start_timeout=30, start_confirm=0.2, fence_timeout=1,
                                   hostname="node2", failover_strategy="change-parent",
                                   vmm_dir="/nonexistent", command=lambda k, n: [k, n])
@@ -337,6 +344,14 @@ def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(
     deadline = time.monotonic() + 5
     while ("vm0", "node2") not in history and time.monotonic() < deadline:
         time.sleep(0.01)
+    return t, history, release, th, out, finished
+
+
+def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(monkeypatch):
+    """Review of issue 13 (helper-15): a batch entry waiting for a start slot gets it when
+    the fence kills the running start; it must not rewrite parent_host (the fence's lock)
+    to this host, nor undo anything: nothing ran.  Its answer says the node is fencing."""
+    t, history, release, th, out, _ = queued_batch(monkeypatch)
     with t.lock:                      # the fence: the core is fenced, then the locks
         t.core.fenced = True
         for n in ("vm0", "vm1"):
@@ -346,3 +361,19 @@ def test_a_start_queued_for_a_slot_while_the_node_fences_never_unlocks_its_copy(
     assert [p for v, p in history if v == "vm1"] == ["__HA_LOCKED_fence__"], history
     res = {r["uid"]: r for r in out[0]}
     assert res["u1"]["status"] == 409 and res["u1"]["answer"]["error"] == hoster_ha.FENCING
+
+
+def test_a_start_queued_for_a_slot_is_refused_if_maintenance_began_meanwhile(monkeypatch):
+    """Review of issue 13 (helper-15, item 9): the operator turned maintenance on (or
+    asked to leave) while a batch entry waited for its slot: it starts nothing, touches
+    nothing, and its answer says refused (the manager places it again)."""
+    t, history, release, th, out, finished = queued_batch(monkeypatch)
+    with t.lock:
+        t.core.refusal = "this node is in maintenance"
+    release.set()
+    th.join(10)
+    assert [p for v, p in history if v == "vm1"] == [], history
+    res = {r["uid"]: r for r in out[0]}
+    assert res["u1"]["status"] == 409 and res["u1"]["answer"]["refused"] is True
+    assert finished["u1"] == {"unknown": False, "refused": True}
+    assert finished["u0"]["refused"] is False     # vm0 ran (and failed): not a refusal
