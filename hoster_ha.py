@@ -743,9 +743,13 @@ def clean_inventory(answer):
         return None
     h = answer["host"]
     free, running, wall = h.get("free_memory"), h.get("running_vms"), h.get("time")
+    slots = h.get("max_parallel_starts")
     ready, not_ready = clean_readiness(h)
     host = {"hostname": h.get("hostname"),
             "time": wall if _is_number(wall) else None,
+            # its start limit (issue 13); None from an older version
+            "max_parallel_starts": slots if isinstance(slots, int) and
+            not isinstance(slots, bool) and 1 <= slots <= MAX_PARALLEL_STARTS else None,
             "free_memory": free if isinstance(free, int) and not isinstance(free, bool) else None,
             "running_vms": running if isinstance(running, int) and
             not isinstance(running, bool) else 0,
@@ -2773,7 +2777,7 @@ class FailoverManager(Part):
         i = 0
         while i < len(job.queue) and len(job.inflight) < MAX_STARTS_AT_ONCE:
             e = self.planbook.plans[job.queue[i]]
-            cap = self.cfg.max_parallel_starts if e["to"] in self.no_batches else MAX_BATCH
+            cap = self._slots(e["to"]) if e["to"] in self.no_batches else MAX_BATCH
             if busy[e["to"]] >= cap or \
                     e["to"] not in busy and len(busy) >= MAX_START_REQUESTS:
                 i += 1      # that target is full, or requests to as many targets are out
@@ -2798,7 +2802,8 @@ class FailoverManager(Part):
         for to, uids in batches.items():
             entries = [{"vm_name": e["vm"], "from_host": e["from"], "term": e["term"],
                         "uid": u} for u, e in ((u, self.planbook.plans[u]) for u in uids)]
-            timeout = self.target.start_answer_timeout(self.cfg, ahead[to] + len(uids))
+            timeout = self.target.start_answer_timeout(self.cfg, ahead[to] + len(uids),
+                                                       self._slots(to))
             if len(uids) == 1 or to in self.no_batches:   # the plain request (SPEC §3.4)
                 for u, entry in zip(uids, entries):
                     self.box.send(to, job.members[to], "POST", "failover", entry, timeout,
@@ -2810,6 +2815,12 @@ class FailoverManager(Part):
                               self._on_failovers)
         if not job.queue and not job.inflight:
             self._finish_job(now)
+
+    def _slots(self, to):
+        """Target `to`'s start limit, as its GET vms said (review item 7 of issue 13: a
+        limit smaller than ours would make its answers late), or our own."""
+        inv = self.job.inv.get(to) if self.job else None
+        return (inv and inv["host"].get("max_parallel_starts")) or self.cfg.max_parallel_starts
 
     def _on_failovers(self, purpose, status, answer, now):
         """The answer to a batch: each entry's result as if it had come alone, the results
@@ -2988,17 +2999,16 @@ class FailoverTarget(Part):
         self.refused = set()       # uids a check found unknown here: refused for good
 
     @staticmethod
-    def start_answer_timeout(cfg, starts=1):
+    def start_answer_timeout(cfg, starts=1, slots=None):
         """How long a manager waits for a target's answer to POST failover, with `starts`
         starts under way there, this request's included: a start's wait for one of the
-        max_parallel_starts slots (start_timeout + 1 s for each round ahead of it, as a
-        start's commands may take a little over start_timeout: the target is
-        assumed to have the manager's limit; a smaller one makes the answer late, and the
-        manager then asks about it), the start (start_timeout, the VM must appear within
+        target's `slots` (its max_parallel_starts from GET vms; None: the manager's own)
+        (start_timeout + 1 s for each round ahead of it, as a start's commands may take a
+        little over start_timeout), the start (start_timeout, the VM must appear within
         it), its confirmation (start_confirm), and after a failed start the cleanup
         (bounded by fence_timeout) and the confirmation that the VM stays absent
         (start_confirm), + 10 s for the rest."""
-        rounds = -(-max(1, starts) // cfg.max_parallel_starts)
+        rounds = -(-max(1, starts) // (slots or cfg.max_parallel_starts))
         return rounds * (cfg.start_timeout + 1) + 2 * cfg.start_confirm + cfg.fence_timeout + 9
 
     def handle_failover(self, body, now, local, not_ready=None):
@@ -4930,6 +4940,7 @@ class AgentAPI:
                         "latest_snapshot": None, "memory": None, "unlisted": True})
         return {"host": {"hostname": self.cfg.hostname, "free_memory": free,
                          "running_vms": len(running), "ready": not not_ready,
+                         "max_parallel_starts": self.cfg.max_parallel_starts,
                          "not_ready": not_ready,
                          "datasets_unavailable": unavailable, "demotion_pending": pending,
                          "time": round(time.time(), 3)},

@@ -373,6 +373,44 @@ def test_a_target_that_takes_no_batches_gets_max_parallel_starts_requests():
     assert sorted(v for h, v, _ in net.starts) == names
 
 
+def test_the_manager_sizes_its_wait_and_its_plain_requests_by_the_targets_own_limit():
+    """Review item 7 of issue 13: a target publishes its max_parallel_starts in GET vms;
+    the manager (16 here) waits for a batch's answer for the target's rounds (2 slots: 2
+    rounds for 4 VMs), and to a target that takes no batches sends that many requests."""
+    from hoster_ha import FailoverTarget, clean_inventory
+    names = [f"vm{i}" for i in range(4)]
+    invs = w1_to_w2(names)
+    invs["w2"]["host"]["max_parallel_starts"] = 2
+    net, _ = make_net(invs=invs)
+    a = net.cores["a"]
+    net.policy = lambda net, src, x, now: "hold" if x["name"] == "failover" else None
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 30, step=0.5, until=lambda _: net.held)
+    ((_, batch),) = net.held
+    assert len(batch["body"]["entries"]) == 4
+    assert batch["timeout"] == FailoverTarget.start_answer_timeout(a.cfg, 4, 2) > \
+        FailoverTarget.start_answer_timeout(a.cfg, 4)
+    # no batches: 2 plain requests at once
+    invs = w1_to_w2(names)
+    invs["w2"]["host"]["max_parallel_starts"] = 2
+    net, _ = make_net(invs=invs)
+
+    def policy(net, src, x, now):
+        if x["name"] == "failover" and "entries" in (x["body"] or {}):
+            return 400, {"error": "missing field 'vm_name'"}
+        return "hold" if x["name"] == "failover" and not x["body"].get("check") else None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 60, step=0.5, until=lambda _: len(net.held) >= 2)
+    net.run(t + 0.5, t + 3, step=0.5)
+    assert len(net.held) == 2
+    # what a target says is checked
+    for bad in (0, 65, True, "2", 2.5):
+        inv = clean_inventory(dict(invs["w2"], host=dict(invs["w2"]["host"],
+                                                         max_parallel_starts=bad)))
+        assert inv["host"]["max_parallel_starts"] is None
+
+
 def test_vm_priority_default_is_name_order_and_config_is_validated():
     from test_core import make_cfg
     assert make_cfg("a").vm_priority == {}
