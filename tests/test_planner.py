@@ -350,7 +350,11 @@ def test_clean_inventory_keeps_good_entries_and_drops_junk():
     out = clean_inventory(answer)
     # a host or copy that does not say `ready` counts as ready (issue 11 item 2.3)
     assert out["host"] == {"hostname": "h", "free_memory": 5, "running_vms": 2,
-                           "ready": True, "not_ready": [], "time": None}
+                           "ready": True, "not_ready": [], "time": None,
+                           "max_parallel_starts": None}    # an older version's answer
+    answer["host"]["max_parallel_starts"] = 8
+    assert clean_inventory(answer)["host"]["max_parallel_starts"] == 8
+    del answer["host"]["max_parallel_starts"]
     for wall, kept in ((1.7e9, 1.7e9), (True, None), ("1", None), (float("nan"), None)):
         answer["host"]["time"] = wall     # the host's wall clock (protection's replica age)
         assert clean_inventory(answer)["host"]["time"] == kept
