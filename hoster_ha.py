@@ -146,7 +146,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
     "hoster_config_dir", "hoster_init_file", "vm_priority", "max_replica_age",
-    "restart_after_stop", "start_timeout", "start_confirm",
+    "restart_after_stop", "start_timeout", "start_confirm", "fence_command", "fence_programs",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -487,6 +487,30 @@ def _config_starts(data, path, get):
     return start_timeout, start_confirm, mps, prio, max_age, log_file
 
 
+def valid_fence_argv(argv):
+    """A fence_command: a list of 1-32 strings, the first an absolute path, none empty,
+    longer than 1,024 characters or holding a NUL."""
+    return isinstance(argv, list) and 1 <= len(argv) <= 32 and \
+        all(isinstance(a, str) and a and len(a) <= 1024 and "\0" not in a for a in argv) and \
+        argv[0].startswith("/")
+
+
+def _config_fencing(data, path):
+    """fence_command (this node's own external fence, issue 13 item 5: an argv that
+    exits 0 only once this host is confirmed powered off; announced with register) and
+    fence_programs (on a candidate: the programs it runs as another member's
+    fence_command; none: it fences nobody)."""
+    argv = data.get("fence_command")
+    if argv is not None and not valid_fence_argv(argv):
+        raise ConfigError(f"{path}: key 'fence_command': expected a list of 1 to 32 non-empty "
+                          "strings, the first an absolute path")
+    programs = data.get("fence_programs", [])
+    if not isinstance(programs, list) or not all(
+            isinstance(x, str) and x.startswith("/") and "\0" not in x for x in programs):
+        raise ConfigError(f"{path}: key 'fence_programs': expected a list of absolute paths")
+    return (list(argv) if argv else None), sorted(set(programs))
+
+
 def parse_config(data, path="<config>", debug=False):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
@@ -508,6 +532,7 @@ def parse_config(data, path="<config>", debug=False):
     hoster_dir, datasets, ds_source, ds_warn = _config_datasets(data, path)
     commands = _config_commands(data, path)
     start_timeout, start_confirm, mps, prio, max_age, log_file = _config_starts(data, path, get)
+    fence_command, fence_programs = _config_fencing(data, path)
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,
         debug=debug,
@@ -538,6 +563,8 @@ def parse_config(data, path="<config>", debug=False):
         vm_priority=dict(prio),
         max_replica_age=max_age,
         restart_after_stop=get("restart_after_stop", "bool", True),
+        fence_command=fence_command,
+        fence_programs=fence_programs,
         **timings,
     )
 
@@ -569,7 +596,7 @@ class Member:
 
     FIELDS = ("hostname", "address", "port", "protocol", "startup_time", "backup_node",
               "failover_strategy", "failover_time", "fenced_vms", "stopped_vms",
-              "locked_vms")
+              "locked_vms", "fence_command")
 
     def __init__(self, body, now):
         for k in self.FIELDS:
@@ -580,6 +607,9 @@ class Member:
             v = getattr(self, k)
             if not (isinstance(v, list) and all(valid_vm_name(x) for x in v)):
                 setattr(self, k, [])
+        # optional: its external fence (issue 13 item 5)
+        if not valid_fence_argv(self.fence_command):
+            self.fence_command = None
         self.armed = False
         self.maintenance = False
         self.left = False
@@ -656,6 +686,7 @@ FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": 
 LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 FENCED_FIELDS = {"hostname": (str,), "startup_time": _INT, "record": (dict,)}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
+EXTERNAL_FENCE_TIMEOUT = 60   # s: a member's fence_command (a BMC's power off)
 PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection this often
                             # (or every 10 ping_intervals, if that is sooner)
 PREFETCH_LEAD = 1.0      # s: inventories asked for this long before a member's deadline,
@@ -1034,6 +1065,9 @@ class Outbox:
                               restore_steps(), then calls Core.restore_done().
           restart_watchdog    {}: the ha_watchdog companion is gone and we are not armed: start
                               a new one (Core.check_watchdog).
+          fence_member        {"member", "startup_time", "argv"}: the manager powers off a
+                              silent member (issue 13 item 5): run argv (bounded), then call
+                              Core.fence_member_done() with its outcome.
 
         Ordering rules (the executor keeps them):
           1. persist_term and persist before anything another node can see: a ping answer
@@ -1642,7 +1676,9 @@ class Link(Part):
                 "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
                 "failover_time": c.failover_time, "fenced_vms": self.rejoin.fenced_vms,
                 "stopped_vms": self.rejoin.stopped_vms,
-                "locked_vms": self.rejoin.locked_vms}
+                "locked_vms": self.rejoin.locked_vms,
+                **({"fence_command": c.fence_command}
+                   if getattr(c, "fence_command", None) else {})}
 
     def ping_body(self, now):
         """Our ping.  A manager sends its term at once (voters persist it), but announces
@@ -2406,6 +2442,9 @@ class FailoverManager(Part):
         # before another member's deadline (prefetch), and when the last round was asked
         self.prefetched = {}
         self.prefetch_asked = -math.inf
+        # issue 13 item 5: (member, startup_time) -> "running", "off" or "failed": the
+        # external fences this manager ran (one try per incarnation)
+        self.external = {}
 
     def tick(self, now, manager):
         """A round every ping_interval while we can act (views, detection, jobs); in
@@ -2476,6 +2515,8 @@ class FailoverManager(Part):
         self.detector.detect_failures(now)
         self._check_inherited_plans(now)
         wait = t.watchdog_timeout + t.fence_timeout + 2 * t.ping_interval
+        if now - self.election.manager_since >= wait and getattr(t, "fence_programs", None):
+            self.external_fences(now)
         if self.job is None and now - self.election.manager_since >= wait:
             sources = self.detector.sources(now)
             if sources:
@@ -2490,6 +2531,77 @@ class FailoverManager(Part):
                 now >= self.protector.protect_at and \
                 now - self.election.manager_since >= wait:
             self.protector.protection_round(now)
+
+    def external_fences(self, now):
+        """Issue 13 item 5, external fencing (off without fence_programs): power off a
+        member that 2 fresh views report silent for at least survival_window at the
+        same incarnation, armed, not left and not in maintenance, none at a later one,
+        with the fence_command it announced (its program one of our fence_programs).
+        Once per incarnation; the caller is past the new-manager wait (SPEC §3.2).  A
+        member silent that long on 2 candidates fences itself (SPEC §3.3) or is dead:
+        the command makes sure.  Its success stands in for a fence confirmation
+        (fence_member_done); its failure leaves the member to failover_time."""
+        def ok(r):
+            return r["armed"] and not r["left"] and not r["maintenance"]
+        self.external = {(h, st): v for (h, st), v in self.external.items()
+                         if v == "running" or h in self.table.members and
+                         self.table.members[h].startup_time == st}
+        views = self.detector.fresh_views(now)
+        for h, m in sorted(self.table.members.items()):
+            key = (h, m.startup_time)
+            if key in self.external or not m.fence_command or h in self.detector.failed or \
+                    m.fence_confirmed is not None or h == self.hostname or \
+                    m.fence_command[0] not in self.cfg.fence_programs:
+                continue
+            reports = [v[h] for v in views if h in v]
+            silent = [r for r in reports if r["startup_time"] == m.startup_time and ok(r) and
+                      r["silence"] >= self.cfg.survival_window]
+            if len(silent) < 2 or any(r["startup_time"] > m.startup_time for r in reports):
+                continue
+            if self.cfg.debug:
+                self.external[key] = "debug"
+                self.box.event("external_fence", "NOTICE",
+                               f"(DEBUG) would power off member {h} with its fence_command "
+                               f"({' '.join(m.fence_command)})", member=h,
+                               startup_time=m.startup_time, argv=list(m.fence_command),
+                               debug=True)
+                continue
+            self.external[key] = "running"
+            self.box.event("external_fence", "NOTICE",
+                           f"member {h} is silent for >= {self.cfg.survival_window:g} s on "
+                           f"{len(silent)} candidates: powering it off with its fence_command "
+                           f"({' '.join(m.fence_command)})", member=h,
+                           startup_time=m.startup_time, argv=list(m.fence_command))
+            self.box.action("fence_member", member=h, startup_time=m.startup_time,
+                            argv=list(m.fence_command))
+
+    def fence_member_done(self, member, startup_time, ok, detail, now):
+        """The outcome of a fence_member action: ok (the command exited 0: the member is
+        off) is kept as a confirmation of that incarnation's fence in our view, and the
+        failure rule's confirmed clause fails it over (Detector.failure_verdict: still 2
+        views showing it armed, not left, not in maintenance); otherwise the member waits
+        for its failover_time."""
+        key = (member, startup_time)
+        if self.external.get(key) != "running":
+            return
+        self.external[key] = "off" if ok else "failed"
+        m = self.table.members.get(member)
+        if not ok:
+            self.box.event("external_fence_failed", "ERROR",
+                           f"external fence of member {member} failed ({detail}): its VMs "
+                           "wait for its failover_time", member=member,
+                           startup_time=startup_time, reason=detail)
+            return
+        if m is None or m.startup_time != startup_time or m.fence_confirmed is not None:
+            return
+        m.fence_confirmed = {"vms": [], "reason": f"external fence: {detail}"[:200]}
+        self.box.event("fence_confirmed", "NOTICE",
+                       f"member {member} is powered off (its fence_command exited 0; "
+                       f"startup_time {startup_time})", member=member,
+                       startup_time=startup_time, vms=[], reason=m.fence_confirmed["reason"])
+        self.table.persist()
+        if self.election.manager_since is not None and self.election.can_act(now):
+            self.decide(now)
 
     def drop_failed(self, now):
         """A member of the running job failed meanwhile: stop waiting for it.  Its
@@ -3161,6 +3273,7 @@ class Core:
                   "not_ready_reasons ready demotion_pending",
         "planbook": "plans handle_plan moved_vms",
         "protector": "protection",
+        "manager": "fence_member_done",
         "target": "failovers handle_failover finish_failover start_refusal starting "
                   "unresolved_starts fence_ours",
     }
@@ -3485,14 +3598,16 @@ EVENT_COUNTERS = {"member_failed": "fences", "self_fence": "fences",
                   "watchdog_fence": "fences", "vm_started": "vm_starts_ok",
                   "vm_start_failed": "vm_starts_failed"}
 NOTIFY_EVENTS = {"self_fence", "member_failed", "vm_moved", "vm_start_failed", "quorum_lost",
-                 "manager_elected", "fence_warning", "vm_unprotected"}
+                 "manager_elected", "fence_warning", "vm_unprotected", "external_fence",
+                 "external_fence_failed"}
 EVENT_NAMES = {"registered", "manager_elected", "manager_lost", "armed", "quorum_lost",
                "self_fence", "watchdog_fence", "member_failed", "failover_planned",
                "vm_started", "vm_start_failed", "rejoin_demoted", "left", "terminated",
                "vm_moved", "fence_warning", "fence_warning_cleared", "vm_unprotected",
                "vm_protected", "vm_restarted", "vm_unlocked", "dataset_unavailable",
                "dataset_available",
-               "not_ready", "ready", "fence_confirmed"}
+               "not_ready", "ready", "fence_confirmed", "external_fence",
+               "external_fence_failed"}
 
 
 def run_cmd(argv, timeout):
@@ -5335,6 +5450,22 @@ class AgentTarget:
                                               time.monotonic())
                 self.sync_incarnation()
 
+    def fence_member(self, a):
+        """Issue 13 item 5: run a member's fence_command (it exits 0 only once that host
+        is confirmed off), bounded by EXTERNAL_FENCE_TIMEOUT; never in debug mode."""
+        argv = a["argv"]
+        if self.debug:   # the core never asks in debug mode (FailoverManager.external_fences)
+            return
+        rc, out, err = run_cmd(argv, EXTERNAL_FENCE_TIMEOUT)
+        ok = rc == 0
+        detail = (f"{argv[0]} exited 0" if ok else
+                  f"{argv[0]} did not return within {EXTERNAL_FENCE_TIMEOUT:g} s"
+                  if rc is None else f"{argv[0]} exited {rc}: {command_text(out, err)}")
+        with self.lock:
+            self.core.fence_member_done(a["member"], a["startup_time"], ok, detail,
+                                        time.monotonic())
+        self.wake.set()
+
     def demote(self, vms, keep_live=False):
         """§3.6: carry out demotion_steps() on our copies of VMs moved away while we
         were gone (they become backups), then tell the core what was handled.  A
@@ -5824,6 +5955,8 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
                 self.work.submit(self.demote, a["vms"], a.get("keep_live", False))
             elif kind == "restore":
                 self.work.submit(self.restore, a["vms"])
+            elif kind == "fence_member":
+                self.work.submit(self.fence_member, a)
             elif kind == "clear_fence_record":
                 if not self.debug:   # the candidates have both (register)
                     remove_file(self.paths.fence)

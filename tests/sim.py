@@ -135,11 +135,14 @@ class SimError(AssertionError):
     """The simulator itself went wrong (an event scheduled in the past)."""
 
 
+BMC = "/usr/local/sbin/bmc-off"   # every node's fence_programs; `host N bmc=...` gives N one
+
+
 def node_config(name, index, timings=None, extra=None):
     """A validated Config for node `name`, built the way the agent builds it."""
     data = {"candidates": [{"hostname": c, "address": f"10.0.0.{i + 1}", "port": 8081,
                             "protocol": "http"} for i, c in enumerate(CANDIDATES)],
-            "hostname": name, "secret": SECRET}
+            "hostname": name, "secret": SECRET, "fence_programs": [BMC]}
     data.update(timings or TIMINGS)
     data.update(extra or {})
     if name not in CANDIDATES:
@@ -184,6 +187,8 @@ class Node:
         self.fence_pending = None   # token of a fence whose VM destruction is still to come
         self.fence_confirm = None   # the startup_time its fence confirms once the VMs are gone
         self.confirms = True        # False: its confirmations are lost (`host N confirm=0`)
+        self.bmc = None             # its fence_command's outcome (`host N bmc=off|fail|hang`)
+        self.extra = {}             # its config's keys set by `host`
         self.fail_next = set()      # VM names whose next start here fails
         self.late_next = {}         # VM name -> its next start here fails, live this later
         self.term_lost = False      # state_dir/term is lost at the next start
@@ -1214,6 +1219,13 @@ class Sim:
             elif kind == "restore":
                 if n.state == RUNNING:
                     self._restore(n, a["vms"])
+            elif kind == "fence_member":
+                if n.state == RUNNING:      # the BMC answers after a while
+                    delay = hoster_ha.EXTERNAL_FENCE_TIMEOUT if \
+                        self.nodes[a["member"]].bmc == "hang" else \
+                        self._stream(n.name, a["member"], "bmc").uniform(0.5, 8)
+                    self.emit(f"{n.name}/host", "INFO", f"running {' '.join(a['argv'])}")
+                    self.at(self.t + delay / n.rate, "bmc", n.name, n.incarnation, a)
             elif kind == "clear_fence_record":
                 n.fence_record, n.fence_locked = None, []   # the candidates have it
             elif kind == "restart_watchdog":
@@ -1454,16 +1466,22 @@ class Sim:
 
     def _cmd_host(self, node, *words):
         n = self._node(node)
-        o = self._options(words, ("free", "backup", "confirm"))
+        o = self._options(words, ("free", "backup", "confirm", "bmc"))
         if "confirm" in o:      # confirm=0: its fence confirmations never leave the host
             n.confirms = o["confirm"] == "1"
         if "free" in o:
             n.mem = int(float(o["free"]) * GIB)
-        if "backup" in o:
+        if "backup" in o or "bmc" in o:
             if n.incarnation:
-                raise ValueError(f"host {node} backup=...: only before {node} first starts")
-            n.cfg = node_config(node, list(self.nodes).index(node), self.timings,
-                                {"backup_node": o["backup"] == "1"})
+                raise ValueError(f"host {node} backup=/bmc=...: only before {node} first starts")
+            if "backup" in o:
+                n.extra["backup_node"] = o["backup"] == "1"
+            if "bmc" in o:      # an external fence (issue 13 item 5): off, fail or hang
+                if o["bmc"] not in ("off", "fail", "hang"):
+                    raise ValueError(f"host {node} bmc={o['bmc']}: expected off, fail or hang")
+                n.bmc = o["bmc"]
+                n.extra["fence_command"] = [BMC, node]
+            n.cfg = node_config(node, list(self.nodes).index(node), self.timings, n.extra)
 
     def _cmd_failstart(self, node, name):
         self._node(node).fail_next.add(name)
@@ -1599,6 +1617,28 @@ class Sim:
         if n.wd_alive:
             n.wd_alive = False
             self.emit(f"{name}/watchdog", "INFO", "ha_watchdog died")
+
+    def _ev_bmc(self, name, incarnation, a):
+        """A member's fence_command ends: `off` powers the member off (a power loss, then
+        exit 0), `fail` exits 1, `hang` is killed at EXTERNAL_FENCE_TIMEOUT.  The manager
+        that ran it hears the outcome if it still runs."""
+        m = self.nodes[a["member"]]
+        ok = m.bmc == "off"
+        if ok:
+            self.emit(f"{m.name}/bmc", "INFO", "powered off")
+            self._cmd_crash(m.name)
+        self._ev_bmc_done(name, incarnation, a, ok)
+
+    def _ev_bmc_done(self, name, incarnation, a, ok):
+        n = self.nodes[name]
+        if n.incarnation != incarnation or not n.alive:
+            return
+        if n.state == PAUSED:       # its thread reports once the process runs again
+            self.at(self.t + 0.5, "bmc_done", name, incarnation, a, ok)
+            return
+        n.core.fence_member_done(a["member"], a["startup_time"], ok,
+                                 "exited 0" if ok else "exited 1", n.now(self.t))
+        self._actions(n)
 
     def _ev_watchdog_up(self, name, incarnation):
         n = self.nodes[name]
@@ -2074,6 +2114,11 @@ def random_vm_schedule(seed, episode=64.0, tail=20.0, honest=None):
     for n in nodes:
         if rng.random() < 0.5:
             add(0, f"host {n} free={rng.choice([4, 16, 32])}")
+    # external fencing (issue 13 item 5), its own stream: the other draws stay as they were
+    bmc = random.Random(f"hoster_ha-vmsim-bmc-{seed}")
+    for n in nodes:
+        if bmc.random() < 0.3:
+            add(0, f"host {n} bmc={bmc.choice(['off', 'off', 'off', 'fail', 'hang'])}")
     for n in nodes:
         count = rng.choice([1, 2, 2, 3]) if n in workers else rng.choice([0, 0, 1])
         for i in range(count):

@@ -616,6 +616,22 @@ def test_bad_max_parallel_starts():
     assert hoster_ha.MAX_PARALLEL_STARTS <= hoster_ha.Server.PER_CANDIDATE
 
 
+def test_external_fencing_keys():
+    """Issue 13 item 5: off by default; fence_command is an argv with an absolute program,
+    fence_programs absolute paths."""
+    cfg = parse_config(base(), "<t>")
+    assert cfg.fence_command is None and cfg.fence_programs == []
+    cfg = parse_config(base(fence_command=["/usr/local/sbin/bmc-off", "--host", "n1"],
+                            fence_programs=["/usr/local/sbin/bmc-off"] * 2), "<t>")
+    assert cfg.fence_command == ["/usr/local/sbin/bmc-off", "--host", "n1"]
+    assert cfg.fence_programs == ["/usr/local/sbin/bmc-off"]
+    for bad in ([], "/usr/local/sbin/bmc-off", ["bmc-off"], ["/x", ""], ["/x", 3],
+                ["/x"] * 33, ["/x", "a\0b"]):
+        assert "'fence_command'" in config_error(base(fence_command=bad)), bad
+    for bad in ("/x", ["x"], [1], ["/x\0"]):
+        assert "'fence_programs'" in config_error(base(fence_programs=bad)), bad
+
+
 def test_hostname_must_be_valid():
     assert "'hostname'" in config_error(base(hostname="not a host"))
 

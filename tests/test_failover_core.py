@@ -76,6 +76,8 @@ class Net:
         self.held = []              # (src, action) held by the policy
         self.start_outcome = {}     # (host, vm) -> ["fail", ...] consumed per start; default ok
         self.starts = []            # (host, vm, uid): starts the network carried out
+        self.bmc = {}               # host -> "off" | "fail": what its fence_command does
+        self.external = []          # (now, manager, action) of fence_member actions
         self.now = 0.0
 
     # -- helpers ---------------------------------------------------------------------
@@ -153,6 +155,14 @@ class Net:
                     self.log.append((now, n, a))
                     if a["kind"] == "fence":
                         self.kill(n)          # its VMs are destroyed, it reboots
+                    elif a["kind"] == "fence_member":   # a BMC's power off (issue 13 item 5)
+                        self.external.append((now, n, a))
+                        off = self.bmc.get(a["member"]) == "off"
+                        if off:
+                            self.kill(a["member"])
+                        self.cores[n].fence_member_done(a["member"], a["startup_time"], off,
+                                                        "exited 0" if off else "exited 1: no",
+                                                        now)
                     elif a["kind"] == "send" and self.alive(n):
                         self.handle(n, a, now)
         for h, i in self.inv.items():
@@ -1364,3 +1374,96 @@ def test_a_vm_stranded_by_an_abandoned_failover_is_failed_over_again_not_unlocke
     assert not [e for e in net.events() if "stays at home" in e["msg"]]
     moved = [e for e in net.events("a", "vm_moved") if e["details"]["vm_name"] == "vm1"]
     assert moved and moved[-1]["details"]["from_host"] == "w1"
+
+
+# -- external fencing (issue 13 item 5) -----------------------------------------------
+
+BMC = "/usr/local/sbin/bmc-off"
+FENCING_ON = {c: {"fence_programs": [BMC]} for c in "abc"}
+
+
+def bmc_net(**w1):
+    extra = dict(FENCING_ON, w1=dict({"fence_command": [BMC, "--host", "w1"]}, **w1))
+    return make_net(extra=extra)
+
+
+def test_an_external_fence_powers_off_a_silent_member_and_fails_it_over_at_once():
+    net, t = bmc_net()
+    net.bmc["w1"] = "off"
+    a = net.cores["a"]
+    assert a.members["w1"].fence_command == [BMC, "--host", "w1"]
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 2, step=0.5)
+    ((at, node, act),) = net.external
+    assert node == "a" and act["member"] == "w1" and act["argv"] == [BMC, "--host", "w1"]
+    assert last + TIMINGS["survival_window"] <= at < last + TIMINGS["survival_window"] + 2
+    tf = failed_at(net)
+    assert tf == at < last + FAILOVER_TIME
+    (ev,) = net.events("a", "member_failed")
+    assert ev["details"]["how"] == "fence confirmed"
+    assert net.live_on("vm1") == ["w2"]
+    assert [e["event"] for e in net.events("a") if e["event"].startswith("external")] == \
+        ["external_fence"]
+
+
+def test_an_external_fence_of_a_member_alive_but_cut_off_powers_it_off_before_any_start():
+    net, t = bmc_net()
+    net.bmc["w1"] = "off"
+    w1 = net.cores["w1"]
+    w1.link.survive = lambda now, quorum, reach: None   # its own fence is late
+    net.run(6.0, 9.0, step=0.5)
+    net.cut = {("w1", c) for c in "abc"}
+    net.copy("w1", "vm1")["live"] = True
+    net.run(9.5, 9.0 + FAILOVER_TIME, step=0.5)
+    ((at, _, _),) = net.external
+    assert "w1" in net.dead                      # powered off: its VMs are gone
+    first_start = min(n for n, x in sent_at(net, "a", "failover"))
+    assert at <= first_start < 9.0 + FAILOVER_TIME
+    assert net.live_on("vm1") == ["w2"]          # (never on two hosts: Net checks it)
+
+
+def test_a_failed_external_fence_leaves_the_member_to_its_failover_time():
+    net, t = bmc_net()
+    net.bmc["w1"] = "fail"
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME - 0.5, step=0.5)
+    assert len(net.external) == 1 and failed_at(net) is None
+    (err,) = net.events("a", "external_fence_failed")
+    assert err["level"] == "ERROR" and "exited 1" in err["msg"]
+    net.run(last + FAILOVER_TIME, last + FAILOVER_TIME + 3, step=0.5)
+    assert failed_at(net) >= last + FAILOVER_TIME and net.live_on("vm1") == ["w2"]
+    assert len(net.external) == 1                # once per incarnation
+
+
+@pytest.mark.parametrize("how", ["no programs", "other program", "one view", "maintenance",
+                                 "unarmed"])
+def test_no_external_fence_without_every_condition(how):
+    extra = dict(FENCING_ON, w1={"fence_command": [BMC, "w1"]})
+    if how == "no programs":
+        extra = {"w1": {"fence_command": [BMC, "w1"]}}
+    if how == "other program":
+        extra["w1"] = {"fence_command": ["/bin/sh", "-c", "reboot"]}
+    net, t = make_net(extra=extra, noack=("w1",) if how == "unarmed" else ())
+    net.bmc["w1"] = "off"
+    if how == "maintenance":
+        net.cores["w1"].link.maintenance = True
+    net.run(6.0, 9.0, step=0.5)
+    if how == "one view":
+        net.cut = {("w1", "a")}
+        net.run(9.5, 9.0 + FAILOVER_TIME + 5, step=0.5)
+    else:
+        last = kill_w1(net, 10.0)
+        net.run(10.0, last + FAILOVER_TIME - 1, step=0.5)
+    assert net.external == []
+    assert net.events(event="external_fence") == []
+
+
+def test_an_external_fence_outcome_for_an_earlier_incarnation_changes_nothing():
+    net, t = bmc_net()
+    a = net.cores["a"]
+    st = a.members["w1"].startup_time
+    a.manager.external[("w1", st - 1)] = "running"
+    a.fence_member_done("w1", st - 1, True, "exited 0", t)
+    assert a.members["w1"].fence_confirmed is None
+    a.fence_member_done("w1", st, True, "exited 0", t)     # never asked for: ignored
+    assert a.members["w1"].fence_confirmed is None

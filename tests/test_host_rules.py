@@ -11,6 +11,8 @@ that the simulator runs them rather than a copy of its own.
 import os
 import time
 
+import pytest
+
 import hoster_ha
 import sim
 from hoster_ha import demotion_steps, fence_plan
@@ -377,3 +379,39 @@ def test_a_start_queued_for_a_slot_is_refused_if_maintenance_began_meanwhile(mon
     assert res["u1"]["status"] == 409 and res["u1"]["answer"]["refused"] is True
     assert finished["u1"] == {"unknown": False, "refused": True}
     assert finished["u0"]["refused"] is False     # vm0 ran (and failed): not a refusal
+
+
+@pytest.mark.parametrize("script, ok, said", [
+    ("exit 0", True, "exited 0"),
+    ("echo 'BMC not reachable' >&2; exit 3", False, "exited 3: BMC not reachable"),
+    ("sleep 30", False, "did not return within 0.5 s"),
+])
+def test_the_external_fence_runs_the_members_argv_and_reports_its_outcome(
+        tmp_path, monkeypatch, script, ok, said):
+    """Issue 13 item 5: the fence_member action runs the argv (never a shell), bounded by
+    EXTERNAL_FENCE_TIMEOUT, and tells the core what came of it; a debug node runs
+    nothing."""
+    import threading
+    prog = tmp_path / "bmc-off"
+    prog.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\n{script}\n")
+    prog.chmod(0o755)
+    monkeypatch.setattr(hoster_ha, "EXTERNAL_FENCE_TIMEOUT", 0.5)
+    done = []
+
+    class Core:
+        def fence_member_done(self, *a):
+            done.append(a[:4])
+    t = hoster_ha.AgentTarget.__new__(hoster_ha.AgentTarget)
+    t.lock, t.core, t.wake, t.debug = threading.RLock(), Core(), threading.Event(), False
+    a = {"kind": "fence_member", "member": "w1", "startup_time": 7,
+         "argv": [str(prog), "--host", "w1 ; reboot"]}
+    t0 = time.monotonic()
+    t.fence_member(a)
+    assert time.monotonic() - t0 < 5
+    ((member, st, result, detail),) = done
+    assert (member, st, result) == ("w1", 7, ok) and said in detail
+    assert (tmp_path / "args").read_text() == "--host w1 ; reboot\n"
+    assert t.wake.is_set()
+    t.debug = True
+    t.fence_member(a)
+    assert len(done) == 1

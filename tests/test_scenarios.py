@@ -28,7 +28,8 @@ setup.json (every key optional; an empty world is {"hosts": {}, "copies": []}):
 
   hosts    NAME -> free_gib (free memory, default 8), backup (a backup node: true/false,
            default false), confirms_fence (false: its fence confirmations, POST fenced,
-           never leave the host; default true).  Candidates node1-node3 always exist; a worker exists once a
+           never leave the host; default true), bmc (its fence_command, issue 13 item 5:
+           "off" powers it off, "fail" exits 1, "hang" never returns; default none).  Candidates node1-node3 always exist; a worker exists once a
            command or a copy names it, so list here only hosts that differ.
   copies   one VM dataset on one host: host, vm (required); parent (its parent_host,
            default the host itself), production (default true), snapshot (creation time
@@ -119,7 +120,7 @@ def setup_commands(setup):
     out = []
     for name, h in hosts.items():
         what = f"setup.json host {name!r}"
-        _check_keys(h, ("free_gib", "backup", "confirms_fence"), what)
+        _check_keys(h, ("free_gib", "backup", "confirms_fence", "bmc"), what)
         words = ["host", _name(name, what)]
         if "free_gib" in h:
             words.append("free=" + _number(h["free_gib"], what + " free_gib"))
@@ -127,6 +128,10 @@ def setup_commands(setup):
             words.append("backup=" + ("1" if _flag(h, "backup", what, False) else "0"))
         if "confirms_fence" in h:
             words.append("confirm=" + ("1" if _flag(h, "confirms_fence", what, True) else "0"))
+        if "bmc" in h:
+            if h["bmc"] not in ("off", "fail", "hang"):
+                raise ScenarioFormatError(f"{what} bmc: off, fail or hang, not {h['bmc']!r}")
+            words.append("bmc=" + h["bmc"])
         out.append(" ".join(words))
     for i, c in enumerate(copies):
         what = f"setup.json copy {i + 1}"
