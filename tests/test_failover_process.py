@@ -25,6 +25,9 @@ destroys).  Twice (issue 13 item 4):
                    does the manager start them: kill -> last VM live within failover_time +
                    2*ping_interval + 5 s, and nothing starts before failover_time -
                    2*ping_interval.
+A third run hangs worker1 instead (agent and watchdog SIGSTOPped) and lets the manager
+power it off with the fence_command it announced (external fencing, issue 13 item 5).
+
 Checked both times: each VM started exactly once cluster-wide, on its target, with
 parent_host rewritten there (other keys kept); never live on two hosts at once (worker1's
 copy counts as live until its fake destroy), every start after worker1's destroy of it.
@@ -285,5 +288,63 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path, confir
         assert how == ["fence confirmed" if confirmed else "silent"], failed
         assert took_seen <= bound, \
             f"last VM live {took_seen:.2f} s after the kill; bound {bound:g} s"
+    finally:
+        c.teardown()
+
+
+def test_a_hung_worker_is_powered_off_by_its_fence_command_and_failed_over_at_once(tmp_path):
+    """External fencing (issue 13 item 5): worker1 announces a fence_command (the fake
+    `power off`, which kills its agent, watchdog, supervisors and VMs, then exits 0);
+    the candidates list that program in fence_programs.  worker1 hangs (agent and
+    watchdog SIGSTOPped, its VMs still live): nothing fences it itself.  Once 2 views
+    report it silent for survival_window, the manager runs the command, and every VM is
+    live on its target well before failover_time, each started once, every start after
+    the power off."""
+    c = build(tmp_path)
+    t = c.timings
+    ft, pi, sw = t["failover_time"], t["ping_interval"], t["survival_window"]
+    dead = c[DEAD]
+    power = os.path.join(dead.dir, "bin", "power")
+    for n in NODES:
+        cfg = read_json(c[n].config)
+        if n == DEAD:
+            cfg["fence_command"] = [power, "off", "bmc"]
+        if n.startswith("node"):
+            cfg["fence_programs"] = [power]
+        with open(c[n].config, "w") as f:
+            json.dump(cfg, f)
+    try:
+        c.start_all(list(NODES))
+        armed = c.wait_for(c.armed_views, ARM_BOUND, interval=0.2)
+        assert armed, f"not armed within {ARM_BOUND} s: { {n: c.http_status(n) for n in NODES} }"
+        manager = c.http_status("node1").get("manager")
+        t_hang = time.time()
+        for which in ("ha_watchdog", "hoster_ha"):
+            dead.signal(signal.SIGSTOP, which)
+        assert all(live(dead, vm) for vm in VMS)
+
+        def all_live():
+            return all(live(c[h], vm) for vm, h in EXPECTED.items())
+        ok = c.wait_for(all_live, ft, interval=0.05)
+        took = time.time() - t_hang
+        assert ok, f"not every VM live within {ft} s:\n{c[manager].log()[-4000:]}"
+        assert took < ft - 2 * pi, f"{took:.1f} s: no faster than the timeout path"
+        down = [float(ts) for ts, _, rest in (ln.partition(" ") for ln in
+                                              dead.calls().splitlines())
+                if rest.startswith("down power off bmc")]
+        assert len(down) == 1 and down[0] - t_hang >= sw, (down, t_hang)
+        for vm, target in EXPECTED.items():
+            assert [s > down[0] for s in c[target].starts(vm)] == [True], (vm, target)
+            assert sum(len(c[n].starts(vm)) for n in NODES) == 1
+        assert not any(live(dead, vm) for vm in VMS)
+        log = c[manager].log()
+        assert f"member {DEAD} is silent for >= {sw:g} s on" in log and \
+            f"member {DEAD} is powered off (its fence_command exited 0" in log, log[-4000:]
+        events = notified(c[manager])
+        assert [e.get("member") for e in events if e.get("event") == "external_fence"] == [DEAD]
+        failed = [e for e in events if e.get("event") == "member_failed"]
+        assert [e.get("how") for e in failed] == ["fence confirmed"], failed
+        print(f"\nexternal fence: last VM live {took:.2f} s after the hang (power off at "
+              f"{down[0] - t_hang:.2f} s); failover_time {ft:g} s")
     finally:
         c.teardown()
