@@ -4,7 +4,7 @@
 #   make test       the test suite (pytest)
 #   make sim-soak   100,000 random simulator schedules on every core (SIM_SOAK_SEEDS=N,
 #                   SIM_SOAK_MINUTES=M to bound the run time); a table of violations
-#   make bench      the benchmarks, one markdown report (about 12 minutes on 2 cores)
+#   make bench      the benchmarks, one markdown report (about 13 minutes on 2 cores)
 #   make demo       3 candidates + 2 workers on loopback, fake host commands: a failover
 #   make lint       sh -n and shellcheck on the rc.d script, mandoc -T lint on the man page
 #   make install    [DESTDIR=/stage] [PREFIX=/usr/local]

@@ -138,17 +138,17 @@ def use_sh_start(cluster, delay):
             json.dump(cfg, f, indent=2)
 
 
-def build(base, n, start_delay, sh_start=False, timings=None, confirmed=False, mps=None):
+def build(base, n, start_delay, sh_start=False, timings=None, confirmed=False, config=None):
     cluster = LocalCluster(base, workers=2, debug=False, timings=timings)
     if sh_start:
         use_sh_start(cluster, start_delay)
     if not confirmed:   # its pkill fails: the fence is not confirmed, the timeout path
         open(os.path.join(cluster[DEAD].dir, "pkill_fails"), "w").close()
-    if mps is not None:
+    if config:
         for node in cluster.nodes.values():
             with open(node.config) as f:
                 cfg = json.load(f)
-            cfg["max_parallel_starts"] = mps
+            cfg.update(config)
             with open(node.config, "w") as f:
                 json.dump(cfg, f, indent=2)
     expected = {}
@@ -166,13 +166,13 @@ def build(base, n, start_delay, sh_start=False, timings=None, confirmed=False, m
     return cluster, expected
 
 
-def one_run(n, start_delay, keep, sh_start=False, timings=None, confirmed=False, mps=None):
+def one_run(n, start_delay, keep, sh_start=False, timings=None, confirmed=False, config=None):
     """One failover of n VMs (timings: FAST unless given); the figures of the table.
     confirmed: the watchdog's fence is confirmed (POST fenced) and the failover does not
     wait for failover_time; else the dead host's pkill fails, so it is not (the timeout
-    path).  mps: max_parallel_starts of every node (default: the config's)."""
+    path).  config: keys set in every node's config (e.g. start_confirm)."""
     base = tempfile.mkdtemp(prefix=f"bench-failover-{n}-")
-    cluster, expected = build(base, n, start_delay, sh_start, timings, confirmed, mps)
+    cluster, expected = build(base, n, start_delay, sh_start, timings, confirmed, config)
     ft = cluster.timings["failover_time"]
     client = hoster_ha.Client(hoster_ha.load_config(cluster["node1"].config))
     try:
