@@ -2421,6 +2421,7 @@ class Job:
         self.batch, self.plan_wait = 0, 0
         self.unacked = []          # plans replicated and not acknowledged yet
         self.adopted = set()       # members whose prefetch answer the job waits for
+        self.stranded = set()      # (vm, source) stranded when the job began
 
 
 class FailoverManager(Part):
@@ -2664,6 +2665,7 @@ class FailoverManager(Part):
                        restart=restart,
                        episodes={h: restart or self.detector.episode(h) for h in sources})
         self.job.adopted = adopted
+        self.job.stranded = set(self.detector.stranded().items())
         if early or adopted:
             rest = ", ".join(sorted(set(hosts) - set(early) - adopted)) or "no other member"
             self.box.event("note", "INFO", f"failover of {', '.join(sorted(sources))}: "
@@ -2725,9 +2727,14 @@ class FailoverManager(Part):
                          plan_restart(h, vms, job.inv, busy, last_ran, skipped,
                                       job.left, waiting)]
         else:
+            # the target of a VM's latest plan that was abandoned may run it (its agent
+            # restarted in order, review of issue 13): like last_ran, a target that left
+            # (not asked for its inventory) keeps the VM from being moved
+            maybe = {vm: e["to"] for vm, e in self.planbook.latest_plans(
+                ("planned", "done", "failed", "abandoned")).items() if e["state"] == "abandoned"}
             moves, unplaced = plan_failover(job.sources, job.inv, eligible, busy,
                                             job.failed, job.left, job.owners,
-                                            skipped, last_ran)
+                                            skipped, {**last_ran, **maybe})
         for vm, src, reason in skipped:
             self.box.once(("skipped", vm, job.episodes[src]), "NOTICE",
                           f"VM {vm} of {src} is not " + ("started again after its orderly stop"
@@ -3041,8 +3048,10 @@ class FailoverManager(Part):
         planned += [self.planbook.plans[u] for u in job.waited_on
                     if u in self.planbook.plans and self.planbook.plans[u]["state"] == "abandoned"]
         # ... and a source a VM of which was stranded meanwhile (its plan abandoned after
-        # the job took its sources: Detector.stranded)
-        busy_from = {e["from"] for e in planned} | set(self.detector.stranded().values())
+        # the job took its sources: Detector.stranded; one stranded before, the job
+        # handled: it may run on the plan's target, and then keeps nothing unsettled)
+        busy_from = {e["from"] for e in planned} | \
+            {h for _, h in set(self.detector.stranded().items()) - job.stranded}
         busy_vms = {e["vm"] for e in planned}
         for h, vms in job.sources.items():
             ep = job.episodes[h]

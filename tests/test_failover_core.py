@@ -1376,6 +1376,49 @@ def test_a_vm_stranded_by_an_abandoned_failover_is_failed_over_again_not_unlocke
     assert moved and moved[-1]["details"]["from_host"] == "w1"
 
 
+@pytest.mark.parametrize("unplaced", [False, True])
+def test_a_stranded_vm_that_runs_on_its_target_is_never_started_again(unplaced):
+    """Review of issue 13 (helper-16): w2 starts vm1 but its answer is lost; w2's agent
+    restarts in order (vm1 runs on) and does not know the plan: abandoned, vm1 stranded.
+    w1's failover must settle (it skips vm1, live on w2), and once w2 has left (not asked
+    for its inventory) vm1 must not be started elsewhere: the abandoned plan's target
+    counts like the host a done plan started it on.  unplaced: w1 also has a VM with no
+    target, so its failover is retried anyway (the hole before the stranded rule too)."""
+    invs = standard_invs()
+    if unplaced:
+        invs["w1"]["vms"].append(vm("vm2", "w1", live=True, creation=300))
+        invs["b"]["vms"].append(vm("vm2", "w1"))   # a replica without a snapshot
+    net, _ = make_net(invs=invs)
+    a = net.cores["a"]
+    restarted = []
+
+    def policy(net, src, act, now):
+        if act["name"] == "failover" and act["to"] == "w2":
+            if act["body"].get("check"):
+                return None if restarted else "fail"
+            return "timeout"       # w2 starts vm1, its answer is lost
+        return None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 5, step=0.5, until=lambda t: net.starts_of("vm1"))
+    net.cores["w2"] = Core(cfg("w2"), STARTUP["w2"] + 1, t)
+    restarted.append(t)
+    net.run(t + 0.5, t + 40, step=0.5)
+    assert net.live_on("vm1") == ["w2"] and len(net.starts_of("vm1")) == 1
+    assert a.detector.stranded() == {"vm1": "w1"}
+    if not unplaced:           # nothing left to do: w1's episode settles
+        jobs = a.manager.job_seq
+        net.run(net.now + 0.5, net.now + 60, step=0.5)
+        assert ("failed", "w1", STARTUP["w1"]) in a.detector.settled
+        assert a.manager.job_seq - jobs <= 1, "jobs with nothing to do"
+    body = net.cores["w2"].leave_body()
+    for c in "abc":
+        assert net.cores[c].handle_leave(body, net.now)[0] == 200
+    net.dead.add("w2")         # its agent is gone, its VMs run on
+    net.run(net.now + 0.5, net.now + 40, step=0.5)
+    assert [s[0] for s in net.starts_of("vm1")] == ["w2"], "started again while it runs on w2"
+
+
 # -- external fencing (issue 13 item 5) -----------------------------------------------
 
 BMC = "/usr/local/sbin/bmc-off"
