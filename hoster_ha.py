@@ -146,7 +146,7 @@ TOP_KEYS = set(TIMINGS) | HOSTER_TOP_KEYS | {
     "listen_address", "secret", "secret_file", "tls", "vm_datasets", "vmm_dir", "commands",
     "run_dir", "state_dir", "log_file", "max_parallel_starts", "kernel_watchdog",
     "hoster_config_dir", "hoster_init_file", "vm_priority", "max_replica_age",
-    "restart_after_stop", "start_timeout", "start_confirm", "fence_command", "fence_programs",
+    "restart_after_stop", "start_timeout", "start_confirm", "fence_commands",
 }
 # Where Hoster looks for its config files, first match wins (HosterCore
 # internal/pkg/hoster/locations/locations.go, GetConfigFolders); hoster_config_dir pins one.
@@ -488,27 +488,28 @@ def _config_starts(data, path, get):
 
 
 def valid_fence_argv(argv):
-    """A fence_command: a list of 1-32 strings, the first an absolute path, none empty,
-    longer than 1,024 characters or holding a NUL."""
+    """A fence command (fence_commands): a list of 1-32 strings, the first an absolute
+    path, none empty, longer than 1,024 characters or holding a NUL."""
     return isinstance(argv, list) and 1 <= len(argv) <= 32 and \
         all(isinstance(a, str) and a and len(a) <= 1024 and "\0" not in a for a in argv) and \
         argv[0].startswith("/")
 
 
 def _config_fencing(data, path):
-    """fence_command (this node's own external fence, issue 13 item 5: an argv that
-    exits 0 only once this host is confirmed powered off; announced with register) and
-    fence_programs (on a candidate: the programs it runs as another member's
-    fence_command; none: it fences nobody)."""
-    argv = data.get("fence_command")
-    if argv is not None and not valid_fence_argv(argv):
-        raise ConfigError(f"{path}: key 'fence_command': expected a list of 1 to 32 non-empty "
-                          "strings, the first an absolute path")
-    programs = data.get("fence_programs", [])
-    if not isinstance(programs, list) or not all(
-            isinstance(x, str) and x.startswith("/") and "\0" not in x for x in programs):
-        raise ConfigError(f"{path}: key 'fence_programs': expected a list of absolute paths")
-    return (list(argv) if argv else None), sorted(set(programs))
+    """fence_commands (issue 13 item 5): {member: argv} of the external fences this node
+    runs as manager, each an argv that powers that member off (its BMC) and exits 0 only
+    once it is confirmed off.  Only from this file: an argv never comes over the network
+    (a node holding the cluster secret must not make a candidate run anything)."""
+    cmds = data.get("fence_commands", {})
+    if not isinstance(cmds, dict):
+        raise ConfigError(f"{path}: key 'fence_commands': expected an object (member -> argv)")
+    for k, argv in cmds.items():
+        if not valid_hostname(k):
+            raise ConfigError(f"{path}: key {_key('fence_commands.' + k)}: not a valid hostname")
+        if not valid_fence_argv(argv):
+            raise ConfigError(f"{path}: key 'fence_commands.{k}': expected a list of 1 to 32 "
+                              "non-empty strings, the first an absolute path")
+    return {k: list(v) for k, v in cmds.items()}
 
 
 def parse_config(data, path="<config>", debug=False):
@@ -532,7 +533,7 @@ def parse_config(data, path="<config>", debug=False):
     hoster_dir, datasets, ds_source, ds_warn = _config_datasets(data, path)
     commands = _config_commands(data, path)
     start_timeout, start_confirm, mps, prio, max_age, log_file = _config_starts(data, path, get)
-    fence_command, fence_programs = _config_fencing(data, path)
+    fence_commands = _config_fencing(data, path)
     return Config(
         path=os.path.abspath(path) if path != "<config>" else path,
         debug=debug,
@@ -563,8 +564,7 @@ def parse_config(data, path="<config>", debug=False):
         vm_priority=dict(prio),
         max_replica_age=max_age,
         restart_after_stop=get("restart_after_stop", "bool", True),
-        fence_command=fence_command,
-        fence_programs=fence_programs,
+        fence_commands=fence_commands,
         **timings,
     )
 
@@ -596,7 +596,7 @@ class Member:
 
     FIELDS = ("hostname", "address", "port", "protocol", "startup_time", "backup_node",
               "failover_strategy", "failover_time", "fenced_vms", "stopped_vms",
-              "locked_vms", "fence_command")
+              "locked_vms")
 
     def __init__(self, body, now):
         for k in self.FIELDS:
@@ -607,9 +607,6 @@ class Member:
             v = getattr(self, k)
             if not (isinstance(v, list) and all(valid_vm_name(x) for x in v)):
                 setattr(self, k, [])
-        # optional: its external fence (issue 13 item 5)
-        if not valid_fence_argv(self.fence_command):
-            self.fence_command = None
         self.armed = False
         self.maintenance = False
         self.left = False
@@ -686,7 +683,7 @@ FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": 
 LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 FENCED_FIELDS = {"hostname": (str,), "startup_time": _INT, "record": (dict,)}
 INVENTORY_TIMEOUT = 30   # s: a GET vms answer (zfs list on the member)
-EXTERNAL_FENCE_TIMEOUT = 60   # s: a member's fence_command (a BMC's power off)
+EXTERNAL_FENCE_TIMEOUT = 60   # s: a member's fence command (a BMC's power off)
 PROTECTION_INTERVAL = 30.0  # s: the manager re-checks every VM's protection this often
                             # (or every 10 ping_intervals, if that is sooner)
 PREFETCH_LEAD = 1.0      # s: inventories asked for this long before a member's deadline,
@@ -1676,9 +1673,7 @@ class Link(Part):
                 "backup_node": c.backup_node, "failover_strategy": c.failover_strategy,
                 "failover_time": c.failover_time, "fenced_vms": self.rejoin.fenced_vms,
                 "stopped_vms": self.rejoin.stopped_vms,
-                "locked_vms": self.rejoin.locked_vms,
-                **({"fence_command": c.fence_command}
-                   if getattr(c, "fence_command", None) else {})}
+                "locked_vms": self.rejoin.locked_vms}
 
     def ping_body(self, now):
         """Our ping.  A manager sends its term at once (voters persist it), but announces
@@ -2516,7 +2511,7 @@ class FailoverManager(Part):
         self.detector.detect_failures(now)
         self._check_inherited_plans(now)
         wait = t.watchdog_timeout + t.fence_timeout + 2 * t.ping_interval
-        if now - self.election.manager_since >= wait and getattr(t, "fence_programs", None):
+        if now - self.election.manager_since >= wait and getattr(t, "fence_commands", None):
             self.external_fences(now)
         if self.job is None and now - self.election.manager_since >= wait:
             sources = self.detector.sources(now)
@@ -2534,11 +2529,10 @@ class FailoverManager(Part):
             self.protector.protection_round(now)
 
     def external_fences(self, now):
-        """Issue 13 item 5, external fencing (off without fence_programs): power off a
+        """Issue 13 item 5, external fencing (off without fence_commands): power off a
         member that 2 fresh views report silent for at least survival_window at the
         same incarnation, armed, not left and not in maintenance, none at a later one,
-        with the fence_command it announced (its program one of our fence_programs).
-        Once per incarnation; the caller is past the new-manager wait (SPEC §3.2).  A
+        with its command from our fence_commands.  Once per incarnation; the caller is past the new-manager wait (SPEC §3.2).  A
         member silent that long on 2 candidates fences itself (SPEC §3.3) or is dead:
         the command makes sure.  Its success stands in for a fence confirmation
         (fence_member_done); its failure leaves the member to failover_time."""
@@ -2550,31 +2544,31 @@ class FailoverManager(Part):
         views = self.detector.fresh_views(now)
         for h, m in sorted(self.table.members.items()):
             key = (h, m.startup_time)
-            if key in self.external or not m.fence_command or h in self.detector.failed or \
-                    m.fence_confirmed is not None or h == self.hostname or \
-                    m.fence_command[0] not in self.cfg.fence_programs:
+            argv = self.cfg.fence_commands.get(h)
+            if key in self.external or not argv or h in self.detector.failed or \
+                    m.fence_confirmed is not None or h == self.hostname:
                 continue
             reports = [v[h] for v in views if h in v]
             silent = [r for r in reports if r["startup_time"] == m.startup_time and ok(r) and
                       r["silence"] >= self.cfg.survival_window]
             if len(silent) < 2 or any(r["startup_time"] > m.startup_time for r in reports):
                 continue
+            # the program only: its arguments may hold the BMC's credentials
             if self.cfg.debug:
                 self.external[key] = "debug"
                 self.box.event("external_fence", "NOTICE",
-                               f"(DEBUG) would power off member {h} with its fence_command "
-                               f"({' '.join(m.fence_command)})", member=h,
-                               startup_time=m.startup_time, argv=list(m.fence_command),
-                               debug=True)
+                               f"(DEBUG) would power off member {h} with its fence command "
+                               f"({argv[0]})", member=h, startup_time=m.startup_time,
+                               program=argv[0], debug=True)
                 continue
             self.external[key] = "running"
             self.box.event("external_fence", "NOTICE",
                            f"member {h} is silent for >= {self.cfg.survival_window:g} s on "
-                           f"{len(silent)} candidates: powering it off with its fence_command "
-                           f"({' '.join(m.fence_command)})", member=h,
-                           startup_time=m.startup_time, argv=list(m.fence_command))
+                           f"{len(silent)} candidates: powering it off with its fence command "
+                           f"({argv[0]})", member=h, startup_time=m.startup_time,
+                           program=argv[0])
             self.box.action("fence_member", member=h, startup_time=m.startup_time,
-                            argv=list(m.fence_command))
+                            argv=list(argv))
 
     def fence_member_done(self, member, startup_time, ok, detail, now):
         """The outcome of a fence_member action: ok (the command exited 0: the member is
@@ -2593,11 +2587,21 @@ class FailoverManager(Part):
                            "wait for its failover_time", member=member,
                            startup_time=startup_time, reason=detail)
             return
-        if m is None or m.startup_time != startup_time or m.fence_confirmed is not None:
+        if m is not None and m.startup_time != startup_time:
+            # it came back meanwhile (it fenced itself and rebooted): the command has
+            # now powered that incarnation off; its silence decides as usual
+            self.box.event("external_fence_failed", "ERROR",
+                           f"external fence of member {member} (startup_time {startup_time}) "
+                           f"ended after it came back as startup_time {m.startup_time}: the "
+                           "host is off again; its VMs wait for its failover_time",
+                           member=member, startup_time=startup_time,
+                           reason="a later incarnation")
+            return
+        if m is None or m.fence_confirmed is not None:
             return
         m.fence_confirmed = {"vms": [], "reason": f"external fence: {detail}"[:200]}
         self.box.event("fence_confirmed", "NOTICE",
-                       f"member {member} is powered off (its fence_command exited 0; "
+                       f"member {member} is powered off (its fence command exited 0; "
                        f"startup_time {startup_time})", member=member,
                        startup_time=startup_time, vms=[], reason=m.fence_confirmed["reason"])
         self.table.persist()
@@ -5460,8 +5464,9 @@ class AgentTarget:
                 self.sync_incarnation()
 
     def fence_member(self, a):
-        """Issue 13 item 5: run a member's fence_command (it exits 0 only once that host
-        is confirmed off), bounded by EXTERNAL_FENCE_TIMEOUT; never in debug mode."""
+        """Issue 13 item 5: run a member's fence command (fence_commands: it exits 0 only
+        once that host is confirmed off), bounded by EXTERNAL_FENCE_TIMEOUT; never in
+        debug mode."""
         argv = a["argv"]
         if self.debug:   # the core never asks in debug mode (FailoverManager.external_fences)
             return

@@ -135,14 +135,14 @@ class SimError(AssertionError):
     """The simulator itself went wrong (an event scheduled in the past)."""
 
 
-BMC = "/usr/local/sbin/bmc-off"   # every node's fence_programs; `host N bmc=...` gives N one
+BMC = "/usr/local/sbin/bmc-off"   # `host N bmc=...`: the candidates' fence command for N
 
 
 def node_config(name, index, timings=None, extra=None):
     """A validated Config for node `name`, built the way the agent builds it."""
     data = {"candidates": [{"hostname": c, "address": f"10.0.0.{i + 1}", "port": 8081,
                             "protocol": "http"} for i, c in enumerate(CANDIDATES)],
-            "hostname": name, "secret": SECRET, "fence_programs": [BMC]}
+            "hostname": name, "secret": SECRET}
     data.update(timings or TIMINGS)
     data.update(extra or {})
     if name not in CANDIDATES:
@@ -187,7 +187,7 @@ class Node:
         self.fence_pending = None   # token of a fence whose VM destruction is still to come
         self.fence_confirm = None   # the startup_time its fence confirms once the VMs are gone
         self.confirms = True        # False: its confirmations are lost (`host N confirm=0`)
-        self.bmc = None             # its fence_command's outcome (`host N bmc=off|fail|hang`)
+        self.bmc = None             # its fence command's outcome (`host N bmc=off|fail|hang`)
         self.extra = {}             # its config's keys set by `host`
         self.fail_next = set()      # VM names whose next start here fails
         self.late_next = {}         # VM name -> its next start here fails, live this later
@@ -1471,17 +1471,21 @@ class Sim:
             n.confirms = o["confirm"] == "1"
         if "free" in o:
             n.mem = int(float(o["free"]) * GIB)
-        if "backup" in o or "bmc" in o:
+        if "backup" in o:
             if n.incarnation:
-                raise ValueError(f"host {node} backup=/bmc=...: only before {node} first starts")
-            if "backup" in o:
-                n.extra["backup_node"] = o["backup"] == "1"
-            if "bmc" in o:      # an external fence (issue 13 item 5): off, fail or hang
-                if o["bmc"] not in ("off", "fail", "hang"):
-                    raise ValueError(f"host {node} bmc={o['bmc']}: expected off, fail or hang")
-                n.bmc = o["bmc"]
-                n.extra["fence_command"] = [BMC, node]
+                raise ValueError(f"host {node} backup=...: only before {node} first starts")
+            n.extra["backup_node"] = o["backup"] == "1"
             n.cfg = node_config(node, list(self.nodes).index(node), self.timings, n.extra)
+        if "bmc" in o:          # an external fence (issue 13 item 5): off, fail or hang
+            if o["bmc"] not in ("off", "fail", "hang"):
+                raise ValueError(f"host {node} bmc={o['bmc']}: expected off, fail or hang")
+            n.bmc = o["bmc"]
+            for c in CANDIDATES:    # the candidates' configs name its fence command
+                cn = self._node(c)
+                if cn.incarnation:
+                    raise ValueError(f"host {node} bmc=...: only before {c} first starts")
+                cn.extra.setdefault("fence_commands", {})[node] = [BMC, node]
+                cn.cfg = node_config(c, list(self.nodes).index(c), self.timings, cn.extra)
 
     def _cmd_failstart(self, node, name):
         self._node(node).fail_next.add(name)
@@ -1619,7 +1623,7 @@ class Sim:
             self.emit(f"{name}/watchdog", "INFO", "ha_watchdog died")
 
     def _ev_bmc(self, name, incarnation, a):
-        """A member's fence_command ends: `off` powers the member off (a power loss, then
+        """A member's fence command ends: `off` powers the member off (a power loss, then
         exit 0), `fail` exits 1, `hang` is killed at EXTERNAL_FENCE_TIMEOUT.  The manager
         that ran it hears the outcome if it still runs."""
         m = self.nodes[a["member"]]

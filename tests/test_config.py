@@ -617,19 +617,19 @@ def test_bad_max_parallel_starts():
 
 
 def test_external_fencing_keys():
-    """Issue 13 item 5: off by default; fence_command is an argv with an absolute program,
-    fence_programs absolute paths."""
+    """Issue 13 item 5: off by default; fence_commands maps a member's hostname to an argv
+    with an absolute program (only from this file: never announced over the network)."""
     cfg = parse_config(base(), "<t>")
-    assert cfg.fence_command is None and cfg.fence_programs == []
-    cfg = parse_config(base(fence_command=["/usr/local/sbin/bmc-off", "--host", "n1"],
-                            fence_programs=["/usr/local/sbin/bmc-off"] * 2), "<t>")
-    assert cfg.fence_command == ["/usr/local/sbin/bmc-off", "--host", "n1"]
-    assert cfg.fence_programs == ["/usr/local/sbin/bmc-off"]
+    assert cfg.fence_commands == {}
+    argv = ["/usr/local/sbin/bmc-off", "--host", "n1-bmc", "--password-file", "/root/bmc"]
+    cfg = parse_config(base(fence_commands={"worker1": argv}), "<t>")
+    assert cfg.fence_commands == {"worker1": argv}
     for bad in ([], "/usr/local/sbin/bmc-off", ["bmc-off"], ["/x", ""], ["/x", 3],
                 ["/x"] * 33, ["/x", "a\0b"]):
-        assert "'fence_command'" in config_error(base(fence_command=bad)), bad
-    for bad in ("/x", ["x"], [1], ["/x\0"]):
-        assert "'fence_programs'" in config_error(base(fence_programs=bad)), bad
+        assert "'fence_commands.worker1'" in config_error(
+            base(fence_commands={"worker1": bad})), bad
+    assert "'fence_commands'" in config_error(base(fence_commands=[["/x"]]))
+    assert "not a valid hostname" in config_error(base(fence_commands={"bad host": ["/x"]}))
 
 
 def test_hostname_must_be_valid():

@@ -76,7 +76,7 @@ class Net:
         self.held = []              # (src, action) held by the policy
         self.start_outcome = {}     # (host, vm) -> ["fail", ...] consumed per start; default ok
         self.starts = []            # (host, vm, uid): starts the network carried out
-        self.bmc = {}               # host -> "off" | "fail": what its fence_command does
+        self.bmc = {}               # host -> "off" | "fail": what its fence command does
         self.external = []          # (now, manager, action) of fence_member actions
         self.now = 0.0
 
@@ -1422,23 +1422,23 @@ def test_a_stranded_vm_that_runs_on_its_target_is_never_started_again(unplaced):
 # -- external fencing (issue 13 item 5) -----------------------------------------------
 
 BMC = "/usr/local/sbin/bmc-off"
-FENCING_ON = {c: {"fence_programs": [BMC]} for c in "abc"}
+FENCING_ON = {c: {"fence_commands": {"w1": [BMC, "--host", "w1-bmc"]}} for c in "abc"}
 
 
-def bmc_net(**w1):
-    extra = dict(FENCING_ON, w1=dict({"fence_command": [BMC, "--host", "w1"]}, **w1))
-    return make_net(extra=extra)
+def bmc_net():
+    return make_net(extra=FENCING_ON)
 
 
 def test_an_external_fence_powers_off_a_silent_member_and_fails_it_over_at_once():
     net, _ = bmc_net()
     net.bmc["w1"] = "off"
     a = net.cores["a"]
-    assert a.members["w1"].fence_command == [BMC, "--host", "w1"]
     last = kill_w1(net, 10.0)
     net.run(10.0, last + FAILOVER_TIME + 2, step=0.5)
     ((at, node, act),) = net.external
-    assert node == "a" and act["member"] == "w1" and act["argv"] == [BMC, "--host", "w1"]
+    assert node == "a" and act["member"] == "w1" and act["argv"] == [BMC, "--host", "w1-bmc"]
+    (ev,) = net.events("a", "external_fence")
+    assert "w1-bmc" not in ev["msg"] + str(ev["details"]), "arguments may hold credentials"
     assert last + TIMINGS["survival_window"] <= at < last + TIMINGS["survival_window"] + 2
     tf = failed_at(net)
     assert tf == at < last + FAILOVER_TIME
@@ -1478,14 +1478,14 @@ def test_a_failed_external_fence_leaves_the_member_to_its_failover_time():
     assert len(net.external) == 1                # once per incarnation
 
 
-@pytest.mark.parametrize("how", ["no programs", "other program", "one view", "maintenance",
+@pytest.mark.parametrize("how", ["no commands", "another member's", "one view", "maintenance",
                                  "unarmed"])
 def test_no_external_fence_without_every_condition(how):
-    extra = dict(FENCING_ON, w1={"fence_command": [BMC, "w1"]})
-    if how == "no programs":
-        extra = {"w1": {"fence_command": [BMC, "w1"]}}
-    if how == "other program":
-        extra["w1"] = {"fence_command": ["/bin/sh", "-c", "reboot"]}
+    extra = dict(FENCING_ON)
+    if how == "no commands":
+        extra = {}
+    if how == "another member's":
+        extra = {c: {"fence_commands": {"w2": [BMC, "w2"]}} for c in "abc"}
     net, _ = make_net(extra=extra, noack=("w1",) if how == "unarmed" else ())
     net.bmc["w1"] = "off"
     if how == "maintenance":
@@ -1501,12 +1501,19 @@ def test_no_external_fence_without_every_condition(how):
     assert net.events(event="external_fence") == []
 
 
-def test_an_external_fence_outcome_for_an_earlier_incarnation_changes_nothing():
+def test_an_external_fence_that_ends_after_the_member_came_back_is_reported():
+    """Review (helper-16): the command ran for incarnation st - 1, the member came back as
+    st meanwhile, and the command then powered the host off: nothing is confirmed for st
+    (it waits for its failover_time), and an ERROR says what happened."""
     net, t = bmc_net()
     a = net.cores["a"]
     st = a.members["w1"].startup_time
     a.manager.external[("w1", st - 1)] = "running"
+    since = len(a.box.out)
     a.fence_member_done("w1", st - 1, True, "exited 0", t)
     assert a.members["w1"].fence_confirmed is None
+    (err,) = [x for x in a.box.out[since:] if x["kind"] == "event"]
+    assert err["event"] == "external_fence_failed" and err["level"] == "ERROR"
+    assert "came back as startup_time" in err["msg"]
     a.fence_member_done("w1", st, True, "exited 0", t)     # never asked for: ignored
     assert a.members["w1"].fence_confirmed is None

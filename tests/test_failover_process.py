@@ -26,7 +26,8 @@ destroys).  Twice (issue 13 item 4):
                    2*ping_interval + 5 s, and nothing starts before failover_time -
                    2*ping_interval.
 A third run hangs worker1 instead (agent and watchdog SIGSTOPped) and lets the manager
-power it off with the fence_command it announced (external fencing, issue 13 item 5).
+power it off with the fence command the candidates have for it (external fencing, issue 13
+item 5).
 
 Checked both times: each VM started exactly once cluster-wide, on its target, with
 parent_host rewritten there (other keys kept); never live on two hosts at once (worker1's
@@ -293,9 +294,9 @@ def test_worker_kill_fails_its_vms_over_to_the_newest_snapshots(tmp_path, confir
 
 
 def test_a_hung_worker_is_powered_off_by_its_fence_command_and_failed_over_at_once(tmp_path):
-    """External fencing (issue 13 item 5): worker1 announces a fence_command (the fake
-    `power off`, which kills its agent, watchdog, supervisors and VMs, then exits 0);
-    the candidates list that program in fence_programs.  worker1 hangs (agent and
+    """External fencing (issue 13 item 5): the candidates' fence_commands give worker1 the
+    fake `power off` (which kills its agent, watchdog, supervisors and VMs, then exits
+    0).  worker1 hangs (agent and
     watchdog SIGSTOPped, its VMs still live): nothing fences it itself.  Once 2 views
     report it silent for survival_window, the manager runs the command, and every VM is
     live on its target well before failover_time, each started once, every start after
@@ -305,12 +306,9 @@ def test_a_hung_worker_is_powered_off_by_its_fence_command_and_failed_over_at_on
     ft, pi, sw = t["failover_time"], t["ping_interval"], t["survival_window"]
     dead = c[DEAD]
     power = os.path.join(dead.dir, "bin", "power")
-    for n in NODES:
+    for n in ("node1", "node2", "node3"):
         cfg = read_json(c[n].config)
-        if n == DEAD:
-            cfg["fence_command"] = [power, "off", "bmc"]
-        if n.startswith("node"):
-            cfg["fence_programs"] = [power]
+        cfg["fence_commands"] = {DEAD: [power, "off", "bmc"]}
         with open(c[n].config, "w") as f:
             json.dump(cfg, f)
     try:
@@ -339,7 +337,7 @@ def test_a_hung_worker_is_powered_off_by_its_fence_command_and_failed_over_at_on
         assert not any(live(dead, vm) for vm in VMS)
         log = c[manager].log()
         assert f"member {DEAD} is silent for >= {sw:g} s on" in log and \
-            f"member {DEAD} is powered off (its fence_command exited 0" in log, log[-4000:]
+            f"member {DEAD} is powered off (its fence command exited 0" in log, log[-4000:]
         events = notified(c[manager])
         assert [e.get("member") for e in events if e.get("event") == "external_fence"] == [DEAD]
         failed = [e for e in events if e.get("event") == "member_failed"]

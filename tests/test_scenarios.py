@@ -28,7 +28,7 @@ setup.json (every key optional; an empty world is {"hosts": {}, "copies": []}):
 
   hosts    NAME -> free_gib (free memory, default 8), backup (a backup node: true/false,
            default false), confirms_fence (false: its fence confirmations, POST fenced,
-           never leave the host; default true), bmc (its fence_command, issue 13 item 5:
+           never leave the host; default true), bmc (the candidates' fence command for it, issue 13 item 5:
            "off" powers it off, "fail" exits 1, "hang" never returns; default none).  Candidates node1-node3 always exist; a worker exists once a
            command or a copy names it, so list here only hosts that differ.
   copies   one VM dataset on one host: host, vm (required); parent (its parent_host,
