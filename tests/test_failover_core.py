@@ -1432,7 +1432,6 @@ def bmc_net():
 def test_an_external_fence_powers_off_a_silent_member_and_fails_it_over_at_once():
     net, _ = bmc_net()
     net.bmc["w1"] = "off"
-    a = net.cores["a"]
     last = kill_w1(net, 10.0)
     net.run(10.0, last + FAILOVER_TIME + 2, step=0.5)
     ((at, node, act),) = net.external
