@@ -2153,6 +2153,15 @@ class Detector(Part):
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
         return [own] + [v for at, v in self.views.values() if now - at <= limit]
 
+    def member_reports(self, h, now):
+        """[(candidate, when its view was taken, its record of member h)]: our own view
+        now and every fresh view of another candidate."""
+        own = [(self.hostname, now, r) for r in self.table.members_view(now)
+               if r["hostname"] == h]
+        limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
+        return own + [(c, at, view[h]) for c, (at, view) in sorted(self.views.items())
+                      if now - at <= limit and h in view]
+
     def _silence_reports(self, h, now):
         """{candidate: the silence of member h it reported in its fresh view}."""
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
@@ -2416,7 +2425,7 @@ class Job:
         self.batch, self.plan_wait = 0, 0
         self.unacked = []          # plans replicated and not acknowledged yet
         self.adopted = set()       # members whose prefetch answer the job waits for
-        self.stranded = set()      # (vm, source) stranded when the job began
+        self.stranded = set()      # (vm, uid) stranded when the job began
 
 
 class FailoverManager(Part):
@@ -2441,6 +2450,9 @@ class FailoverManager(Part):
         # issue 13 item 5: (member, startup_time) -> "running", "off" or "failed": the
         # external fences this manager ran (one try per incarnation)
         self.external = {}
+        self.unsent = set()        # uids abandoned before any POST failover went out (no
+        #                            acknowledgement): their target cannot run the VM
+        self.external_at = {}      # (member, startup_time) -> when its fence command began
 
     def tick(self, now, manager):
         """A round every ping_interval while we can act (views, detection, jobs); in
@@ -2562,6 +2574,7 @@ class FailoverManager(Part):
                                program=argv[0], debug=True)
                 continue
             self.external[key] = "running"
+            self.external_at[key] = now
             self.box.event("external_fence", "NOTICE",
                            f"member {h} is silent for >= {self.cfg.survival_window:g} s on "
                            f"{len(silent)} candidates: powering it off with its fence command "
@@ -2599,6 +2612,20 @@ class FailoverManager(Part):
             return
         if m is None or m.fence_confirmed is not None:
             return
+        # an exit 0 is no fence if the member was heard after the command began (review
+        # of issue 13, helper-17: a wrong or lying command): in our view or in a fresh
+        # one of another candidate, dated by when that view came
+        began = self.external_at.pop(key, now)
+        heard = [c for c, at, r in self.detector.member_reports(member, now)
+                 if r["startup_time"] == startup_time and at - r["silence"] > began]
+        if heard:
+            self.box.event("external_fence_failed", "ERROR",
+                           f"the fence command of member {member} exited 0, but "
+                           f"{', '.join(heard)} heard it after the command began: not taken "
+                           "as a fence (check the command); its VMs wait for its "
+                           "failover_time", member=member,
+                           startup_time=startup_time, reason="heard after the command began")
+            return
         m.fence_confirmed = {"vms": [], "reason": f"external fence: {detail}"[:200]}
         self.box.event("fence_confirmed", "NOTICE",
                        f"member {member} is powered off (its fence command exited 0; "
@@ -2607,6 +2634,12 @@ class FailoverManager(Part):
         self.table.persist()
         if self.election.manager_since is not None and self.election.can_act(now):
             self.decide(now)
+
+    def _stranded_uids(self):
+        """{(vm, uid of its abandoned latest plan)} of the stranded VMs: a VM stranded
+        again (a new plan of it abandoned) is a new pair."""
+        latest = self.planbook.latest_plans(("planned", "done", "failed", "abandoned"))
+        return {(vm, latest[vm]["uid"]) for vm in self.detector.stranded()}
 
     def drop_failed(self, now):
         """A member of the running job failed meanwhile: stop waiting for it.  Its
@@ -2669,7 +2702,7 @@ class FailoverManager(Part):
                        restart=restart,
                        episodes={h: restart or self.detector.episode(h) for h in sources})
         self.job.adopted = adopted
-        self.job.stranded = set(self.detector.stranded().items())
+        self.job.stranded = self._stranded_uids()
         if early or adopted:
             rest = ", ".join(sorted(set(hosts) - set(early) - adopted)) or "no other member"
             self.box.event("note", "INFO", f"failover of {', '.join(sorted(sources))}: "
@@ -2719,6 +2752,14 @@ class FailoverManager(Part):
                               not_ready=inv["host"]["not_ready"])
         skipped = []
         last_ran = {vm: e["to"] for vm, e in self.planbook.latest_plans(("done",)).items()}
+        # the target of a VM's latest plan that was abandoned after its start was sent
+        # may run it (its agent restarted in order: review of issue 13): like last_ran,
+        # one that left (not asked for its inventory) keeps the VM from being moved,
+        # restarted or unlocked elsewhere
+        last_ran.update({vm: e["to"] for vm, e in self.planbook.latest_plans(
+            ("planned", "done", "failed", "abandoned")).items()
+            if e["state"] == "abandoned" and e["uid"] not in self.unsent and
+            e["to"] in job.left})
         if job.restart and job.restart[0] == "restore":
             return self._restore(now, busy, last_ran)
         waiting = []   # restart: VMs its host cannot start yet (not ready): tried again
@@ -2731,14 +2772,9 @@ class FailoverManager(Part):
                          plan_restart(h, vms, job.inv, busy, last_ran, skipped,
                                       job.left, waiting)]
         else:
-            # the target of a VM's latest plan that was abandoned may run it (its agent
-            # restarted in order, review of issue 13): like last_ran, a target that left
-            # (not asked for its inventory) keeps the VM from being moved
-            maybe = {vm: e["to"] for vm, e in self.planbook.latest_plans(
-                ("planned", "done", "failed", "abandoned")).items() if e["state"] == "abandoned"}
             moves, unplaced = plan_failover(job.sources, job.inv, eligible, busy,
                                             job.failed, job.left, job.owners,
-                                            skipped, {**last_ran, **maybe})
+                                            skipped, last_ran)
         for vm, src, reason in skipped:
             self.box.once(("skipped", vm, job.episodes[src]), "NOTICE",
                           f"VM {vm} of {src} is not " + ("started again after its orderly stop"
@@ -2887,8 +2923,10 @@ class FailoverManager(Part):
         if job.plan_wait == 0:
             self.box.event("note", "WARNING", "no other candidate acknowledged the failover plan; "
                            "nothing is started, retrying next round")
+            self.unsent = {u for u in self.unsent if u in self.planbook.plans}
             for uid in job.queue:
                 self.planbook.plans[uid]["state"] = "abandoned"
+                self.unsent.add(uid)
             self.planbook.plans_dirty = True
             self.job = None
 
@@ -3054,8 +3092,9 @@ class FailoverManager(Part):
         # ... and a source a VM of which was stranded meanwhile (its plan abandoned after
         # the job took its sources: Detector.stranded; one stranded before, the job
         # handled: it may run on the plan's target, and then keeps nothing unsettled)
+        stranded = self.detector.stranded()
         busy_from = {e["from"] for e in planned} | \
-            {h for _, h in set(self.detector.stranded().items()) - job.stranded}
+            {stranded[vm] for vm, _ in self._stranded_uids() - job.stranded}
         busy_vms = {e["vm"] for e in planned}
         for h, vms in job.sources.items():
             ep = job.episodes[h]
@@ -5969,8 +6008,9 @@ class Agent(AgentAPI, AgentTarget, AgentHost):
                 self.work.submit(self.demote, a["vms"], a.get("keep_live", False))
             elif kind == "restore":
                 self.work.submit(self.restore, a["vms"])
-            elif kind == "fence_member":
-                self.work.submit(self.fence_member, a)
+            elif kind == "fence_member":   # its own thread: it may take 60 s
+                threading.Thread(target=self.fence_member, args=(a,), daemon=True,
+                                 name="ha-fence-member").start()
             elif kind == "clear_fence_record":
                 if not self.debug:   # the candidates have both (register)
                     remove_file(self.paths.fence)

@@ -1516,3 +1516,186 @@ def test_an_external_fence_that_ends_after_the_member_came_back_is_reported():
     assert "came back as startup_time" in err["msg"]
     a.fence_member_done("w1", st, True, "exited 0", t)     # never asked for: ignored
     assert a.members["w1"].fence_confirmed is None
+
+
+# -- review of issue 13 (helper-17): stranded VMs and external fencing --------------------
+
+def _strand_on_w2(vm1_live_on_w1=True):
+    """vm1 planned w1 -> w2, started there, answer lost; w2's agent restarts in order
+    (vm1 runs on): the plan is abandoned, vm1 runs on w2."""
+    invs = standard_invs()
+    if not vm1_live_on_w1:
+        invs["w1"]["vms"][0].update(live=False, state="stopped")
+    net, _ = make_net(invs=invs)
+    restarted = []
+
+    def policy(net, src, act, now):
+        if act["name"] == "failover" and act["to"] == "w2":
+            if act["body"].get("check"):
+                return None if restarted else "fail"
+            return "timeout"
+        return None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    t = net.run(10.0, last + FAILOVER_TIME + 5, step=0.5, until=lambda t: net.starts_of("vm1"))
+    net.cores["w2"] = Core(cfg("w2"), STARTUP["w2"] + 1, t)
+    restarted.append(t)
+    net.run(t + 0.5, t + 40, step=0.5)
+    a = net.cores["a"]
+    assert net.live_on("vm1") == ["w2"] and len(net.starts_of("vm1")) == 1
+    assert [e["state"] for e in a.plans.values() if e["vm"] == "vm1"] == ["abandoned"]
+    return net
+
+
+def _w2_leaves(net):
+    body = net.cores["w2"].leave_body()
+    for c in "abc":
+        assert net.cores[c].handle_leave(body, net.now)[0] == 200
+    net.dead.add("w2")        # its agent is gone, vm1 runs on there
+
+
+def test_a_restore_leaves_locked_a_vm_whose_abandoned_plans_target_left():
+    """vm1 was stopped on w1 when w1 fenced (locked).  w1's failover starts it on w2
+    (plan abandoned, w2 restarted in order); w2 leaves (vm1 runs on).  w1 comes back
+    with locked_vms=[vm1]: _restore uses last_ran only (no `maybe`), sees vm1 live
+    nowhere and gives w1 a done plan to itself.  w1 fails again: vm1's latest plan is
+    that done one (w1, failed, not left), so vm1 is started elsewhere while it runs on
+    w2.  The restore now counts the abandoned plan's target that left like last_ran."""
+    net = _strand_on_w2(vm1_live_on_w1=False)
+    _w2_leaves(net)
+    net.run(net.now + 0.5, net.now + 3, step=0.5)
+    # w1 comes back: its copy of vm1 is locked (stopped when it fenced)
+    net.dead.discard("w1")
+    net.copy("w1", "vm1").update(parent_host=LOCK, live=False, state="stopped")
+    net.cores["w1"] = Core(cfg("w1"), 9000, net.now, locked_vms=("vm1",))
+    w1 = net.cores["w1"]
+    for _ in range(60):
+        net.run(net.now + 0.5, net.now + 0.5, step=0.5)
+        acts = [x for _, n, x in net.log if n == "w1" and x["kind"] == "restore"]
+        if acts:
+            net.copy("w1", "vm1")["parent_host"] = "w1"
+            w1.restore_done(["vm1"])
+            break
+    net.run(net.now + 0.5, net.now + 10, step=0.5)
+    net.kill("w1")
+    net.run(net.now + 0.5, net.now + FAILOVER_TIME + 30, step=0.5)
+    starts = [s[0] for s in net.starts_of("vm1")]
+    assert net.copy("w2", "vm1")["live"]
+    assert starts == ["w2"], f"vm1 started again while it runs on w2 (left): {starts}"
+
+
+def test_a_plan_abandoned_before_it_was_sent_does_not_keep_its_vm_down_once_its_target_left():
+    """The first plan of vm1 (-> w2) gets no acknowledgement (b and c miss the POST plan):
+    abandoned, nothing was sent to w2.  w2 leaves in order before the next round.  vm1
+    runs nowhere: it is placed (only a plan whose start was sent counts like last_ran)."""
+    net, _ = make_net()
+    a = net.cores["a"]
+    state = {"n": 0, "left": False}
+
+    def policy(net, src, act, now):
+        if act["name"] == "plan" and not state["left"]:
+            state["n"] += 1
+            return "fail"
+        return None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    net.run(10.0, last + FAILOVER_TIME + 5, step=0.5,
+            until=lambda t: any(e["state"] == "abandoned" for e in a.plans.values()))
+    assert [e["to"] for e in a.plans.values() if e["state"] == "abandoned"] == ["w2"]
+    _w2_leaves(net)
+    state["left"] = True
+    net.run(net.now + 0.5, net.now + 120, step=0.5)
+    assert net.live_on("vm1") != [], "vm1 of dead w1 is never started again"
+
+
+def test_a_vm_stranded_again_during_the_job_that_re_placed_it_is_not_forgotten():
+    """vm1's first plan (-> w2) is abandoned (never delivered: w2 does not know its uid):
+    stranded before the next job J1, so J1's snapshot holds (vm1, w1).  J1 plans vm1
+    again (-> w2: never delivered again) and vm2 (its start is slow).  The check
+    abandons vm1's second plan while vm2 is still starting.  When J1 ends, (vm1, w1) is
+    in the snapshot: w1 settles, and vm1 -- live nowhere, its owner dead -- is never
+    placed again (the snapshot is now of (vm, uid): a new abandoned plan is new)."""
+    invs = standard_invs()
+    invs["w1"]["vms"].append(vm("vm2", "w1", live=True, creation=300))
+    invs["w2"]["vms"].append(vm("vm2", "w1", creation=300))
+    invs["c"]["vms"].append(vm("vm2", "w1", creation=200))
+    net, _ = make_net(invs=invs)
+    a = net.cores["a"]
+    phase = {"p": "A"}
+
+    def policy(net, src, act, now):
+        if act["name"] != "failover" or act["body"].get("check"):
+            return None
+        body = act["body"]
+        names = [e["vm_name"] for e in body.get("entries", [body])]
+        if phase["p"] == "C":
+            return None
+        if "vm2" in names and phase["p"] == "A":
+            return 409, {"error": "not armed", "refused": True}
+        if "vm2" in names and phase["p"] == "B":
+            return "hold"
+        if "vm1" in names:
+            return "fail"      # lost on the way: the target never hears of it
+        return None
+    net.policy = policy
+    last = kill_w1(net, 10.0)
+    ab = lambda: [u for u, e in a.plans.items() if e["vm"] == "vm1" and e["state"] == "abandoned"]
+    net.run(10.0, last + FAILOVER_TIME + 40, step=0.5,
+            until=lambda t: ab() and a.manager.job is None)
+    assert len(ab()) == 1 and a.detector.stranded() == {"vm1": "w1"}
+    phase["p"] = "B"
+    net.run(net.now + 0.5, net.now + 40, step=0.5,
+            until=lambda t: len(ab()) == 2 and net.held)
+    assert a.manager.job is not None and a.manager.job.stranded
+    item = next(x for x in net.held if x[1]["name"] == "failover")
+    phase["p"] = "C"
+    net.release(item, net.now)
+    net.run(net.now + 0.5, net.now + 120, step=0.5)
+    assert net.live_on("vm2") == ["w2"]
+    assert net.live_on("vm1") != [], "vm1 of dead w1 is never started again"
+
+
+def test_an_external_fence_exit_0_is_not_believed_once_the_member_is_heard_again():
+    """A fence command that exits 0 although the member is not off (a misdirected or
+    lying BMC script): w1 is cut off from a and b for survival_window (its own fence is
+    late), the command runs; meanwhile the cut heals and w1 pings all 3 candidates again;
+    then the command exits 0.  Not taken as a fence: an ERROR, and w1 is not failed over."""
+    net, _ = make_net(extra=FENCING_ON)
+    a = net.cores["a"]
+    w1 = net.cores["w1"]
+    w1.link.survive = lambda now, quorum, reach: None   # its own fence is late
+    held = []
+    orig = a.fence_member_done
+    a.fence_member_done = lambda *args: held.append(args)   # the command is still running
+    net.run(6.0, 9.0, step=0.5)
+    net.cut = {("w1", "a"), ("w1", "b")}
+    net.run(9.5, 9.0 + TIMINGS["survival_window"] + 3, step=0.5, until=lambda t: net.external)
+    assert net.external and "w1" not in net.dead
+    net.cut = set()
+    net.run(net.now + 0.5, net.now + 4, step=0.5)
+    assert all(r["silence"] < 2 for v in a.detector.fresh_views(net.now)
+               for h, r in v.items() if h == "w1")
+    a.fence_member_done = orig
+    member, st, _, _, _ = held[0]
+    since = len(a.box.out)
+    orig(member, st, True, "exited 0", net.now)       # the BMC script says "off"
+    (err,) = [x for x in a.box.out[since:] if x["kind"] == "event"]
+    assert err["event"] == "external_fence_failed" and "heard it after" in err["msg"]
+    assert a.members["w1"].fence_confirmed is None
+    net.run(net.now + 0.5, net.now + 5, step=0.5)     # Net asserts: never live twice
+    assert failed_at(net) is None and net.live_on("vm1") == ["w1"]
+
+
+def test_no_external_fence_when_the_manager_alone_is_cut_from_the_member_and_one_candidate():
+    """a (manager) hears neither w1 nor b; c hears both; w1 reaches b and c.  Only a's
+    own view reports w1 silent: no power off, no failover."""
+    net, _ = make_net(extra=FENCING_ON)
+    net.bmc["w1"] = "off"
+    a = net.cores["a"]
+    net.run(6.0, 9.0, step=0.5)
+    net.cut = {("w1", "a"), ("a", "b"), ("b", "a")}
+    net.policy = lambda net, src, act, now: "fail" if {src, act["to"]} == {"a", "b"} else None
+    net.run(9.5, 9.0 + 2 * FAILOVER_TIME, step=0.5)
+    assert a.can_act(net.now)
+    assert net.external == [] and failed_at(net) is None
+    assert net.live_on("vm1") == ["w1"]
