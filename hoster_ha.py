@@ -2478,8 +2478,8 @@ class FailoverManager(Part):
         (Detector.detect_failures, on 2 views, as always).  A job that starts then uses an
         inventory asked for at most PREFETCH_LEAD ago, before any other job began, or
         waits for its answer if it is still on its way (_start_job); without one it asks,
-        as before.  Bounded: the window is 2 *
-        PREFETCH_LEAD of a member's silence, and one request per member is out at once."""
+        as before.  Bounded: the window is 2 * PREFETCH_LEAD of a member's silence, and
+        one request per member is out at once."""
         if self.job is not None or now - self.prefetch_asked < PREFETCH_LEAD / 2:
             return
         near = {r["hostname"] for r in self.table.members_view(now)
@@ -2544,10 +2544,11 @@ class FailoverManager(Part):
         """Issue 13 item 5, external fencing (off without fence_commands): power off a
         member that 2 fresh views report silent for at least survival_window at the
         same incarnation, armed, not left and not in maintenance, none at a later one,
-        with its command from our fence_commands.  Once per incarnation; the caller is past the new-manager wait (SPEC §3.2).  A
-        member silent that long on 2 candidates fences itself (SPEC §3.3) or is dead:
-        the command makes sure.  Its success stands in for a fence confirmation
-        (fence_member_done); its failure leaves the member to failover_time."""
+        with its command from our fence_commands.  Once per incarnation; the caller is
+        past the new-manager wait (SPEC §3.2).  A member silent that long on 2
+        candidates fences itself (SPEC §3.3) or is dead: the command makes sure.  Its
+        success stands in for a fence confirmation (fence_member_done); its failure
+        leaves the member to failover_time."""
         def ok(r):
             return r["armed"] and not r["left"] and not r["maintenance"]
         self.external = {(h, st): v for (h, st), v in self.external.items()
@@ -2592,6 +2593,7 @@ class FailoverManager(Part):
         key = (member, startup_time)
         if self.external.get(key) != "running":
             return
+        began = self.external_at.pop(key, now)
         self.external[key] = "off" if ok else "failed"
         m = self.table.members.get(member)
         if not ok:
@@ -2615,7 +2617,6 @@ class FailoverManager(Part):
         # an exit 0 is no fence if the member was heard after the command began (review
         # of issue 13, helper-17: a wrong or lying command): in our view or in a fresh
         # one of another candidate, dated by when that view came
-        began = self.external_at.pop(key, now)
         heard = [c for c, at, r in self.detector.member_reports(member, now)
                  if r["startup_time"] == startup_time and at - r["silence"] > began]
         if heard:
