@@ -1376,20 +1376,10 @@ def test_a_vm_stranded_by_an_abandoned_failover_is_failed_over_again_not_unlocke
     assert moved and moved[-1]["details"]["from_host"] == "w1"
 
 
-@pytest.mark.parametrize("unplaced", [False, True])
-def test_a_stranded_vm_that_runs_on_its_target_is_never_started_again(unplaced):
-    """Review of issue 13 (helper-16): w2 starts vm1 but its answer is lost; w2's agent
-    restarts in order (vm1 runs on) and does not know the plan: abandoned, vm1 stranded.
-    w1's failover must settle (it skips vm1, live on w2), and once w2 has left (not asked
-    for its inventory) vm1 must not be started elsewhere: the abandoned plan's target
-    counts like the host a done plan started it on.  unplaced: w1 also has a VM with no
-    target, so its failover is retried anyway (the hole before the stranded rule too)."""
-    invs = standard_invs()
-    if unplaced:
-        invs["w1"]["vms"].append(vm("vm2", "w1", live=True, creation=300))
-        invs["b"]["vms"].append(vm("vm2", "w1"))   # a replica without a snapshot
-    net, _ = make_net(invs=invs)
-    a = net.cores["a"]
+def _strand_on_w2(invs=None):
+    """vm1 planned w1 -> w2, started there, answer lost; w2's agent restarts in order
+    (vm1 runs on) and does not know the plan: abandoned, vm1 stranded, running on w2."""
+    net, _ = make_net(invs=invs or standard_invs())
     restarted = []
 
     def policy(net, src, act, now):
@@ -1404,17 +1394,40 @@ def test_a_stranded_vm_that_runs_on_its_target_is_never_started_again(unplaced):
     net.cores["w2"] = Core(cfg("w2"), STARTUP["w2"] + 1, t)
     restarted.append(t)
     net.run(t + 0.5, t + 40, step=0.5)
+    a = net.cores["a"]
     assert net.live_on("vm1") == ["w2"] and len(net.starts_of("vm1")) == 1
+    assert [e["state"] for e in a.plans.values() if e["vm"] == "vm1"] == ["abandoned"]
+    return net
+
+
+def _w2_leaves(net):
+    body = net.cores["w2"].leave_body()
+    for c in "abc":
+        assert net.cores[c].handle_leave(body, net.now)[0] == 200
+    net.dead.add("w2")        # its agent is gone, vm1 runs on there
+
+
+@pytest.mark.parametrize("unplaced", [False, True])
+def test_a_stranded_vm_that_runs_on_its_target_is_never_started_again(unplaced):
+    """Review of issue 13 (helper-16): w2 starts vm1 but its answer is lost; w2's agent
+    restarts in order (vm1 runs on) and does not know the plan: abandoned, vm1 stranded.
+    w1's failover must settle (it skips vm1, live on w2), and once w2 has left (not asked
+    for its inventory) vm1 must not be started elsewhere: the abandoned plan's target
+    counts like the host a done plan started it on.  unplaced: w1 also has a VM with no
+    target, so its failover is retried anyway (the hole before the stranded rule too)."""
+    invs = standard_invs()
+    if unplaced:
+        invs["w1"]["vms"].append(vm("vm2", "w1", live=True, creation=300))
+        invs["b"]["vms"].append(vm("vm2", "w1"))   # a replica without a snapshot
+    net = _strand_on_w2(invs)
+    a = net.cores["a"]
     assert a.detector.stranded() == {"vm1": "w1"}
     if not unplaced:           # nothing left to do: w1's episode settles
         jobs = a.manager.job_seq
         net.run(net.now + 0.5, net.now + 60, step=0.5)
         assert ("failed", "w1", STARTUP["w1"]) in a.detector.settled
         assert a.manager.job_seq - jobs <= 1, "jobs with nothing to do"
-    body = net.cores["w2"].leave_body()
-    for c in "abc":
-        assert net.cores[c].handle_leave(body, net.now)[0] == 200
-    net.dead.add("w2")         # its agent is gone, its VMs run on
+    _w2_leaves(net)
     net.run(net.now + 0.5, net.now + 40, step=0.5)
     assert [s[0] for s in net.starts_of("vm1")] == ["w2"], "started again while it runs on w2"
 
@@ -1520,40 +1533,6 @@ def test_an_external_fence_that_ends_after_the_member_came_back_is_reported():
 
 # -- review of issue 13 (helper-17): stranded VMs and external fencing --------------------
 
-def _strand_on_w2(vm1_live_on_w1=True):
-    """vm1 planned w1 -> w2, started there, answer lost; w2's agent restarts in order
-    (vm1 runs on): the plan is abandoned, vm1 runs on w2."""
-    invs = standard_invs()
-    if not vm1_live_on_w1:
-        invs["w1"]["vms"][0].update(live=False, state="stopped")
-    net, _ = make_net(invs=invs)
-    restarted = []
-
-    def policy(net, src, act, now):
-        if act["name"] == "failover" and act["to"] == "w2":
-            if act["body"].get("check"):
-                return None if restarted else "fail"
-            return "timeout"
-        return None
-    net.policy = policy
-    last = kill_w1(net, 10.0)
-    t = net.run(10.0, last + FAILOVER_TIME + 5, step=0.5, until=lambda t: net.starts_of("vm1"))
-    net.cores["w2"] = Core(cfg("w2"), STARTUP["w2"] + 1, t)
-    restarted.append(t)
-    net.run(t + 0.5, t + 40, step=0.5)
-    a = net.cores["a"]
-    assert net.live_on("vm1") == ["w2"] and len(net.starts_of("vm1")) == 1
-    assert [e["state"] for e in a.plans.values() if e["vm"] == "vm1"] == ["abandoned"]
-    return net
-
-
-def _w2_leaves(net):
-    body = net.cores["w2"].leave_body()
-    for c in "abc":
-        assert net.cores[c].handle_leave(body, net.now)[0] == 200
-    net.dead.add("w2")        # its agent is gone, vm1 runs on there
-
-
 def test_a_restore_leaves_locked_a_vm_whose_abandoned_plans_target_left():
     """vm1 was stopped on w1 when w1 fenced (locked).  w1's failover starts it on w2
     (plan abandoned, w2 restarted in order); w2 leaves (vm1 runs on).  w1 comes back
@@ -1561,7 +1540,9 @@ def test_a_restore_leaves_locked_a_vm_whose_abandoned_plans_target_left():
     nowhere and gives w1 a done plan to itself.  w1 fails again: vm1's latest plan is
     that done one (w1, failed, not left), so vm1 is started elsewhere while it runs on
     w2.  The restore now counts the abandoned plan's target that left like last_ran."""
-    net = _strand_on_w2(vm1_live_on_w1=False)
+    invs = standard_invs()
+    invs["w1"]["vms"][0].update(live=False, state="stopped")
+    net = _strand_on_w2(invs)
     _w2_leaves(net)
     net.run(net.now + 0.5, net.now + 3, step=0.5)
     # w1 comes back: its copy of vm1 is locked (stopped when it fenced)
