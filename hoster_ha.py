@@ -679,6 +679,7 @@ MEMBER_VIEW_FIELDS = {"hostname": (str,), "startup_time": _INT, "silence": (int,
 PLAN_FIELDS = {"vm": (str,), "from": (str,), "to": (str,), "term": _INT, "uid": (str,),
                "state": (str,), "seq": _INT}
 PLAN_BODY_FIELDS = {"term": _INT, "entries": (list,)}
+PLAN_STATES = ("planned", "done", "failed", "abandoned")
 FAILOVER_FIELDS = {"vm_name": (str,), "from_host": (str,), "term": _INT, "uid": (str,)}
 LEAVE_FIELDS = {"hostname": (str,), "startup_time": _INT}
 FENCED_FIELDS = {"hostname": (str,), "startup_time": _INT, "record": (dict,)}
@@ -751,7 +752,7 @@ def check_plan_entry(e):
         why = "field 'vm' is not a valid VM name"
     if why is None and not (valid_hostname(e["from"]) and valid_hostname(e["to"])):
         why = "fields 'from' and 'to' must be hostnames"
-    if why is None and e["state"] not in ("planned", "done", "failed", "abandoned"):
+    if why is None and e["state"] not in PLAN_STATES:
         why = "field 'state' is not a plan state"
     return why
 
@@ -1461,9 +1462,13 @@ class Membership(Part):
                 "book": [dict(b, froms=list(b["froms"]))
                          for _, b in sorted(self.planbook.book.items())]}
 
+    def silence(self, m, now):
+        """Seconds since member m was last heard here (since our start, SPEC §3.4)."""
+        return now - max(m.last_ping, self.start)
+
     def members_view(self, now):
         return [{"hostname": m.hostname, "startup_time": m.startup_time,
-                 "silence": round(now - max(m.last_ping, self.start), 3),
+                 "silence": round(self.silence(m, now), 3),
                  "armed": m.armed, "maintenance": m.maintenance, "left": m.left,
                  "backup_node": m.backup_node, "failover_time": m.failover_time,
                  "address": m.address, "port": m.port, "protocol": m.protocol,
@@ -1476,7 +1481,7 @@ class Membership(Part):
     def member_state(self, m, now):
         """The first of MEMBER_STATES that fits member m: failed = failed by this manager,
         or silent here for at least its failover_time while armed."""
-        silence = now - max(m.last_ping, self.start)
+        silence = self.silence(m, now)
         if m.left:
             return "left"
         if m.hostname in self.detector.failed or m.armed and (
@@ -1503,7 +1508,7 @@ class Membership(Part):
                  "state": self.member_state(m, now), "armed": m.armed,
                  "maintenance": m.maintenance, "left": m.left, "backup_node": m.backup_node,
                  "ready": m.ready, "not_ready": list(m.not_ready),
-                 "last_seen_s": round(now - max(m.last_ping, self.start), 3)}
+                 "last_seen_s": round(self.silence(m, now), 3)}
                 for m in sorted(self.members.values(), key=lambda m: m.hostname)]
 
 
@@ -2165,7 +2170,7 @@ class Detector(Part):
     def _silence_reports(self, h, now):
         """{candidate: the silence of member h it reported in its fresh view}."""
         limit = 2 * self.cfg.ping_interval + self.cfg.ping_timeout
-        out = {self.hostname: round(now - max(self.table.members[h].last_ping, self.start), 3)} \
+        out = {self.hostname: round(self.table.silence(self.table.members[h], now), 3)} \
             if h in self.table.members else {}
         for c, (at, view) in sorted(self.views.items()):
             if now - at <= limit and h in view:
@@ -2246,7 +2251,7 @@ class Detector(Part):
         elsewhere still name the previous owner), or a rejoined member's fence record."""
         sources = {}
         moved_to = {}
-        for vm, e in self.planbook.latest_plans(("planned", "done", "failed", "abandoned")).items():
+        for vm, e in self.planbook.latest_plans(PLAN_STATES).items():
             moved_to.setdefault(e["to"], set()).add(vm)
         stranded = {}
         for vm, h in self.stranded().items():
@@ -2288,7 +2293,7 @@ class Detector(Part):
         fence locked it (sim-soak failover 30394), and that lock is not a stop at home
         (FailoverManager._restore)."""
         return {vm: e["from"] for vm, e in
-                self.planbook.latest_plans(("planned", "done", "failed", "abandoned")).items()
+                self.planbook.latest_plans(PLAN_STATES).items()
                 if e["state"] == "abandoned" and e["from"] in self.failed and
                 e["to"] not in self.failed and e["from"] != e["to"]}
 
@@ -2482,10 +2487,10 @@ class FailoverManager(Part):
         one request per member is out at once."""
         if self.job is not None or now - self.prefetch_asked < PREFETCH_LEAD / 2:
             return
-        near = {r["hostname"] for r in self.table.members_view(now)
-                if r["armed"] and not (r["left"] or r["maintenance"]) and
-                r["hostname"] not in self.detector.failed and
-                abs(r["silence"] - r["failover_time"]) <= PREFETCH_LEAD}
+        near = {h for h, m in self.table.members.items()
+                if m.armed and not (m.left or m.maintenance) and h not in self.detector.failed
+                and _is_number(m.failover_time) and
+                abs(self.table.silence(m, now) - m.failover_time) <= PREFETCH_LEAD}
         if not near:
             return
         self.prefetch_asked = now
@@ -2639,7 +2644,7 @@ class FailoverManager(Part):
     def _stranded_uids(self):
         """{(vm, uid of its abandoned latest plan)} of the stranded VMs: a VM stranded
         again (a new plan of it abandoned) is a new pair."""
-        latest = self.planbook.latest_plans(("planned", "done", "failed", "abandoned"))
+        latest = self.planbook.latest_plans(PLAN_STATES)
         return {(vm, latest[vm]["uid"]) for vm in self.detector.stranded()}
 
     def drop_failed(self, now):
@@ -2757,10 +2762,9 @@ class FailoverManager(Part):
         # may run it (its agent restarted in order: review of issue 13): like last_ran,
         # one that left (not asked for its inventory) keeps the VM from being moved,
         # restarted or unlocked elsewhere
-        last_ran.update({vm: e["to"] for vm, e in self.planbook.latest_plans(
-            ("planned", "done", "failed", "abandoned")).items()
-            if e["state"] == "abandoned" and e["uid"] not in self.unsent and
-            e["to"] in job.left})
+        last_ran.update({vm: e["to"] for vm, e in self.planbook.latest_plans(PLAN_STATES).items()
+                         if e["state"] == "abandoned" and e["uid"] not in self.unsent and
+                         e["to"] in job.left})
         if job.restart and job.restart[0] == "restore":
             return self._restore(now, busy, last_ran)
         waiting = []   # restart: VMs its host cannot start yet (not ready): tried again
